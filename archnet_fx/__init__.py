@@ -1,0 +1,29 @@
+"""archnet_fx: make trained PyTorch models run on inference chips, fast and below 8 bits.
+
+The public API (design.md §4)::
+
+    import archnet_fx as ax
+    gm  = ax.capture(model, example_inputs)      # torch.fx.GraphModule, op kinds in node.meta
+    tgt = ax.load_target("npu_a")                # or a path to a .toml; ax.list_targets()
+    rep = ax.check(gm, tgt)                      # LegalityReport
+    res = ax.canonicalize(gm)                    # PipelineResult: .module, .records, .diff()
+"""
+from archnet_fx.capture import capture
+from archnet_fx.errors import (ArchnetError, BitWidthError, CalibrationError, CaptureError,
+                               InputError, PipelineError, TargetError, UnsupportedOpError,
+                               VerificationError)
+from archnet_fx.legality import LegalityReport, check
+from archnet_fx.opkinds import kind_histogram, node_kind
+from archnet_fx.passmanager import GraphPass, PassManager, PassRecord, PassResult, PipelineResult
+from archnet_fx.pipeline import canonicalize
+from archnet_fx.targets import Target, list_targets, load_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchnetError", "BitWidthError", "CalibrationError", "CaptureError", "GraphPass",
+    "InputError", "LegalityReport", "PassManager", "PassRecord", "PassResult", "PipelineError",
+    "PipelineResult", "Target", "TargetError", "UnsupportedOpError", "VerificationError",
+    "canonicalize", "capture", "check", "kind_histogram", "list_targets", "load_target",
+    "node_kind",
+]

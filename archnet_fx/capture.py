@@ -1,0 +1,404 @@
+"""Capture: turn an ``nn.Module`` into a ``torch.fx.GraphModule`` without touching the caller's model.
+
+Strategy (design.md §5):
+
+1. Deep-copy the model and put the copy in eval mode (dropout and batch-norm statistics behave
+   as at inference; the caller's training flag, parameters, buffers and hooks are untouched).
+2. ``torch.fx`` symbolic tracing with :class:`LeafTracer`, which treats only *primitive*
+   ``torch.nn`` layers (Linear, Conv, norms, activations, Embedding, pooling, ...) as leaves and
+   traces through containers such as ``nn.TransformerEncoderLayer``. Readable, module-level.
+3. If that fails (data-dependent control flow; Hugging Face transformers 5.x models),
+   ``torch.export.export(..., strict=False).module()``, an ATen-level GraphModule, with the batch
+   dimension exported as dynamic.
+4. If both fail: one :class:`CaptureError` naming both causes and the user's source line.
+
+The captured module accepts any batch size; other dimensions are fixed at the example's. A guard
+node (kind ``assert``) at the top of the graph raises :class:`InputError` on a mismatch, before
+any computation, so the message is ours and not a deep shape error.
+
+>>> import torch
+>>> gm = capture(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), (torch.randn(2, 8),))
+>>> gm.meta["archnet.capture"].method
+'fx'
+>>> gm(torch.randn(5, 8)).shape
+torch.Size([5, 4])
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+from archnet_fx.errors import CaptureError, InputError
+from archnet_fx.opkinds import MODULE_KINDS, annotate_kinds
+
+log = logging.getLogger(__name__)
+
+CAPTURE_META_KEY = "archnet.capture"
+EXAMPLE_META_KEY = "archnet.example"  # (args, kwargs) the graph was captured with
+
+# Modules the tracer keeps as single nodes: the primitives the op-kind table knows, except
+# composite ones (MultiheadAttention) which are traced through so attention is visible.
+_LEAF_TYPES = tuple(cls for cls, kind in MODULE_KINDS if kind != "multihead_attention")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One tensor input of the captured graph: its name and its example's shape and dtype."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    batched: bool  # whether dim 0 is the dynamic batch dimension
+
+
+@dataclass
+class CaptureInfo:
+    """What capture did; stored in ``gm.meta["archnet.capture"]``."""
+    method: str                       # "fx" or "export"
+    input_names: tuple[str, ...]      # in call order (for kwargs: the dict's order)
+    kwargs_call: bool                 # whether the graph is called with keyword tensors
+    specs: tuple[InputSpec, ...]
+    model_class: str
+    fx_error: str | None = None       # why symbolic tracing failed, when it did
+    notes: list[str] = field(default_factory=list)
+
+
+class LeafTracer(torch.fx.Tracer):
+    """Symbolic tracer whose leaves are the primitive layers of :data:`MODULE_KINDS`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _LEAF_TYPES):
+            return True
+        return bool(getattr(m, "archnet_leaf", False))
+
+
+# --------------------------------------------------------------------------- inputs
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Split example inputs into (args, kwargs); raise :class:`InputError` on bad kinds."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        kwargs = dict(example_inputs)
+        if not kwargs:
+            raise InputError("example_inputs is an empty dict: pass keyword tensors, e.g. "
+                             "{'input_ids': ids, 'attention_mask': mask}")
+        for k, v in kwargs.items():
+            if not isinstance(k, str):
+                raise InputError(f"example_inputs dict key {k!r} is not a string: keys must be "
+                                 "the model's keyword argument names")
+        _check_tensors(kwargs.items())
+        return (), kwargs
+    if isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+        if not args:
+            raise InputError("example_inputs is empty: pass a tuple of tensors (or a dict of "
+                             "keyword tensors) shaped like one real batch")
+        _check_tensors((f"[{i}]", a) for i, a in enumerate(args))
+        return args, {}
+    if example_inputs is None:
+        raise InputError("no example inputs: pass example_inputs=(tensor, ...) or a dict of "
+                         "keyword tensors, or calib_data whose first batch can serve")
+    raise InputError(f"example_inputs of type {type(example_inputs).__name__} is not supported: "
+                     "pass a tensor, a tuple of tensors or a dict of keyword tensors")
+
+
+def _check_tensors(items) -> None:
+    for name, v in items:
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"example input {name} is a {type(v).__name__}, not a tensor: "
+                             "pass tensors (wrap numbers with torch.tensor)")
+        if v.numel() == 0:
+            raise InputError(f"example input {name} is empty (shape {tuple(v.shape)}): pass a "
+                             "tensor shaped like one real batch")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"example input {name} contains NaN or Inf: pass finite values")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            return int(v.shape[0])
+    return None
+
+
+def _specs(args: tuple, kwargs: dict, names: Sequence[str]) -> tuple[InputSpec, ...]:
+    batch = _batch_size(args, kwargs)
+    vals = list(args) + list(kwargs.values())
+    specs = []
+    for name, v in zip(names, vals):
+        if isinstance(v, torch.Tensor):
+            batched = v.dim() >= 1 and int(v.shape[0]) == batch
+            specs.append(InputSpec(name, tuple(int(s) for s in v.shape), v.dtype, batched))
+    return tuple(specs)
+
+
+@torch.fx.wrap
+def _guard_inputs(specs: tuple, *values) -> None:
+    """Raise :class:`InputError` when runtime inputs do not match the captured shapes."""
+    for spec, v in zip(specs, values):
+        if v is None or not isinstance(v, torch.Tensor):
+            continue
+        name, shape, batched = spec
+        if v.dim() != len(shape):
+            raise InputError(
+                f"input '{name}' has {v.dim()} dimensions (shape {tuple(v.shape)}) but the "
+                f"captured graph expects {len(shape)} (example shape {shape}): pass inputs shaped "
+                "like the example inputs given to capture()")
+        start = 1 if batched else 0
+        if tuple(v.shape[start:]) != tuple(shape[start:]):
+            want = ("(batch, " + ", ".join(map(str, shape[1:])) + ")") if batched else str(shape)
+            raise InputError(
+                f"input '{name}' has shape {tuple(v.shape)} but the captured graph expects "
+                f"{want}: only the batch dimension is dynamic; pad/trim to that shape or capture "
+                "again with example inputs of the shape you will use")
+
+
+torch.fx.node.has_side_effect(_guard_inputs)
+
+
+def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...]) -> None:
+    phs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    ph_list = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    nodes, spec_t = [], []
+    for i, s in enumerate(specs):
+        node = phs.get(s.name)
+        if node is None and i < len(ph_list):
+            node = ph_list[i]
+        if node is None:
+            continue
+        nodes.append(node)
+        spec_t.append((s.name, s.shape, s.batched))
+    if not nodes:
+        return
+    with gm.graph.inserting_after(ph_list[-1]):
+        gm.graph.call_function(_guard_inputs, (tuple(spec_t), *nodes))
+    gm.recompile()
+
+
+# --------------------------------------------------------------------------- tracing
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch / archnet_fx: where the user's code broke."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    skip = (os.sep + "torch" + os.sep, os.sep + "archnet_fx" + os.sep, "<eval_with_key",
+            os.sep + "_pytree", os.sep + "contextlib.py")
+    user = [f for f in frames if not any(s in f.filename for s in skip)]
+    if not user:
+        return ""
+    f = user[-1]
+    line = (f.line or "").strip()
+    return f"{f.filename}:{f.lineno} in {f.name}: {line}"
+
+
+def _export_user_line(exc: BaseException) -> str:
+    """torch.export errors quote the user's code; pull out the first quoted frame."""
+    text = str(exc)
+    for ln in text.splitlines():
+        s = ln.strip()
+        if s.startswith("File \"") and "torch/" not in s and "archnet_fx" not in s:
+            return s
+    return _user_frame(exc)
+
+
+def _trace_fx(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    tracer = LeafTracer()
+    concrete = None
+    if kwargs:
+        # Parameters not given by the caller keep their defaults as constants.
+        sig = inspect.signature(model.forward)
+        concrete = {p: d.default for p, d in sig.parameters.items()
+                    if p not in kwargs and d.default is not inspect.Parameter.empty}
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    # Check the trace really computes what the model does on the example.
+    with torch.no_grad():
+        ref = model(*args, **kwargs)
+        got = gm(*args, **kwargs)
+    _assert_same(ref, got)
+    return gm
+
+
+def _assert_same(ref: Any, got: Any) -> None:
+    ref_leaves, ref_spec = pytree.tree_flatten(ref)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if len(ref_leaves) != len(got_leaves):
+        raise RuntimeError(f"traced graph returns {len(got_leaves)} values, model returns "
+                           f"{len(ref_leaves)}")
+    for a, b in zip(ref_leaves, got_leaves):
+        if isinstance(a, torch.Tensor):
+            if not isinstance(b, torch.Tensor) or a.shape != b.shape or \
+                    not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5, equal_nan=True):
+                raise RuntimeError("traced graph's output differs from the model's on the example "
+                                   "inputs (data-dependent behaviour the trace froze)")
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, specs: tuple[InputSpec, ...],
+            batch: int | None) -> torch.fx.GraphModule:
+    ex_args, ex_kwargs = args, kwargs
+    if batch == 1:
+        # torch.export specialises size-1 dimensions; trace on a batch of 2, keep it dynamic.
+        def dup(v):
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 1:
+                return torch.cat([v, v], 0)
+            return v
+        ex_args = tuple(dup(a) for a in args)
+        ex_kwargs = {k: dup(v) for k, v in kwargs.items()}
+    bdim = torch.export.Dim("batch", min=1, max=1 << 20)
+    spec_by_name = {s.name: s for s in specs}
+
+    def dyn(name, v):
+        if not isinstance(v, torch.Tensor):
+            return None
+        s = spec_by_name.get(name)
+        return {0: bdim} if s is not None and s.batched else None
+
+    names = _input_names(model, args, kwargs)
+    dyn_args = tuple(dyn(n, a) for n, a in zip(names, args))
+    dyn_kwargs = {k: dyn(k, v) for k, v in kwargs.items()}
+    if kwargs and not args:
+        dynamic_shapes: Any = dyn_kwargs
+    elif args and not kwargs:
+        dynamic_shapes = dyn_args
+    else:
+        dynamic_shapes = {**dict(zip(names, dyn_args)), **dyn_kwargs}
+    ep = torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dynamic_shapes,
+                             strict=False)
+    gm = ep.module()
+    # ep.module() already checks input shapes with its own guards; ours come first and speak
+    # our error type.
+    return gm
+
+
+def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params[:len(args)]]
+    except (TypeError, ValueError):
+        names = []
+    names += [f"arg{i}" for i in range(len(names), len(args))]
+    return names + list(kwargs)
+
+
+def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> torch.fx.GraphModule:
+    """Capture ``model`` as a GraphModule, shape-annotated, with op kinds in ``node.meta``.
+
+    ``example_inputs`` is a tensor, a tuple of tensors or a dict of keyword tensors shaped like a
+    real batch. ``method`` is ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
+    The caller's model is never modified.
+    """
+    if isinstance(model, torch.fx.GraphModule) and CAPTURE_META_KEY in model.meta:
+        return model
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
+    if method not in ("auto", "fx", "export"):
+        raise ValueError(f"method must be 'auto', 'fx' or 'export', got {method!r}")
+    args, kwargs = normalize_inputs(example_inputs)
+    names = _input_names(model, args, kwargs)
+    specs = _specs(args, kwargs, names)
+    batch = _batch_size(args, kwargs)
+
+    work = copy.deepcopy(model)
+    work.eval()
+    for m in work.modules():  # hooks on the copy would run inside tracing; the caller's stay
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+
+    fx_err: BaseException | None = None
+    gm: torch.fx.GraphModule | None = None
+    used = None
+    if method in ("auto", "fx"):
+        try:
+            gm = _trace_fx(work, args, kwargs)
+            used = "fx"
+        except Exception as e:  # noqa: BLE001 - any tracing failure means "try export"
+            fx_err = e
+            log.info("symbolic_trace failed (%s: %s); falling back to torch.export",
+                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    if gm is None and method in ("auto", "export"):
+        try:
+            gm = _export(work, args, kwargs, specs, batch)
+            used = "export"
+        except Exception as e:  # noqa: BLE001
+            parts = [f"could not capture {type(model).__name__}."]
+            if fx_err is not None:
+                where = _user_frame(fx_err)
+                parts.append(f"torch.fx.symbolic_trace: {type(fx_err).__name__}: "
+                             f"{_first_line(fx_err)}" + (f"\n  at {where}" if where else ""))
+            where = _export_user_line(e)
+            parts.append(f"torch.export: {type(e).__name__}: {_first_line(e)}"
+                         + (f"\n  at {where}" if where else ""))
+            parts.append("Fix: make the forward traceable (avoid Python control flow on tensor "
+                         "values; use torch.where / torch.cond), or mark the offending submodule "
+                         "as a leaf by setting `archnet_leaf = True` on it.")
+            raise CaptureError("\n".join(parts)) from e
+    if gm is None:
+        assert fx_err is not None
+        where = _user_frame(fx_err)
+        raise CaptureError(f"torch.fx.symbolic_trace failed on {type(model).__name__}: "
+                           f"{type(fx_err).__name__}: {_first_line(fx_err)}"
+                           + (f"\n  at {where}" if where else "")
+                           + "\nFix: use method='auto' to fall back to torch.export.") from fx_err
+
+    info = CaptureInfo(method=used, input_names=tuple(names), kwargs_call=bool(kwargs),
+                       specs=specs, model_class=type(model).__qualname__,
+                       fx_error=None if fx_err is None else f"{type(fx_err).__name__}: "
+                       f"{_first_line(fx_err)}")
+    _insert_guard(gm, specs)
+    gm.meta[CAPTURE_META_KEY] = info
+    gm.meta[EXAMPLE_META_KEY] = (args, kwargs)
+    propagate_shapes(gm, args, kwargs)
+    annotate_kinds(gm)
+    return gm
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else "(no message)"
+
+
+# --------------------------------------------------------------------------- shapes
+
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple = (), kwargs: dict | None = None
+                     ) -> None:
+    """Record each node's output shape/dtype in ``node.meta['tensor_meta']`` by running it once.
+
+    Graph placeholders are bound from ``args`` then ``kwargs`` by name (defaults fill the rest).
+    """
+    kwargs = kwargs or {}
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bound = list(args)
+    for n in phs[len(args):]:
+        if n.target in kwargs:
+            bound.append(kwargs[n.target])
+        elif n.name in kwargs:
+            bound.append(kwargs[n.name])
+        elif n.args:
+            bound.append(n.args[0])
+        else:
+            bound.append(None)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*bound)
+
+
+def example_call(gm: torch.fx.GraphModule, example_inputs: Any):
+    """Call ``gm`` the way its capture was called (positional or keyword)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    return gm(*args, **kwargs)

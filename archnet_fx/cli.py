@@ -1,0 +1,199 @@
+"""The ``archnet-fx`` command line.
+
+::
+
+    archnet-fx targets                         # the built-in targets as a table
+    archnet-fx models                          # the built-in demo models
+    archnet-fx inspect MODEL --target npu_a    # legality before, per-pass diffs, legality after
+    archnet-fx demo                            # all-MiniLM-L6-v2 on every built-in target
+
+MODEL is a built-in name (``archnet-fx models``) or ``package.module:factory``, where
+``factory()`` returns ``(model, example_inputs)`` or a model (then give ``--input-shape``).
+Errors a user can cause print one ``error:`` line with the fix and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from archnet_fx.errors import ArchnetError
+
+log = logging.getLogger("archnet_fx.cli")
+
+
+class UsageError(ArchnetError, ValueError):
+    """Bad command-line arguments (model spec, shapes)."""
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: write dimensions as 1,3,32,32") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape {text!r}: dimensions must be positive integers")
+    return dims
+
+
+def resolve_model(spec: str, input_shapes: Sequence[str] = (), batch: int = 2
+                  ) -> tuple[torch.nn.Module, Any, str]:
+    """(model, example_inputs, display name) for a built-in name or ``pkg.module:factory``."""
+    from archnet_fx import zoo
+
+    if ":" not in spec:
+        if spec not in zoo.MODELS:
+            raise UsageError(f"unknown model {spec!r}: use one of {', '.join(zoo.list_models())} "
+                             "or package.module:factory")
+        model, ex = zoo.get_model(spec, batch_size=batch)
+        return model, ex, spec
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {mod_name!r} from MODEL {spec!r}: {e}") from e
+    factory = getattr(mod, fn_name, None)
+    if not callable(factory):
+        raise UsageError(f"{mod_name} has no callable {fn_name!r} (MODEL is "
+                         "package.module:factory)")
+    made = factory()
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        return made[0], made[1], spec
+    if isinstance(made, torch.nn.Module):
+        if not input_shapes:
+            raise UsageError(f"{spec} returned a model without example inputs: return "
+                             "(model, example_inputs) from the factory or pass --input-shape "
+                             "B,C,H,W (once per input)")
+        g = torch.Generator().manual_seed(0)
+        ex = tuple(torch.randn(_parse_shape(s), generator=g) for s in input_shapes)
+        return made, ex, spec
+    raise UsageError(f"{spec} returned {type(made).__name__}; expected a torch.nn.Module or "
+                     "(model, example_inputs)")
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from archnet_fx.targets import list_targets, load_target, targets_table
+
+    print(targets_table([load_target(n) for n in list_targets()]))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from archnet_fx import zoo
+
+    print(tabulate([(s.name, s.description) for s in zoo.MODELS.values()],
+                   headers=["model", "description"], tablefmt="github"))
+    return 0
+
+
+def _inspect(model: torch.nn.Module, ex: Any, name: str, target: str, *, dot: str | None,
+             detail: Sequence[str], verify: bool) -> None:
+    import archnet_fx as ax
+    from archnet_fx.inspect import write_dot
+
+    t0 = time.perf_counter()
+    gm = ax.capture(model, ex)
+    info = gm.meta["archnet.capture"]
+    print(f"# {name}: captured with {info.method} in {time.perf_counter() - t0:.2f} s "
+          f"({sum(1 for _ in gm.graph.nodes)} nodes)")
+    print(f"\n## legality before, on {target}\n")
+    print(ax.check(gm, target))
+    res = ax.canonicalize(gm, verify=verify)
+    print("\n## pass diffs\n")
+    print(res.diff())
+    for p in detail:
+        print(f"\n### {p}\n")
+        print(res.diff(p))
+    print(f"\n## legality after, on {target}\n")
+    print(ax.check(res.module, target))
+    if dot:
+        out = Path(dot)
+        a = write_dot(gm, out / f"{name.replace(':', '_')}.before.dot")
+        b = write_dot(res.module, out / f"{name.replace(':', '_')}.after.dot")
+        print(f"\nwrote {a} and {b} (render with: dot -Tsvg FILE -o FILE.svg)")
+    print(f"\n(total {time.perf_counter() - t0:.2f} s)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from archnet_fx.targets import load_target
+
+    load_target(args.target)  # fail early on a bad target
+    model, ex, name = resolve_model(args.model, args.input_shape, args.batch)
+    _inspect(model, ex, name, args.target, dot=args.dot, detail=args.pass_detail,
+             verify=not args.no_verify)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import archnet_fx as ax
+    from archnet_fx import zoo
+
+    t0 = time.perf_counter()
+    model, ex = zoo.get_model("minilm", batch_size=2)
+    print(f"# all-MiniLM-L6-v2 (real weights), 2 real sentences × 128 tokens, loaded in "
+          f"{time.perf_counter() - t0:.1f} s")
+    gm = ax.capture(model, ex)
+    print(f"captured with {gm.meta['archnet.capture'].method}: "
+          f"{sum(1 for _ in gm.graph.nodes)} nodes")
+    for tgt in ax.list_targets():
+        print(f"\n## legality on {tgt}\n")
+        print(ax.check(gm, tgt).table(max_nodes=12))
+    res = ax.canonicalize(gm)
+    print("\n## canonicalization\n")
+    print(res.diff())
+    print("\n## after canonicalization\n")
+    from tabulate import tabulate
+    rows = []
+    for tgt in ax.list_targets():
+        rep = ax.check(res.module, tgt)
+        rows.append((tgt, sum(rep.on_chip_counts.values()), len(rep.unsupported),
+                     ", ".join(f"{k}×{n}" for k, n in sorted(rep.unsupported_counts.items()))))
+    print(tabulate(rows, headers=["target", "legal on-chip", "unsupported", "by kind"],
+                   tablefmt="github"))
+    print(f"\n(demo took {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="archnet-fx", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("targets", help="list built-in targets").set_defaults(fn=cmd_targets)
+    sub.add_parser("models", help="list built-in demo models").set_defaults(fn=cmd_models)
+    sp = sub.add_parser("inspect", help="legality and pass diffs of a model on a target")
+    sp.add_argument("model", help="built-in model name or package.module:factory")
+    sp.add_argument("--target", "-t", required=True, help="target name or path to a .toml")
+    sp.add_argument("--input-shape", action="append", default=[],
+                    help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
+    sp.add_argument("--batch", type=int, default=2, help="batch size of built-in examples")
+    sp.add_argument("--dot", metavar="DIR", help="write before/after DOT graph files here")
+    sp.add_argument("--pass", dest="pass_detail", action="append", default=[],
+                    metavar="NAME", help="also print this pass's detailed diff")
+    sp.add_argument("--no-verify", action="store_true",
+                    help="skip numerical verification after each pass")
+    sp.set_defaults(fn=cmd_inspect)
+    sub.add_parser("demo", help="all-MiniLM-L6-v2 on every target").set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args) or 0)
+    except (ArchnetError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Legality: which nodes of a graph a target can run, and why not where it cannot.
+
+Every non-meta node gets one verdict:
+
+=============  ==========================================================================
+status         meaning
+=============  ==========================================================================
+ok             the target runs this kind within its limits
+unsupported    the target has no such kind (``unknown:*`` kinds always land here)
+limit          the kind exists but a limit is exceeded (channels, kernel size, an elementwise
+               op of two activations where only activation × constant is allowed, rank)
+host           explicitly marked as host fallback by legalization (``allow_host_fallback``)
+prologue       host-side input preprocessing: integer/bool inputs (id → one-hot, masks) or
+               values computed from input *shapes* only (index ranges over the batch)
+=============  ==========================================================================
+
+A node that depends on no input at all (a position-embedding lookup of constant ids) is judged
+like any other (the graph as given asks the chip to run it) and its reason says that the
+``fold_constants`` canonicalization removes it.
+
+Surrogate submodules (``archnet_surrogate = True``) are traced and checked op by op, so a
+surrogate is legal only if everything inside it is.
+
+>>> import torch, archnet_fx as ax
+>>> gm = ax.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()), (torch.randn(2, 4),))
+>>> rep = ax.check(gm, "npu_a")
+>>> rep.ok, dict(rep.unsupported_counts)
+(False, {'gelu': 1})
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from tabulate import tabulate
+
+from archnet_fx.dataflow import activations, input_dependent, prologue_nodes
+from archnet_fx.opargs import in_channels, out_channels, weighted_op
+from archnet_fx.opkinds import META_KINDS, node_kind, source_location
+from archnet_fx.targets import Target, load_target
+
+HOST_FALLBACK_KEY = "archnet.host_fallback"
+_BINARY = frozenset({"matmul", "mul", "add", "sub", "maximum", "minimum", "div"})
+_CHANNEL_KINDS = frozenset({"conv", "linear", "conv_transpose"})
+
+
+@dataclass(frozen=True)
+class NodeVerdict:
+    node: str
+    kind: str
+    status: str
+    reason: str
+    location: str
+
+
+@dataclass
+class LegalityReport:
+    target: str
+    verdicts: list[NodeVerdict] = field(default_factory=list)
+
+    def _count(self, *statuses: str) -> Counter:
+        return Counter(v.kind for v in self.verdicts if v.status in statuses)
+
+    @property
+    def unsupported(self) -> list[NodeVerdict]:
+        """Nodes the chip cannot run (no such kind, or over a limit)."""
+        return [v for v in self.verdicts if v.status in ("unsupported", "limit")]
+
+    @property
+    def unsupported_counts(self) -> Counter:
+        return self._count("unsupported", "limit")
+
+    @property
+    def host_fallback_counts(self) -> Counter:
+        return self._count("host")
+
+    @property
+    def prologue_counts(self) -> Counter:
+        return self._count("prologue")
+
+    @property
+    def on_chip_counts(self) -> Counter:
+        return self._count("ok")
+
+    @property
+    def ok(self) -> bool:
+        """True when every on-chip node is legal (host-fallback nodes are allowed)."""
+        return not self.unsupported
+
+    @property
+    def fully_on_chip(self) -> bool:
+        return self.ok and not self.host_fallback_counts
+
+    def table(self, max_nodes: int = 200) -> str:
+        rows = [(k, n, "unsupported" if any(v.kind == k and v.status == "unsupported"
+                                             for v in self.verdicts) else "limit")
+                for k, n in sorted(self.unsupported_counts.items(), key=lambda kv: -kv[1])]
+        head = (f"target {self.target}: {sum(self.on_chip_counts.values())} on-chip nodes legal, "
+                f"{len(self.unsupported)} not, {sum(self.host_fallback_counts.values())} host "
+                f"fallback, {sum(self.prologue_counts.values())} host prologue")
+        parts = [head]
+        if rows:
+            parts.append(tabulate(rows, headers=["kind", "count", "why"], tablefmt="github"))
+            detail = [(v.node, v.kind, v.reason, v.location) for v in self.unsupported[:max_nodes]]
+            parts.append(tabulate(detail, headers=["node", "kind", "reason", "source"],
+                                  tablefmt="github"))
+            if len(self.unsupported) > max_nodes:
+                parts.append(f"... and {len(self.unsupported) - max_nodes} more")
+        for title, counts in (("host fallback", self.host_fallback_counts),
+                              ("host prologue", self.prologue_counts)):
+            if counts:
+                parts.append(f"{title}: " + ", ".join(f"{k}×{n}" for k, n in sorted(counts.items())))
+        return "\n\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _limit_violation(node: torch.fx.Node, kind: str, gm: torch.nn.Module, target: Target,
+                     act: set[torch.fx.Node]) -> str | None:
+    lim = target.limits(kind)
+    if lim is None:
+        return None
+    if kind in _CHANNEL_KINDS and (lim.max_channels is not None or lim.kernel_sizes):
+        op = weighted_op(node, gm, kind)
+        if op is not None:
+            if lim.max_channels is not None:
+                cin, cout = in_channels(op), out_channels(op)
+                if max(cin, cout) > lim.max_channels:
+                    return (f"{cin}→{cout} channels exceed the limit of {lim.max_channels}")
+            if lim.kernel_sizes and op.weight.dim() > 2:
+                ks = tuple(int(s) for s in op.weight.shape[2:])
+                if any(k not in lim.kernel_sizes for k in ks):
+                    return f"kernel {ks} not in allowed sizes {tuple(lim.kernel_sizes)}"
+    if kind in _BINARY and not lim.two_activations:
+        n_act = sum(1 for a in node.all_input_nodes if a in act)
+        if n_act >= 2:
+            return f"{kind} of two activations is not supported (only activation × constant)"
+    if lim.max_rank is not None:
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape") and len(tm.shape) > lim.max_rank:
+            return f"rank {len(tm.shape)} exceeds the limit of {lim.max_rank}"
+    return None
+
+
+def _verdicts(gm: torch.fx.GraphModule, target: Target, prefix: str = "",
+              act: set[torch.fx.Node] | None = None) -> list[NodeVerdict]:
+    act = activations(gm) if act is None else act
+    pro = prologue_nodes(gm, act)
+    dep = input_dependent(gm)
+    out: list[NodeVerdict] = []
+    for n in gm.graph.nodes:
+        kind = node_kind(n, gm)
+        if kind in META_KINDS:
+            continue
+        name = prefix + n.name
+        loc = source_location(n)
+        if n.op == "call_module" and getattr(gm.get_submodule(n.target), "archnet_surrogate",
+                                             False):
+            out.extend(_surrogate_verdicts(gm.get_submodule(n.target), target, name + "/", loc,
+                                           n, act))
+            continue
+        if n.meta.get(HOST_FALLBACK_KEY):
+            out.append(NodeVerdict(name, kind, "host", "marked host fallback", loc))
+        elif n in pro:
+            out.append(NodeVerdict(name, kind, "prologue", "integer/bool input preprocessing",
+                                   loc))
+        elif n in dep and n not in act and n.op != "get_attr":
+            out.append(NodeVerdict(name, kind, "prologue", "computed from input shapes only",
+                                   loc))
+        elif not target.supports(kind):
+            why = f"{target.name} has no '{kind}'"
+            if n not in dep:
+                why += " (compile-time constant: fold_constants removes it)"
+            out.append(NodeVerdict(name, kind, "unsupported", why, loc))
+        else:
+            why = _limit_violation(n, kind, gm, target, act)
+            out.append(NodeVerdict(name, kind, "limit" if why else "ok", why or "", loc))
+    return out
+
+
+def _surrogate_verdicts(mod: torch.nn.Module, target: Target, prefix: str, loc: str,
+                        outer: torch.fx.Node, outer_act: set[torch.fx.Node]) -> list[NodeVerdict]:
+    from archnet_fx.capture import LeafTracer
+
+    graph = LeafTracer().trace(mod)
+    inner = torch.fx.GraphModule(mod, graph)
+    act = activations(inner)
+    # Inner placeholders are activations only where the outer argument is one.
+    phs = [p for p in inner.graph.nodes if p.op == "placeholder"]
+    for p, a in zip(phs, outer.args):
+        if not (isinstance(a, torch.fx.Node) and a in outer_act):
+            act.discard(p)
+    act = _closure(inner, act)
+    vs = _verdicts(inner, target, prefix, act)
+    return [NodeVerdict(v.node, v.kind, v.status, v.reason, loc) for v in vs]
+
+
+def _closure(gm: torch.fx.GraphModule, seeds: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    roots = {n for n in seeds if n.op == "placeholder"}
+    act: set[torch.fx.Node] = set(roots)
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        if node_kind(n, gm) in ("shape", "assert"):
+            continue
+        if any(a in act for a in n.all_input_nodes):
+            act.add(n)
+    return act
+
+
+def check(gm: torch.fx.GraphModule, target: str | Target) -> LegalityReport:
+    """Legality of every node of ``gm`` on ``target`` (a name, a .toml path or a Target)."""
+    tgt = load_target(target)
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"check() needs a torch.fx.GraphModule (from archnet_fx.capture), got "
+                        f"{type(gm).__name__}")
+    return LegalityReport(tgt.name, _verdicts(gm, tgt))

@@ -1,0 +1,416 @@
+"""Passes, their records, and the manager that runs a named pipeline of them.
+
+A *pass* maps a GraphModule to a :class:`PassResult` ``(module, modified, record)``. It never edits
+its input: :meth:`GraphPass.__call__` copies the graph (parameters and submodules are shared, never
+written in place; a pass that changes a weight registers a new tensor), lets the subclass edit the
+copy, then lints, recompiles, re-propagates shapes and records what changed:
+
+* nodes created / erased / replaced (old name → new name), by node name;
+* the op-kind histogram before and after;
+* per-rule hits and refusals (with the reason each refusal gave);
+* wall time; and provenance ``node.meta["archnet.from_pass"]`` / ``["archnet.rule"]`` on every
+  node the pass created.
+
+A *rewrite pass* is a table of :class:`Rule` rows: the kinds it looks at, a ``match`` that returns
+a match object (or a refusal string, or ``None`` when it does not apply) and a ``build`` that
+receives the match and returns the replacement value. The driver swaps uses and removes what died.
+
+The :class:`PassManager` runs a named, straight-line list of passes, optionally verifying each
+(``graph.lint`` plus a numerical comparison with the previous stage on the example inputs), and on
+failure raises :class:`PipelineError` naming the passes that ran and the one that failed.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from archnet_fx.capture import EXAMPLE_META_KEY, propagate_shapes
+from archnet_fx.errors import PipelineError, VerificationError
+from archnet_fx.opkinds import KIND_META_KEY, annotate_kinds, kind_histogram, node_kind
+
+log = logging.getLogger(__name__)
+
+FROM_PASS_KEY = "archnet.from_pass"
+RULE_KEY = "archnet.rule"
+
+
+@dataclass
+class Refusal:
+    """A rule looked at a node it could rewrite and declined; ``reason`` says why."""
+    node: str
+    rule: str
+    reason: str
+
+
+@dataclass
+class PassRecord:
+    """What one pass did to the graph."""
+    name: str
+    modified: bool = False
+    created: list[str] = field(default_factory=list)
+    erased: list[str] = field(default_factory=list)
+    replaced: dict[str, str] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    kinds_before: Counter = field(default_factory=Counter)
+    kinds_after: Counter = field(default_factory=Counter)
+    rule_hits: Counter = field(default_factory=Counter)
+    refusals: list[Refusal] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    max_abs_error: float | None = None   # filled by verification
+    exact: bool = True                   # semantics-preserving pass?
+
+    def kind_delta(self) -> dict[str, int]:
+        keys = set(self.kinds_before) | set(self.kinds_after)
+        return {k: self.kinds_after[k] - self.kinds_before[k] for k in sorted(keys)
+                if self.kinds_after[k] != self.kinds_before[k]}
+
+
+@dataclass
+class PassResult:
+    module: torch.fx.GraphModule
+    modified: bool
+    record: PassRecord
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule with a copied graph that shares ``gm``'s parameters and submodules."""
+    graph = copy.deepcopy(gm.graph)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    # Extra attributes that torch.export's unlifted module keeps outside the graph.
+    for name in ("_in_spec", "_out_spec"):
+        if hasattr(gm, name) and not hasattr(new, name):
+            setattr(new, name, getattr(gm, name))
+    return new
+
+
+def _signature(n: torch.fx.Node) -> tuple:
+    def key(a):
+        return a.name if isinstance(a, torch.fx.Node) else repr(a)
+    return (n.op, str(n.target), tuple(key(a) for a in pytree.tree_leaves(n.args)),
+            tuple(sorted((k, key(v)) for k, v in n.kwargs.items())))
+
+
+def refresh(gm: torch.fx.GraphModule) -> None:
+    """Lint, recompile, re-propagate shapes on the stored example, re-annotate kinds."""
+    gm.graph.lint()
+    gm.recompile()
+    example = gm.meta.get(EXAMPLE_META_KEY)
+    if example is not None:
+        propagate_shapes(gm, *example)
+    annotate_kinds(gm)
+
+
+class GraphPass:
+    """Base class: subclasses set ``name`` and implement :meth:`apply` on a private copy."""
+
+    name: str = "pass"
+    exact: bool = True  # semantics-preserving; verification compares numerics tightly
+
+    def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
+        """Edit ``gm`` (a private copy) in place, noting rule hits in ``record``."""
+        raise NotImplementedError
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        t0 = time.perf_counter()
+        record = PassRecord(name=self.name, exact=self.exact)
+        record.kinds_before = kind_histogram(gm)
+        before = {n.name: _signature(n) for n in gm.graph.nodes}
+        new = copy_graph_module(gm)
+        self.apply(new, record)
+        new.graph.eliminate_dead_code()
+        _drop_unused_attributes(new)
+        refresh(new)
+        after = {n.name: _signature(n) for n in new.graph.nodes}
+        record.created = [k for k in after if k not in before]
+        record.erased = [k for k in before if k not in after]
+        record.changed = [k for k in after if k in before and after[k] != before[k]]
+        record.modified = bool(record.created or record.erased or record.changed)
+        created = set(record.created)
+        for n in new.graph.nodes:
+            if n.name in created:
+                n.meta.setdefault(FROM_PASS_KEY, self.name)
+        record.kinds_after = kind_histogram(new)
+        record.seconds = time.perf_counter() - t0
+        return PassResult(new, record.modified, record)
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    gm.delete_all_unused_submodules()
+    # Top-level parameters/buffers the graph no longer reads (e.g. folded weights).
+    for name in list(gm._parameters):
+        if name not in used:
+            del gm._parameters[name]
+    for name in list(gm._buffers):
+        if name not in used:
+            del gm._buffers[name]
+
+
+# --------------------------------------------------------------------------- rewrite rules
+
+@dataclass(frozen=True)
+class Rule:
+    """One rewrite row.
+
+    ``kinds``: the op kinds this rule looks at. ``match(node, ctx)`` returns a match object to
+    rewrite, a string saying why it refuses, or ``None`` when the rule does not apply.
+    ``build(match, ctx)`` inserts the replacement (before the anchor node) and returns its value
+    node. ``doc`` states the maths.
+    """
+    name: str
+    kinds: frozenset[str]
+    match: Callable[[torch.fx.Node, "RewriteContext"], Any]
+    build: Callable[[Any, "RewriteContext"], torch.fx.Node]
+    doc: str = ""
+
+
+class RewriteContext:
+    """What a rule may use: the module being rewritten and helpers to add nodes/weights."""
+
+    def __init__(self, gm: torch.fx.GraphModule, pass_name: str, options: Any = None) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.pass_name = pass_name
+        self.options = options
+        self.rule = ""
+        self.anchor: torch.fx.Node | None = None
+
+    # values -----------------------------------------------------------------
+    def attr(self, target: str) -> Any:
+        obj: Any = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def module(self, node: torch.fx.Node) -> torch.nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    def const(self, v: Any) -> Any:
+        """Value of a get_attr node (tensor), of a Python literal, or None when not constant."""
+        if isinstance(v, torch.fx.Node):
+            if v.op == "get_attr":
+                return self.attr(v.target)
+            return None
+        return v
+
+    def kind(self, node: torch.fx.Node) -> str:
+        return node_kind(node, self.gm)
+
+    @staticmethod
+    def shape(node: Any) -> tuple[int, ...] | None:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            return tuple(int(s) for s in tm.shape)
+        return None
+
+    @staticmethod
+    def dtype(node: Any) -> torch.dtype | None:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        tm = node.meta.get("tensor_meta")
+        return getattr(tm, "dtype", None)
+
+    # building ---------------------------------------------------------------
+    def _fresh(self, hint: str) -> str:
+        base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint).strip("_") or "w"
+        name, i = base, 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def add_tensor(self, hint: str, t: torch.Tensor, trainable: bool = True) -> torch.fx.Node:
+        """Register ``t`` as a new top-level parameter (or buffer) and return a get_attr node."""
+        name = self._fresh(hint)
+        if trainable and t.is_floating_point():
+            self.gm.register_parameter(name, torch.nn.Parameter(t.detach().clone()))
+        else:
+            self.gm.register_buffer(name, t.detach().clone())
+        return self._stamp(self.graph.get_attr(name))
+
+    def add_module(self, hint: str, mod: torch.nn.Module) -> str:
+        name = self._fresh(hint)
+        self.gm.add_submodule(name, mod)
+        return name
+
+    def call_module(self, hint: str, mod: torch.nn.Module, args: tuple, kwargs: dict | None = None
+                    ) -> torch.fx.Node:
+        name = self.add_module(hint, mod)
+        return self._stamp(self.graph.call_module(name, args, kwargs or {}))
+
+    def call_function(self, fn: Callable, args: tuple, kwargs: dict | None = None
+                      ) -> torch.fx.Node:
+        return self._stamp(self.graph.call_function(fn, args, kwargs or {}))
+
+    def _stamp(self, n: torch.fx.Node) -> torch.fx.Node:
+        n.meta[FROM_PASS_KEY] = self.pass_name
+        n.meta[RULE_KEY] = self.rule
+        if self.anchor is not None:
+            for k in ("nn_module_stack", "stack_trace", "archnet.module_path"):
+                if k in self.anchor.meta and k not in n.meta:
+                    n.meta[k] = self.anchor.meta[k]
+        return n
+
+
+class RewritePass(GraphPass):
+    """A pass made of :class:`Rule` rows, applied to each node in topological order, once."""
+
+    rules: Sequence[Rule] = ()
+
+    def __init__(self, rules: Sequence[Rule] | None = None, name: str | None = None,
+                 options: Any = None, exact: bool | None = None) -> None:
+        if rules is not None:
+            self.rules = tuple(rules)
+        if name is not None:
+            self.name = name
+        if exact is not None:
+            self.exact = exact
+        self.options = options
+
+    def context(self, gm: torch.fx.GraphModule) -> RewriteContext:
+        return RewriteContext(gm, self.name, self.options)
+
+    def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
+        ctx = self.context(gm)
+        by_kind: dict[str, list[Rule]] = {}
+        for r in self.rules:
+            for k in r.kinds:
+                by_kind.setdefault(k, []).append(r)
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or node.op in ("placeholder", "output", "get_attr"):
+                continue
+            if not node.users and node.op != "output":
+                # erased-later or dead; DCE handles it
+                pass
+            kind = node_kind(node, gm)
+            for rule in by_kind.get(kind, ()):
+                ctx.rule, ctx.anchor = rule.name, node
+                m = rule.match(node, ctx)
+                if m is None:
+                    continue
+                if isinstance(m, str):
+                    record.refusals.append(Refusal(node.name, rule.name, m))
+                    continue
+                with gm.graph.inserting_before(node):
+                    new = rule.build(m, ctx)
+                if new is not node:
+                    new.meta.setdefault(KIND_META_KEY, node_kind(new, gm))
+                    node.replace_all_uses_with(new)
+                    record.replaced[node.name] = new.name
+                    if not node.users:
+                        gm.graph.erase_node(node)
+                record.rule_hits[rule.name] += 1
+                break
+        ctx.anchor = None
+
+
+# --------------------------------------------------------------------------- manager
+
+@dataclass
+class PipelineResult:
+    """Output of :meth:`PassManager.run`: the final module, one record per pass, the stages."""
+    module: torch.fx.GraphModule
+    records: list[PassRecord]
+    pipeline: str
+    stages: list[torch.fx.GraphModule] = field(default_factory=list, repr=False)
+
+    def record(self, name: str) -> PassRecord:
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise KeyError(f"no pass named {name!r} ran; passes: {[r.name for r in self.records]}")
+
+    def diff(self, name: str | None = None) -> str:
+        from archnet_fx.inspect import pass_diff, records_table
+        return records_table(self.records) if name is None else pass_diff(self.record(name))
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def compare_outputs(ref: Any, got: Any) -> float:
+    """Largest absolute difference between two (nested) outputs; inf on structure mismatch."""
+    a, b = flat_outputs(ref), flat_outputs(got)
+    if len(a) != len(b):
+        return float("inf")
+    err = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.numel():
+            err = max(err, float((x.double() - y.double()).abs().max()))
+    return err
+
+
+def _scale(out: Any) -> float:
+    ts = flat_outputs(out)
+    return max([float(t.double().abs().max()) for t in ts if t.numel()] + [1.0])
+
+
+class PassManager:
+    """Runs a named straight-line pipeline of passes.
+
+    ``verify=True`` lints each result and compares it numerically with the previous stage on the
+    example inputs: an ``exact`` pass must agree within ``rtol * max|output| + atol`` (defaults
+    1e-4, 1e-5); an approximate pass (a surrogate) records its error without failing.
+    """
+
+    def __init__(self, name: str, passes: Iterable[GraphPass], *, verify: bool = False,
+                 rtol: float = 1e-4, atol: float = 1e-5, keep_stages: bool = False) -> None:
+        self.name = name
+        self.passes = list(passes)
+        self.verify = verify
+        self.rtol, self.atol = rtol, atol
+        self.keep_stages = keep_stages
+
+    def run(self, gm: torch.fx.GraphModule) -> PipelineResult:
+        records: list[PassRecord] = []
+        stages = [gm] if self.keep_stages else []
+        example = gm.meta.get(EXAMPLE_META_KEY)
+        prev_out = None
+        if self.verify and example is not None:
+            with torch.no_grad():
+                prev_out = gm(*example[0], **example[1])
+        cur = gm
+        for p in self.passes:
+            ran = [r.name for r in records]
+            try:
+                res = p(cur)
+            except Exception as e:  # noqa: BLE001
+                raise PipelineError(
+                    f"pipeline '{self.name}': pass '{p.name}' failed: {type(e).__name__}: {e}\n"
+                    f"  passes that ran: {ran or 'none'}") from e
+            rec = res.record
+            if self.verify and example is not None:
+                with torch.no_grad():
+                    out = res.module(*example[0], **example[1])
+                err = compare_outputs(prev_out, out)
+                rec.max_abs_error = err
+                tol = self.rtol * _scale(prev_out) + self.atol
+                if p.exact and not err <= tol:
+                    raise VerificationError(
+                        f"pipeline '{self.name}': pass '{p.name}' changed the numerics: max |diff| "
+                        f"{err:.3g} > tolerance {tol:.3g}\n  passes that ran: {ran or 'none'}")
+                prev_out = out
+            log.debug("pass %s: %s", p.name, rec.kind_delta())
+            records.append(rec)
+            cur = res.module
+            if self.keep_stages:
+                stages.append(cur)
+        return PipelineResult(cur, records, self.name, stages)
