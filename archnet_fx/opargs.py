@@ -9,6 +9,7 @@ index ``node.args`` by position.
 from __future__ import annotations
 
 import operator
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,47 @@ def attr_value(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+def _arg_type(v: Any, gm: torch.nn.Module | None) -> Any:
+    """The Python type torch's overload matching expects for argument value ``v``."""
+    if isinstance(v, torch.fx.Node):
+        if v.op == "get_attr" and gm is not None:
+            try:
+                return type(attr_value(gm, str(v.target)))
+            except AttributeError:
+                return torch.Tensor
+        val = v.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            return int
+        if isinstance(val, torch.SymFloat):
+            return float
+        if isinstance(val, torch.SymBool):
+            return bool
+        return torch.Tensor
+    if isinstance(v, (tuple, list)) and v and all(isinstance(e, int) and not isinstance(e, bool)
+                                                  for e in v):
+        return typing.Tuple[int, ...]
+    return type(v)
+
+
+def _normalize(fn: Any, args: tuple, kwargs: dict, gm: torch.nn.Module | None
+               ) -> dict[str, Any] | None:
+    """torch's normalisation; overloaded builtins (``torch.div``, ``F.conv2d``) need the
+    argument types to pick a schema, so retry with them when the untyped attempt fails."""
+    for typed in (False, True):
+        types = {}
+        if typed:
+            types = dict(arg_types=tuple(_arg_type(a, gm) for a in args),
+                         kwarg_types={k: _arg_type(v, gm) for k, v in kwargs.items()})
+        try:
+            pair = normalize_function(fn, args, kwargs, normalize_to_only_use_kwargs=True,
+                                      **types)
+        except Exception:  # noqa: BLE001 - torch raises various errors for ambiguous overloads
+            pair = None
+        if pair is not None:
+            return dict(pair.kwargs)
+    return None
+
+
 def call_kwargs(node: torch.fx.Node, gm: torch.nn.Module | None = None) -> dict[str, Any] | None:
     """All arguments of a call_function / call_method node by parameter name, or None.
 
@@ -39,25 +81,14 @@ def call_kwargs(node: torch.fx.Node, gm: torch.nn.Module | None = None) -> dict[
             return {"input": node.args[0], "other": node.args[1]}
         if node.target is operator.neg:
             return {"input": node.args[0]}
-        try:
-            pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-        except Exception:  # noqa: BLE001 - torch raises various errors for ambiguous overloads
-            pair = None
-        if pair is not None:
-            return dict(pair.kwargs)
-        return None
+        return _normalize(node.target, tuple(node.args), dict(node.kwargs), gm)
     if node.op == "call_method":
         fn = getattr(torch, str(node.target), None)
         if fn is None:
             fn = getattr(torch.nn.functional, str(node.target), None)
         if fn is None:
             return None
-        try:
-            pair = normalize_function(fn, tuple(node.args), dict(node.kwargs),
-                                      normalize_to_only_use_kwargs=True)
-        except Exception:  # noqa: BLE001
-            pair = None
-        return dict(pair.kwargs) if pair is not None else None
+        return _normalize(fn, tuple(node.args), dict(node.kwargs), gm)
     return None
 
 

@@ -126,8 +126,11 @@ class GraphPass:
         record.kinds_before = kind_histogram(gm)
         before = {n.name: _signature(n) for n in gm.graph.nodes}
         new = copy_graph_module(gm)
+        already_dead = _dead_names(new.graph)
         self.apply(new, record)
-        new.graph.eliminate_dead_code()
+        # Remove what this pass made dead, not dead code it was given (that is the dce pass's
+        # job, and its record should say so).
+        _eliminate_new_dead_code(new.graph, keep=already_dead)
         _drop_unused_attributes(new)
         refresh(new)
         after = {n.name: _signature(n) for n in new.graph.nodes}
@@ -145,6 +148,22 @@ class GraphPass:
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
+
+
+def _dead_names(graph: torch.fx.Graph) -> set[str]:
+    """Names of the nodes ``graph.eliminate_dead_code()`` would remove."""
+    dead: set[torch.fx.Node] = set()
+    for n in reversed(graph.nodes):
+        if not n.is_impure() and all(u in dead for u in n.users):
+            dead.add(n)
+    return {n.name for n in dead}
+
+
+def _eliminate_new_dead_code(graph: torch.fx.Graph, keep: set[str]) -> None:
+    """Dead code elimination that leaves the nodes named in ``keep`` alone."""
+    for n in reversed(graph.nodes):
+        if n.name not in keep and not n.users and not n.is_impure():
+            graph.erase_node(n)
 
 
 def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:

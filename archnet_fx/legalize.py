@@ -1,0 +1,278 @@
+"""Legalization: rewrite a model so every on-chip node is an op the target runs.
+
+``legalize(model_or_gm, target, example_inputs=None, calib_data=None, choices=None,
+allow_host_fallback=False)``:
+
+1. capture (if given an ``nn.Module``) and canonicalize (verified, exact);
+2. find the nodes the target cannot run (:func:`archnet_fx.check`) and record samples of their
+   inputs on the calibration data (or the example inputs) — emulation candidates fit their
+   breakpoints to these ranges;
+3. run the surrogate families in order (:data:`FAMILIES`): each replaces every illegal node of
+   its kinds with a trainable surrogate module chosen per node (see *choices*), built only from
+   ops the target has; a candidate whose body turns out illegal on the target is skipped with
+   the reason recorded;
+4. run the structural tiling passes (channel and kernel limits);
+5. check again: any node still illegal raises :class:`UnsupportedOpError` listing node, kind and
+   source, unless ``allow_host_fallback=True``, in which case those nodes are marked as host
+   fallback in a record of their own and in the legality report.
+
+*choices* maps an op kind or a node name to a candidate name or a style (``"emulation"``,
+``"structural"``); node names win over kinds. Without a choice the target's default applies:
+the first offered candidate of the preferred style (``prefer``, default ``"emulation"``, which
+is nearly exact before any training), then any other offered candidate.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.fx
+
+from archnet_fx.capture import EXAMPLE_META_KEY, normalize_inputs
+from archnet_fx.errors import CalibrationError, UnsupportedOpError
+from archnet_fx.legality import HOST_FALLBACK_KEY, LegalityReport, _surrogate_verdicts, check
+from archnet_fx.opkinds import node_kind, source_location
+from archnet_fx.passmanager import (GraphPass, PassManager, PassRecord, PipelineResult,
+                                    Refusal, RewriteContext)
+from archnet_fx.pipeline import as_graph_module
+from archnet_fx.surrogate import Candidate, NodeSamples, Ranges, Surrogate, observe
+from archnet_fx.targets import Target, load_target
+
+log = logging.getLogger(__name__)
+
+STYLES = ("emulation", "structural", "exact", "host")
+
+
+class SurrogateContext(RewriteContext):
+    """RewriteContext plus what surrogate builders need: target, input samples, choices."""
+
+    def __init__(self, gm: torch.fx.GraphModule, pass_name: str, target: Target,
+                 ranges: Ranges, options: "LegalizeOptions") -> None:
+        super().__init__(gm, pass_name, options)
+        self.target = target
+        self.ranges = ranges
+
+    def samples(self, node: torch.fx.Node) -> NodeSamples | None:
+        return self.ranges.get(node.name)
+
+
+@dataclass
+class LegalizeOptions:
+    choices: Mapping[str, str] = field(default_factory=dict)
+    prefer: str = "emulation"
+    allow_host_fallback: bool = False
+    knots: int = 32
+
+    def __post_init__(self) -> None:
+        if self.prefer not in STYLES:
+            raise ValueError(f"prefer must be one of {STYLES}, got {self.prefer!r}")
+        if not isinstance(self.knots, int) or self.knots < 2:
+            raise ValueError(f"knots must be an integer >= 2, got {self.knots!r}")
+
+
+class SurrogatePass(GraphPass):
+    """Replace every node the target cannot run, of the given kinds, by a chosen surrogate."""
+
+    exact = False
+
+    def __init__(self, name: str, candidates: Sequence[Candidate], target: Target,
+                 ranges: Ranges, options: LegalizeOptions) -> None:
+        self.name = name
+        self.candidates = tuple(candidates)
+        self.kinds = frozenset(c.kind for c in candidates)
+        self.target, self.ranges, self.options = target, ranges, options
+        self.chosen: dict[str, str] = {}
+
+    def order(self, node: torch.fx.Node, kind: str) -> list[Candidate]:
+        """Candidates for ``node`` in the order they are tried (choice first)."""
+        cands = [c for c in self.candidates if c.kind == kind]
+        choice = self.options.choices.get(node.name) or self.options.choices.get(kind)
+        if choice is not None:
+            picked = [c for c in cands if c.name == choice or c.style == choice]
+            if not picked:
+                names = ", ".join(f"{c.name} ({c.style})" for c in cands)
+                raise ValueError(f"choice {choice!r} for {node.name} ({kind}) names no candidate; "
+                                 f"candidates for {kind}: {names}")
+            return picked
+        pref = [c for c in cands if c.style == self.options.prefer]
+        return pref + [c for c in cands if c not in pref]
+
+    def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
+        rep = check(gm, self.target)
+        illegal = {v.node for v in rep.unsupported}
+        ctx = SurrogateContext(gm, self.name, self.target, self.ranges, self.options)
+        for node in list(gm.graph.nodes):
+            if node.name not in illegal:
+                continue
+            kind = node_kind(node, gm)
+            if kind not in self.kinds:
+                continue
+            for cand in self.order(node, kind):
+                why = cand.offered(self.target)
+                if why is not None:
+                    record.refusals.append(Refusal(node.name, cand.name, why))
+                    continue
+                ctx.rule, ctx.anchor = cand.name, node
+                built = cand.build(node, ctx)
+                if isinstance(built, str):
+                    record.refusals.append(Refusal(node.name, cand.name, built))
+                    continue
+                mod, args = built
+                if isinstance(mod, Surrogate):
+                    mod.candidate = cand.name
+                    mod.style = mod.style or cand.style
+                    # Every tensor argument counts as an activation unless it is a stored
+                    # constant: conservative for the two-activation limits.
+                    act = {a for a in args if isinstance(a, torch.fx.Node) and a.op != "get_attr"}
+                    bad = [v for v in _surrogate_verdicts(mod, self.target, "", "",
+                                                          _FakeOuter(args), act)
+                           if v.status in ("unsupported", "limit")]
+                    if bad:
+                        record.refusals.append(Refusal(
+                            node.name, cand.name, "body not legal: " + "; ".join(
+                                f"{v.kind} ({v.reason})" for v in bad[:3])))
+                        continue
+                with gm.graph.inserting_before(node):
+                    if isinstance(mod, torch.nn.Module):
+                        new = ctx.call_module(f"{node.name}_{cand.name}", mod, tuple(args))
+                    else:  # a ready node (e.g. a constant get_attr)
+                        new = mod
+                node.replace_all_uses_with(new)
+                record.replaced[node.name] = new.name
+                record.rule_hits[cand.name] += 1
+                self.chosen[node.name] = cand.name
+                gm.graph.erase_node(node)
+                break
+        ctx.anchor = None
+        if self.chosen:
+            record.notes.append("chosen: " + ", ".join(f"{n}→{c}" for n, c in
+                                                       self.chosen.items()))
+
+
+class _FakeOuter:
+    """Stand-in for the outer node when judging a not-yet-inserted surrogate's body."""
+
+    def __init__(self, args: Sequence[Any]) -> None:
+        self.args = tuple(args)
+
+
+class MarkHostFallback(GraphPass):
+    """Mark the nodes no candidate could legalize as host fallback (explicit, recorded)."""
+    name = "host_fallback"
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
+        for v in check(gm, self.target).unsupported:
+            for n in gm.graph.nodes:
+                if n.name == v.node:
+                    n.meta[HOST_FALLBACK_KEY] = True
+                    record.rule_hits[f"host:{v.kind}"] += 1
+                    record.notes.append(f"{n.name} ({v.kind}) runs on the host: {v.reason}")
+
+
+@dataclass
+class LegalizeResult(PipelineResult):
+    target: str = ""
+    before: LegalityReport | None = None
+    after: LegalityReport | None = None
+    choices: dict[str, str] = field(default_factory=dict)
+
+
+def calibration_batches(calib_data: Any, example_inputs: Any = None, *, limit: int = 16
+                        ) -> list[tuple[tuple, dict]]:
+    """Normalise calibration data to a list of (args, kwargs) batches, validating each."""
+    if calib_data is None:
+        if example_inputs is None:
+            raise CalibrationError("no calibration data and no example inputs: pass calib_data "
+                                   "(an iterable of batches) or example_inputs")
+        return [normalize_inputs(example_inputs)]
+    if isinstance(calib_data, (torch.Tensor, Mapping)):
+        calib_data = [calib_data]
+    out = []
+    for i, b in enumerate(calib_data):
+        if i >= limit:
+            break
+        try:
+            args, kwargs = normalize_inputs(b)
+        except Exception as e:  # noqa: BLE001
+            raise CalibrationError(f"calibration batch {i}: {e}") from e
+        out.append((args, kwargs))
+    if not out:
+        raise CalibrationError("calibration data is empty: pass at least one batch shaped like "
+                               "the example inputs")
+    return out
+
+
+def surrogate_families() -> list[tuple[str, Sequence[Candidate]]]:
+    """The surrogate families, in the order legalization runs them."""
+    from archnet_fx.passes import activations, elementwise, embedding, layernorm, softmax
+
+    return [("embedding", embedding.CANDIDATES), ("layernorm", layernorm.CANDIDATES),
+            ("softmax", softmax.CANDIDATES), ("activations", activations.CANDIDATES),
+            ("elementwise", elementwise.CANDIDATES)]
+
+
+def structural_passes(target: Target) -> list[GraphPass]:
+    from archnet_fx.passes import tiling
+
+    return tiling.tiling_passes(target)
+
+
+def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any = None,
+             calib_data: Iterable | None = None, *, choices: Mapping[str, str] | None = None,
+             prefer: str = "emulation", allow_host_fallback: bool = False, knots: int = 32,
+             verify: bool = True) -> LegalizeResult:
+    """Rewrite ``model`` so that ``check(result.module, target)`` has no unsupported node."""
+    from archnet_fx.passes.canonicalize import canonicalize_passes
+
+    tgt = load_target(target)
+    options = LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback, knots)
+    if example_inputs is None and calib_data is not None and not isinstance(calib_data,
+                                                                             torch.Tensor):
+        batches = calibration_batches(calib_data)
+        first = batches[0]
+        example_inputs = first[1] if first[1] else first[0]
+    gm = as_graph_module(model, example_inputs)
+    if example_inputs is None:
+        a, k = gm.meta[EXAMPLE_META_KEY]
+        example_inputs = k if k else a
+    batches = calibration_batches(calib_data, example_inputs)
+
+    canon = PassManager("canonicalize", canonicalize_passes(), verify=verify).run(gm)
+    before = check(canon.module, tgt)
+    watch = {v.node for v in before.unsupported}
+    ranges = observe(canon.module, batches, watch) if watch else {}
+
+    passes: list[GraphPass] = [SurrogatePass(name, cands, tgt, ranges, options)
+                               for name, cands in surrogate_families()]
+    passes += structural_passes(tgt)
+    res = PassManager(f"legalize[{tgt.name}]", passes, verify=verify).run(canon.module)
+    records = canon.records + res.records
+    module = res.module
+    after = check(module, tgt)
+    if after.unsupported:
+        if not allow_host_fallback:
+            lines = [f"  {v.node}: {v.kind} at {v.location} — {v.reason}"
+                     for v in after.unsupported]
+            raise UnsupportedOpError(
+                f"{len(after.unsupported)} node(s) have no legal replacement on {tgt.name}:\n"
+                + "\n".join(lines) + "\nFix: pass allow_host_fallback=True to run them on the "
+                "host, choose another candidate via choices=..., or use a target that has "
+                "these ops.")
+        fb = PassManager("host_fallback", [MarkHostFallback(tgt)]).run(module)
+        module, records = fb.module, records + fb.records
+        after = check(module, tgt)
+    chosen: dict[str, str] = {}
+    for p in passes:
+        chosen.update(getattr(p, "chosen", {}))
+    return LegalizeResult(module, records, f"legalize[{tgt.name}]", target=tgt.name,
+                          before=before, after=after, choices=chosen)
+
+
+def host_fallback_nodes(gm: torch.fx.GraphModule) -> list[str]:
+    return [f"{n.name} ({source_location(n)})" for n in gm.graph.nodes
+            if n.meta.get(HOST_FALLBACK_KEY)]

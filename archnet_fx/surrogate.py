@@ -1,0 +1,321 @@
+"""Surrogates: trainable modules built only from ops a target runs, replacing one it does not.
+
+Building blocks every surrogate family (``passes/``) uses:
+
+* :class:`Surrogate` — base class. The legality check traces a surrogate and judges each op
+  inside it, so a surrogate is legal exactly when its body is.
+* :class:`PWL` — a piecewise-linear function as a sum of ReLUs,
+  ``f(x) = a + s·x + Σ_i c_i · relu(x − b_i)``, built from two ``nn.Linear`` layers (1 → K → 1),
+  fitted by least squares to a reference function on the range seen in calibration. Trainable.
+* :func:`make_mul` — an elementwise product of two activations that the target can run: a plain
+  ``mul`` where allowed, else a batched ``matmul`` with inner dimension 1 (exact), else the
+  quarter-square identity ``xy = ((x+y)² − (x−y)²)/4`` with a PWL square.
+* :class:`Candidate` — one replacement recipe for an op kind: name, style (structural or
+  emulation), the kinds it needs, and a ``build(match, ctx)`` that returns the surrogate module.
+* :class:`Ranges` / :func:`observe` — samples of each watched node's inputs on calibration data.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from archnet_fx.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+class Surrogate(nn.Module):
+    """Base class of every replacement module; ``replaces`` and ``candidate`` name it."""
+
+    archnet_surrogate = True
+    replaces: str = ""
+    candidate: str = ""
+    style: str = ""  # "structural" | "emulation" | "exact"
+
+    @property
+    def archnet_kind(self) -> str:
+        return f"surrogate:{self.replaces}"
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.replaces}, candidate={self.candidate}"
+
+
+# --------------------------------------------------------------------------- PWL
+
+
+class PWL(nn.Module):
+    """``f(x) = a + s·x + Σ c_i relu(x − b_i)`` elementwise, as Linear(1,K) → ReLU → Linear(K,1).
+
+    Breakpoints ``b`` and coefficients are trainable. The skip term ``s·x`` is a multiply by a
+    constant. Outside the fitted range it continues with the end segments' slopes.
+    """
+
+    def __init__(self, breakpoints: torch.Tensor, coef: torch.Tensor, bias: float, slope: float):
+        super().__init__()
+        k = breakpoints.numel()
+        self.inner = nn.Linear(1, k)
+        self.outer = nn.Linear(k, 1)
+        with torch.no_grad():
+            self.inner.weight.fill_(1.0)
+            self.inner.bias.copy_(-breakpoints.float())
+            self.outer.weight.copy_(coef.float().reshape(1, k))
+            self.outer.bias.fill_(float(bias))
+        self.slope = nn.Parameter(torch.tensor(float(slope)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inner(x.unsqueeze(-1)))
+        return self.outer(h).squeeze(-1) + x * self.slope
+
+    @staticmethod
+    def fit(fn: Callable[[torch.Tensor], torch.Tensor], samples: torch.Tensor | None,
+            lo: float, hi: float, knots: int = 24, spacing: str = "quantile",
+            left_slope: float | None = None) -> "PWL":
+        """Least-squares fit of ``fn`` on ``[lo, hi]``.
+
+        Breakpoints: ``"quantile"`` places them at quantiles of ``samples`` (dense where data
+        is, half of them uniform so no region is empty); ``"geometric"`` spaces them by a
+        constant ratio (for 1/x, 1/sqrt(x) on positive ranges); ``"uniform"``. The fit weighs
+        the observed samples and a uniform grid equally. ``left_slope`` fixes the slope left of
+        the range (e.g. 0 for exp, sigmoid) instead of fitting it.
+        """
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"PWL range must be finite, got [{lo}, {hi}]")
+        if hi - lo < 1e-6:
+            hi = lo + 1e-3
+        k = max(2, int(knots))
+        if spacing == "geometric":
+            if lo <= 0:
+                raise ValueError("geometric breakpoints need a positive range")
+            b = torch.logspace(math.log10(lo), math.log10(hi), k + 1, dtype=torch.float64)[:-1]
+        elif spacing == "quantile" and samples is not None and samples.numel() > 4 * k:
+            s = samples.double().flatten()
+            s = s[(s >= lo) & (s <= hi)]
+            if s.numel() > 200_000:
+                s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+            nq = k // 2
+            q = torch.quantile(s, torch.linspace(0, 1, nq + 2, dtype=torch.float64)[1:-1])
+            u = torch.linspace(lo, hi, k - nq + 1, dtype=torch.float64)[:-1]
+            b = torch.unique(torch.cat([u, q]))
+        else:
+            b = torch.linspace(lo, hi, k + 1, dtype=torch.float64)[:-1]
+        grid = torch.linspace(lo, hi, 4096, dtype=torch.float64)
+        xs = [grid]
+        if samples is not None and samples.numel():
+            s = samples.double().flatten()
+            s = s[(s >= lo) & (s <= hi)]
+            if s.numel() > 4096:
+                s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(1))[:4096]]
+            xs.append(s)
+        x = torch.cat(xs)
+        y = fn(x).double()
+        cols = [torch.ones_like(x)]
+        if left_slope is None:
+            cols.append(x)
+        cols += [torch.relu(x - bi) for bi in b]
+        a = torch.stack(cols, 1)
+        target = y - (0.0 if left_slope is None else left_slope * x)
+        sol = torch.linalg.lstsq(a, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        bias = float(sol[0])
+        if left_slope is None:
+            slope, coef = float(sol[1]), sol[2:]
+        else:
+            slope, coef = float(left_slope), sol[1:]
+        return PWL(b.float(), coef.float(), bias, slope)
+
+
+def pwl_error(mod: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,
+              n: int = 10_000) -> float:
+    """Max absolute error of ``mod`` against ``fn`` on a uniform grid of ``[lo, hi]``."""
+    x = torch.linspace(lo, hi, n)
+    with torch.no_grad():
+        return float((mod(x) - fn(x.double()).float()).abs().max())
+
+
+# --------------------------------------------------------------------------- products
+
+
+class Mul(nn.Module):
+    """``x * y`` where the target multiplies two activations elementwise."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x * y
+
+
+class MatmulMul(nn.Module):
+    """Exact ``x * y`` (broadcasting) as a batched matmul with inner dimension 1.
+
+    For targets that allow ``matmul`` of two activations but not elementwise ``mul``:
+    ``(x ⊙ y)[..., i] = [x_i] @ [y_i]``, i.e. ``matmul(x[..., None], y[..., None, :])`` on the
+    last axis when ``y`` is a per-row scalar, or per element otherwise.
+    """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.shape[-1] == 1 and x.shape[-1] != 1:
+            # row scale: x [..., D], y [..., 1] → y[..., :, None] @ x[..., None, :]
+            return torch.matmul(y.unsqueeze(-1), x.unsqueeze(-2)).squeeze(-2)
+        if x.shape[-1] == 1 and y.shape[-1] != 1:
+            return torch.matmul(x.unsqueeze(-1), y.unsqueeze(-2)).squeeze(-2)
+        return torch.matmul(x.unsqueeze(-1).unsqueeze(-1), y.unsqueeze(-1).unsqueeze(-1)
+                            ).squeeze(-1).squeeze(-1)
+
+
+class QuarterSquareMul(nn.Module):
+    """``x * y = ((x + y)² − (x − y)²) / 4`` with squares from a PWL fitted on the observed range."""
+
+    def __init__(self, bound: float, knots: int = 48):
+        super().__init__()
+        b = max(float(bound), 1e-3)
+        self.square = PWL.fit(lambda t: t * t, None, -b, b, knots=knots, spacing="uniform")
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (self.square(x + y) - self.square(x - y)) * 0.25
+
+
+def can_mul(target: Target) -> bool:
+    lim = target.limits("mul")
+    return lim is not None and lim.two_activations
+
+
+def can_matmul(target: Target) -> bool:
+    lim = target.limits("matmul")
+    return lim is not None and lim.two_activations
+
+
+def make_mul(target: Target, bound: float = 1.0) -> nn.Module | None:
+    """A module computing ``x * y`` of two activations legally on ``target`` (None if none)."""
+    if can_mul(target):
+        return Mul()
+    if can_matmul(target) and target.supports("reshape"):
+        return MatmulMul()
+    if target.supports("add") and target.supports("sub") and target.supports("linear") \
+            and target.supports("relu") and target.supports("reshape") \
+            and target.supports("mul"):
+        return QuarterSquareMul(bound)
+    return None
+
+
+class RowSum(nn.Module):
+    """Sum over the last axis as a matmul with a ones vector (a ``linear`` with constant weight)."""
+
+    def __init__(self, n: int, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("w", torch.full((1, n), float(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.w)
+
+
+# --------------------------------------------------------------------------- observation
+
+
+@dataclass
+class NodeSamples:
+    """Samples of one node's tensor inputs (rows of the last axis) and their extremes."""
+    inputs: list[torch.Tensor] = field(default_factory=list)  # per tensor input: [rows, last]
+    lo: list[float] = field(default_factory=list)
+    hi: list[float] = field(default_factory=list)
+
+    def values(self, i: int = 0) -> torch.Tensor:
+        return self.inputs[i].flatten()
+
+    def range(self, i: int = 0, q: float = 0.0) -> tuple[float, float]:
+        """(low, high) of input ``i``; with ``q`` > 0 the q / 1-q quantiles of finite values."""
+        if q <= 0:
+            return self.lo[i], self.hi[i]
+        v = self.values(i)
+        v = v[torch.isfinite(v)]
+        if v.numel() > 200_000:
+            v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+        return float(torch.quantile(v.double(), q)), float(torch.quantile(v.double(), 1 - q))
+
+
+Ranges = dict  # node name -> NodeSamples
+
+
+class _Observer(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, watch: set[str], rows: int, store: Ranges,
+                 gen: torch.Generator):
+        super().__init__(gm)
+        self.watch, self.rows, self.store, self.gen = watch, rows, store, gen
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name in self.watch:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            tensors = [a for a in list(args) + list(kwargs.values())
+                       if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            rec = self.store.setdefault(n.name, NodeSamples())
+            for i, t in enumerate(tensors):
+                t = t.detach().float()
+                rows = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+                if rows.shape[0] > self.rows:
+                    idx = torch.randperm(rows.shape[0], generator=self.gen)[:self.rows]
+                    rows = rows[idx]
+                fin = t[torch.isfinite(t)]
+                lo = float(fin.min()) if fin.numel() else 0.0
+                hi = float(fin.max()) if fin.numel() else 0.0
+                if i < len(rec.inputs):
+                    if rec.inputs[i].shape[-1] == rows.shape[-1]:
+                        merged = torch.cat([rec.inputs[i], rows])
+                        if merged.shape[0] > 4 * self.rows:
+                            keep = torch.randperm(merged.shape[0], generator=self.gen)
+                            merged = merged[keep[:4 * self.rows]]
+                        rec.inputs[i] = merged
+                    rec.lo[i], rec.hi[i] = min(rec.lo[i], lo), max(rec.hi[i], hi)
+                else:
+                    rec.inputs.append(rows)
+                    rec.lo.append(lo)
+                    rec.hi.append(hi)
+        return super().run_node(n)
+
+
+def observe(gm: torch.fx.GraphModule, batches: Iterable[tuple[tuple, dict]], watch: set[str],
+            rows: int = 2048, max_batches: int = 16) -> Ranges:
+    """Run ``gm`` on (args, kwargs) batches and keep samples of the watched nodes' inputs."""
+    store: Ranges = {}
+    gen = torch.Generator().manual_seed(0)
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(batches):
+            if i >= max_batches:
+                break
+            bound = list(args)
+            for n in phs[len(args):]:
+                bound.append(kwargs.get(n.target, kwargs.get(n.name, n.args[0] if n.args
+                                                             else None)))
+            _Observer(gm, watch, rows, store, gen).run(*bound)
+    return store
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to replace an op kind: ``build(node, ctx)`` returns (module, input nodes)."""
+    name: str
+    kind: str
+    style: str                       # "structural" | "emulation" | "exact" | "host"
+    needs: frozenset[str]            # op kinds the surrogate body uses
+    build: Callable[..., Any]
+    doc: str = ""
+    needs_mul: bool = False          # multiplies two activations (see make_mul)
+
+    def offered(self, target: Target) -> str | None:
+        """None if this candidate can be offered on ``target``, else the reason it cannot."""
+        missing = sorted(k for k in self.needs if not target.supports(k))
+        if missing:
+            return f"{target.name} lacks {', '.join(missing)}"
+        if self.needs_mul and make_mul(target) is None:
+            return f"{target.name} cannot multiply two activations in any form"
+        return None
+
+
+def offered(cands: Sequence[Candidate], target: Target) -> list[Candidate]:
+    return [c for c in cands if c.offered(target) is None]

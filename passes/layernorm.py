@@ -1,0 +1,2 @@
+"""Placeholder: filled in by its family (issue 3)."""
+CANDIDATES = ()

@@ -1,0 +1,5 @@
+"""Placeholder: structural tiling passes (issue 3)."""
+
+
+def tiling_passes(target):
+    return []
