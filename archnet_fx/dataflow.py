@@ -15,6 +15,7 @@ import torch.fx
 from archnet_fx.opkinds import node_kind
 
 _LOOKUP_KINDS = frozenset({"embedding", "gather"})
+PROLOGUE_KEY = "archnet.prologue"  # node.meta flag: this node runs in the host prologue
 
 
 def _inputs(n: torch.fx.Node) -> list[torch.fx.Node]:
@@ -68,12 +69,13 @@ def prologue_nodes(gm: torch.fx.GraphModule, act: set[torch.fx.Node] | None = No
     for n in gm.graph.nodes:
         if n not in act or n.op in ("placeholder", "output"):
             continue
+        if n.meta.get(PROLOGUE_KEY):  # a pass put it on the host explicitly
+            pro.add(n)
+            continue
         kind = node_kind(n, gm)
-        if n.meta.get("archnet.on_chip") or (kind in _LOOKUP_KINDS and is_float(n)):
+        if kind in _LOOKUP_KINDS and is_float(n):
             continue  # a float table lookup (embedding) is real on-chip work
         ins = [a for a in _inputs(n) if a in act]
         if ins and all(tensor_dtype(a) is not None and not is_float(a) for a in ins):
-            pro.add(n)
-        elif n.meta.get("archnet.prologue"):
             pro.add(n)
     return pro

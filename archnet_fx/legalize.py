@@ -104,8 +104,8 @@ class SurrogatePass(GraphPass):
         illegal = {v.node for v in rep.unsupported}
         ctx = SurrogateContext(gm, self.name, self.target, self.ranges, self.options)
         for node in list(gm.graph.nodes):
-            if node.name not in illegal:
-                continue
+            if node.name not in illegal or getattr(node, "_erased", False):
+                continue  # legal, or erased with a chain replaced earlier
             kind = node_kind(node, gm)
             if kind not in self.kinds:
                 continue
@@ -119,7 +119,11 @@ class SurrogatePass(GraphPass):
                 if isinstance(built, str):
                     record.refusals.append(Refusal(node.name, cand.name, built))
                     continue
-                mod, args = built
+                # build() returns (module, args) replacing ``node``, or (module, args, out)
+                # replacing a chain that ends at ``out`` (hand-written norms); the chain's
+                # interior dies by dead-code elimination.
+                mod, args = built[0], built[1]
+                out = built[2] if len(built) > 2 else node
                 if isinstance(mod, Surrogate):
                     mod.candidate = cand.name
                     mod.style = mod.style or cand.style
@@ -134,16 +138,19 @@ class SurrogatePass(GraphPass):
                             node.name, cand.name, "body not legal: " + "; ".join(
                                 f"{v.kind} ({v.reason})" for v in bad[:3])))
                         continue
-                with gm.graph.inserting_before(node):
+                with gm.graph.inserting_before(out):
                     if isinstance(mod, torch.nn.Module):
                         new = ctx.call_module(f"{node.name}_{cand.name}", mod, tuple(args))
                     else:  # a ready node (e.g. a constant get_attr)
                         new = mod
-                node.replace_all_uses_with(new)
-                record.replaced[node.name] = new.name
+                out.replace_all_uses_with(new)
+                record.replaced[out.name] = new.name
                 record.rule_hits[cand.name] += 1
                 self.chosen[node.name] = cand.name
-                gm.graph.erase_node(node)
+                if not out.users:
+                    gm.graph.erase_node(out)
+                if out is not node:
+                    gm.graph.eliminate_dead_code()
                 break
         ctx.anchor = None
         if self.chosen:
