@@ -32,7 +32,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from archnet_fx.capture import EXAMPLE_META_KEY, propagate_shapes
+from archnet_fx.capture import CAPTURE_META_KEY, EXAMPLE_META_KEY, propagate_shapes
 from archnet_fx.errors import PipelineError, VerificationError
 from archnet_fx.opkinds import KIND_META_KEY, annotate_kinds, kind_histogram, node_kind
 
@@ -104,10 +104,25 @@ def refresh(gm: torch.fx.GraphModule) -> None:
     """Lint, recompile, re-propagate shapes on the stored example, re-annotate kinds."""
     gm.graph.lint()
     gm.recompile()
-    example = gm.meta.get(EXAMPLE_META_KEY)
+    example = shape_example(gm)
     if example is not None:
         propagate_shapes(gm, *example)
     annotate_kinds(gm)
+
+
+def shape_example(gm: torch.fx.GraphModule) -> tuple[tuple, dict] | None:
+    """The stored example inputs cut to batch 1: enough for shapes, half the work or less."""
+    example = gm.meta.get(EXAMPLE_META_KEY)
+    info = gm.meta.get(CAPTURE_META_KEY)
+    if example is None or info is None:
+        return example
+    batched = {s.name for s in info.specs if s.batched}
+    names = list(info.input_names)
+
+    def cut(name: str, v: Any) -> Any:
+        return v[:1] if isinstance(v, torch.Tensor) and name in batched else v
+    args = tuple(cut(names[i] if i < len(names) else "", v) for i, v in enumerate(example[0]))
+    return args, {k: cut(k, v) for k, v in example[1].items()}
 
 
 class GraphPass:

@@ -28,6 +28,7 @@ import torch.fx
 
 from archnet_fx.dataflow import input_dependent
 from archnet_fx.opargs import call_kwargs, weighted_op
+from archnet_fx.opkinds import _produces_sequence
 from archnet_fx.passmanager import GraphPass, PassRecord, RewriteContext, RewritePass, Rule
 
 # --------------------------------------------------------------------------- drop_identity
@@ -105,6 +106,12 @@ def _bn_stats(node: torch.fx.Node, ctx: RewriteContext):
 
 
 def _match_bn(node: torch.fx.Node, ctx: RewriteContext) -> Any:
+    if _produces_sequence(node):
+        return None  # ATen's (out, mean, invstd) form: folded at getitem(bn, 0) by fold_bn_tuple
+    return _fold_bn(node, ctx)
+
+
+def _fold_bn(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     stats = _bn_stats(node, ctx)
     if stats is None:
         return None
@@ -123,6 +130,9 @@ def _match_bn(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         return "transposed convolution is not folded"
     if op.weight.shape[0] != mean.shape[0]:
         return "channel count of producer and batch norm differ"
+    if pkind == "linear" and (ctx.shape(x) is None or len(ctx.shape(x)) != 2):
+        # BN normalizes dim 1; a linear's features are the last dim, the same only for (B, C).
+        return "batch norm over dim 1 of a linear output of rank != 2 is not per-feature"
     # y = (Wx + b - mu) * g / sqrt(var + eps) + beta = (s*W) x + (b - mu) * s + beta
     s = (gamma if gamma is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
     b = op.bias if op.bias is not None else torch.zeros_like(mean)
@@ -155,7 +165,7 @@ def _match_bn_getitem(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     src = node.args[0]
     if not isinstance(src, torch.fx.Node) or node.args[1] != 0 or ctx.kind(src) != "batch_norm":
         return None
-    return _match_bn(src, ctx)
+    return _fold_bn(src, ctx)
 
 
 FOLD_BN_RULES = (
