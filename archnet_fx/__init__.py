@@ -7,12 +7,14 @@ The public API (design.md §4)::
     tgt = ax.load_target("npu_a")                # or a path to a .toml; ax.list_targets()
     rep = ax.check(gm, tgt)                      # LegalityReport
     res = ax.canonicalize(gm)                    # PipelineResult: .module, .records, .diff()
+    leg = ax.legalize(model, "npu_a", example_inputs, calib_data=batches)   # surrogates
 """
 from archnet_fx.capture import capture
 from archnet_fx.errors import (ArchnetError, BitWidthError, CalibrationError, CaptureError,
                                InputError, PipelineError, TargetError, UnsupportedOpError,
                                VerificationError)
 from archnet_fx.legality import LegalityReport, check
+from archnet_fx.legalize import LegalizeResult, legalize
 from archnet_fx.opkinds import kind_histogram, node_kind
 from archnet_fx.passmanager import GraphPass, PassManager, PassRecord, PassResult, PipelineResult
 from archnet_fx.pipeline import canonicalize
@@ -24,6 +26,6 @@ __all__ = [
     "ArchnetError", "BitWidthError", "CalibrationError", "CaptureError", "GraphPass",
     "InputError", "LegalityReport", "PassManager", "PassRecord", "PassResult", "PipelineError",
     "PipelineResult", "Target", "TargetError", "UnsupportedOpError", "VerificationError",
-    "canonicalize", "capture", "check", "kind_histogram", "list_targets", "load_target",
-    "node_kind",
+    "LegalizeResult", "canonicalize", "capture", "check", "kind_histogram", "legalize",
+    "list_targets", "load_target", "node_kind",
 ]

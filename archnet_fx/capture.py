@@ -122,7 +122,7 @@ def _check_tensors(items) -> None:
         if v is None:
             continue
         if not isinstance(v, torch.Tensor):
-            raise InputError(f"example input {name} is a {type(v).__name__}, not a tensor: "
+            raise InputError(f"example input {name} is of type {type(v).__name__}, not a tensor: "
                              "pass tensors (wrap numbers with torch.tensor)")
         if v.numel() == 0:
             raise InputError(f"example input {name} is empty (shape {tuple(v.shape)}): pass a "
@@ -278,12 +278,29 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, specs: tuple[InputSpec,
         dynamic_shapes = dyn_args
     else:
         dynamic_shapes = {**dict(zip(names, dyn_args)), **dyn_kwargs}
+    star = _var_positional(model)
+    if star is not None and len(args) > star[1]:
+        # forward(x, *rest): torch.export wants the extra positionals grouped under `rest`.
+        pos = dict(zip(names[:star[1]], dyn_args[:star[1]]))
+        dynamic_shapes = {**pos, star[0]: dyn_args[star[1]:], **dyn_kwargs}
     ep = torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dynamic_shapes,
                              strict=False)
     gm = ep.module()
     # ep.module() already checks input shapes with its own guards; ours come first and speak
     # our error type.
     return gm
+
+
+def _var_positional(model: nn.Module) -> tuple[str, int] | None:
+    """(name, index) of ``forward``'s ``*args`` parameter, if it has one."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind == p.VAR_POSITIONAL:
+            return p.name, i
+    return None
 
 
 def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
@@ -345,9 +362,14 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
             where = _export_user_line(e)
             parts.append(f"torch.export: {type(e).__name__}: {_first_line(e)}"
                          + (f"\n  at {where}" if where else ""))
-            parts.append("Fix: make the forward traceable (avoid Python control flow on tensor "
-                         "values; use torch.where / torch.cond), or mark the offending submodule "
-                         "as a leaf by setting `archnet_leaf = True` on it.")
+            if "batch" in str(e) and ("Constraints violated" in str(e) or "specializ" in str(e)):
+                parts.append("Fix: the model fixes the batch size somewhere (e.g. "
+                             "x.reshape(2, ...)); write x.reshape(x.shape[0], ...) so the batch "
+                             "dimension can stay dynamic.")
+            else:
+                parts.append("Fix: make the forward traceable (avoid Python control flow on "
+                             "tensor values; use torch.where / torch.cond), or mark the offending "
+                             "submodule as a leaf by setting `archnet_leaf = True` on it.")
             raise CaptureError("\n".join(parts)) from e
     if gm is None:
         assert fx_err is not None

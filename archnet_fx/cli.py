@@ -34,7 +34,7 @@ class UsageError(ArchnetError, ValueError):
 
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+        dims = tuple(int(d) for d in text.split(","))
     except ValueError:
         raise UsageError(f"--input-shape {text!r}: write dimensions as 1,3,32,32") from None
     if not dims or any(d <= 0 for d in dims):
@@ -106,14 +106,21 @@ def _inspect(model: torch.nn.Module, ex: Any, name: str, target: str, *, dot: st
           f"({sum(1 for _ in gm.graph.nodes)} nodes)")
     print(f"\n## legality before, on {target}\n")
     print(ax.check(gm, target))
-    res = ax.canonicalize(gm, verify=verify)
-    print("\n## pass diffs\n")
+    res = ax.legalize(gm, target, verify=verify, allow_host_fallback=True)
+    print("\n## pass diffs (canonicalization, then legalization)\n")
     print(res.diff())
     for p in detail:
+        try:
+            text = res.diff(p)
+        except KeyError:
+            raise UsageError(f"--pass {p!r}: no pass of that name ran; passes: "
+                             f"{', '.join(r.name for r in res.records)}") from None
         print(f"\n### {p}\n")
-        print(res.diff(p))
+        print(text)
     print(f"\n## legality after, on {target}\n")
-    print(ax.check(res.module, target))
+    print(res.after)
+    if res.choices:
+        print("\ncandidates used: " + ", ".join(f"{n}→{c}" for n, c in res.choices.items()))
     if dot:
         out = Path(dot)
         a = write_dot(gm, out / f"{name.replace(':', '_')}.before.dot")
@@ -146,17 +153,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for tgt in ax.list_targets():
         print(f"\n## legality on {tgt}\n")
         print(ax.check(gm, tgt).table(max_nodes=12))
-    res = ax.canonicalize(gm)
-    print("\n## canonicalization\n")
-    print(res.diff())
-    print("\n## after canonicalization\n")
     from tabulate import tabulate
     rows = []
     for tgt in ax.list_targets():
-        rep = ax.check(res.module, tgt)
-        rows.append((tgt, sum(rep.on_chip_counts.values()), len(rep.unsupported),
-                     ", ".join(f"{k}×{n}" for k, n in sorted(rep.unsupported_counts.items()))))
-    print(tabulate(rows, headers=["target", "legal on-chip", "unsupported", "by kind"],
+        t1 = time.perf_counter()
+        res = ax.legalize(gm, tgt, allow_host_fallback=True)
+        rep = res.after
+        rows.append((tgt, len(res.before.unsupported), sum(rep.on_chip_counts.values()),
+                     len(rep.unsupported), sum(rep.host_fallback_counts.values()),
+                     sum(rep.prologue_counts.values()), f"{time.perf_counter() - t1:.1f}"))
+        if tgt == "npu_a":
+            print("\n## canonicalization and legalization for npu_a\n")
+            print(res.diff())
+    print("\n## after legalization\n")
+    print(tabulate(rows, headers=["target", "unsupported before", "legal on-chip after",
+                                  "unsupported after", "host fallback", "host prologue", "s"],
                    tablefmt="github"))
     print(f"\n(demo took {time.perf_counter() - t0:.1f} s)")
     return 0

@@ -90,12 +90,9 @@ class SurrogatePass(GraphPass):
         cands = [c for c in self.candidates if c.kind == kind]
         choice = self.options.choices.get(node.name) or self.options.choices.get(kind)
         if choice is not None:
-            picked = [c for c in cands if c.name == choice or c.style == choice]
-            if not picked:
-                names = ", ".join(f"{c.name} ({c.style})" for c in cands)
-                raise ValueError(f"choice {choice!r} for {node.name} ({kind}) names no candidate; "
-                                 f"candidates for {kind}: {names}")
-            return picked
+            # A choice this family does not know is left to a later family (several families
+            # look at generic kinds like mul or pow); legalize() validated it exists somewhere.
+            return [c for c in cands if c.name == choice or c.style == choice]
         pref = [c for c in cands if c.style == self.options.prefer]
         return pref + [c for c in cands if c not in pref]
 
@@ -223,6 +220,21 @@ def surrogate_families() -> list[tuple[str, Sequence[Candidate]]]:
             ("elementwise", elementwise.CANDIDATES)]
 
 
+def _validate_choices(choices: Mapping[str, str]) -> None:
+    """Every choice must name a candidate or style that exists in some family."""
+    cands = [c for _, cs in surrogate_families() for c in cs]
+    known = {c.name for c in cands} | {c.style for c in cands}
+    for key, value in choices.items():
+        if value not in known:
+            kinds = {c.kind for c in cands}
+            hint = ""
+            if key in kinds:
+                hint = "; candidates for " + key + ": " + ", ".join(
+                    sorted({f"{c.name} ({c.style})" for c in cands if c.kind == key}))
+            raise ValueError(f"choices[{key!r}] = {value!r} names no candidate or style "
+                             f"(styles: {', '.join(STYLES)}){hint}")
+
+
 def structural_passes(target: Target) -> list[GraphPass]:
     from archnet_fx.passes import tiling
 
@@ -238,6 +250,7 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
 
     tgt = load_target(target)
     options = LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback, knots)
+    _validate_choices(options.choices)
     if example_inputs is None and calib_data is not None and not isinstance(calib_data,
                                                                              torch.Tensor):
         batches = calibration_batches(calib_data)

@@ -44,6 +44,9 @@ def _arg_type(v: Any, gm: torch.nn.Module | None) -> Any:
             return float
         if isinstance(val, torch.SymBool):
             return bool
+        typ = v.meta.get("type")  # symbolic_trace records Python results (x.shape[0]: int)
+        if typ in (int, float, bool):
+            return typ
         return torch.Tensor
     if isinstance(v, (tuple, list)) and v and all(isinstance(e, int) and not isinstance(e, bool)
                                                   for e in v):

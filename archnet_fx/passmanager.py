@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -165,11 +166,34 @@ class GraphPass:
         return f"<pass {self.name}>"
 
 
+_INPLACE_OPERATORS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul,
+                                operator.itruediv, operator.ifloordiv, operator.ipow,
+                                operator.iand, operator.ior, operator.ixor})
+
+
+def is_inplace(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into one of its inputs (``x.add_(1)``, ``x[i] = v``, ``aten.*_``)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.is_mutable
+    if t in _INPLACE_OPERATORS:
+        return True
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+
+
+def is_impure(node: torch.fx.Node) -> bool:
+    """torch's notion of impure, plus in-place Tensor methods (fx calls every method pure)."""
+    return node.is_impure() or is_inplace(node)
+
+
 def _dead_names(graph: torch.fx.Graph) -> set[str]:
-    """Names of the nodes ``graph.eliminate_dead_code()`` would remove."""
+    """Names of the nodes dead code elimination would remove."""
     dead: set[torch.fx.Node] = set()
     for n in reversed(graph.nodes):
-        if not n.is_impure() and all(u in dead for u in n.users):
+        if not is_impure(n) and all(u in dead for u in n.users):
             dead.add(n)
     return {n.name for n in dead}
 
@@ -177,7 +201,7 @@ def _dead_names(graph: torch.fx.Graph) -> set[str]:
 def _eliminate_new_dead_code(graph: torch.fx.Graph, keep: set[str]) -> None:
     """Dead code elimination that leaves the nodes named in ``keep`` alone."""
     for n in reversed(graph.nodes):
-        if n.name not in keep and not n.users and not n.is_impure():
+        if n.name not in keep and not n.users and not is_impure(n):
             graph.erase_node(n)
 
 

@@ -29,9 +29,29 @@ import torch.fx
 from archnet_fx.dataflow import input_dependent
 from archnet_fx.opargs import call_kwargs, weighted_op
 from archnet_fx.opkinds import _produces_sequence
-from archnet_fx.passmanager import GraphPass, PassRecord, RewriteContext, RewritePass, Rule
+from archnet_fx.passmanager import (GraphPass, PassRecord, RewriteContext, RewritePass, Rule,
+                                    is_impure, is_inplace)
 
 # --------------------------------------------------------------------------- drop_identity
+
+
+_VIEW_KINDS = frozenset({"reshape", "permute", "slice", "expand", "identity", "getitem"})
+
+
+def _written_in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value, or a view of it, is an in-place op's target."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if is_inplace(u) and u.args and u.args[0] is n:
+                return True
+            if u.meta.get("archnet.kind") in _VIEW_KINDS:
+                todo.append(u)
+    return False
 
 
 def _match_identity(node: torch.fx.Node, ctx: RewriteContext) -> Any:
@@ -41,6 +61,8 @@ def _match_identity(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         return None
     if "contiguous" in str(node.target):
         return "contiguous() changes memory layout that a later view() may rely on"
+    if _written_in_place(node) or _written_in_place(src):
+        return "the value or its copy is written in place, so the copy is not an alias"
     if ctx.shape(src) is not None and ctx.shape(node) is not None and \
             ctx.shape(src) != ctx.shape(node):
         return "output shape differs from input shape"
@@ -59,6 +81,8 @@ def _match_noop_cast(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         return None
     if ctx.shape(src) != ctx.shape(node):
         return None
+    if _written_in_place(node) or _written_in_place(src):
+        return "the value or its copy is written in place, so the copy is not an alias"
     return src
 
 
@@ -297,7 +321,7 @@ class FoldConstants(GraphPass):
                     continue
                 values[n] = v
                 continue
-            if n.op == "call_module" or n.is_impure():
+            if n.op == "call_module" or is_impure(n):
                 continue
             ins = n.all_input_nodes
             if any(a not in values for a in ins):
@@ -334,7 +358,7 @@ class DeadCodeElimination(GraphPass):
 
     def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
         before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         removed = before - len(gm.graph.nodes)
         if removed:
             record.rule_hits["dead_node"] += removed

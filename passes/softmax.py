@@ -1,2 +1,345 @@
-"""Placeholder: filled in by its family (issue 3)."""
-CANDIDATES = ()
+"""Surrogates for softmax and log-softmax over the last axis (standalone or inside attention).
+
+None of the built-in NPUs has ``exp`` or a division, yet all have ``max_pool``, ``linear``,
+``relu``, ``clamp`` and some way to multiply two activations (``mul`` on npu_a and dsp_c, a
+matmul with inner dimension 1 on npu_b). Two candidates for ``softmax``, one for ``log_softmax``:
+
+* ``softmax_pwl`` (emulation, nearly exact before any training)::
+
+      m = rowmax(x)                    # max_pool with kernel (1, N): exact
+      z = clamp(x − m, min=lo)         # softmax is shift-invariant per row: z ∈ [lo, 0]
+      e = Σ_k c_k relu(z − b_k)        # PWL exp, no constant term, b_0 = lo  ⇒  e(lo) = 0
+      s = e · 1                        # row sum as a linear with a constant ones weight
+      r = pwl_recip(s)                 # PWL 1/s, geometric breakpoints on [1, N]
+      r = r (2 − s r)                  # one Newton step: relative error ε → ε²
+      p = e · r                        # row scale (mul, or matmul [..,1,1] @ [..,1,N])
+
+  Subtracting the exact row max makes the exp's domain ``[lo, 0]`` for every row, whatever the
+  logits' scale, and ``s ∈ [1, N]``. The exp breakpoints are spaced uniformly in ``e^{z/4}``:
+  between equal absolute error per segment (``e^{z/2}``) and equal relative error (uniform in
+  ``z``), since a row sum accumulates up to N small tail errors. ``lo`` comes from the calibrated logits with mask values ignored (only
+  finite values > −1e4 count), clipped to ``[−16, −8]``; anything below it — padding masks of
+  ``finfo.min``, −1e9, −inf, causal masks — is clamped to ``lo`` and gets probability exactly 0.
+  The exp breakpoints are buffers (coefficients train), so ``e(lo) = 0`` survives training.
+  Trainable: the exp coefficients, the reciprocal PWL.
+
+  For ``log_softmax`` the same ``z`` and ``s`` give ``z_raw − pwl_log(s)`` (no product of two
+  activations needed; masked entries stay hugely negative).
+
+* ``relu_attention`` (structural, Arch-Net): ``p = relu(x + b) · g`` with trainable scalars
+  ``b`` and ``g``. Initialised from calibration: ``b`` is the best of a few negated quantiles of
+  the logits and ``g`` the least-squares scale against the true softmax on the calibrated rows
+  (``1/N`` without samples). Masked logits give ``relu(−huge) = 0``. Coarse: distillation
+  refines it.
+
+Any ``dim`` (negative dims normalised). A softmax over another axis is computed on
+``x.transpose(dim, −1)`` and transposed back (``permute``; refused where the target lacks it);
+calibration samples are rows of the last axis, so such a surrogate starts from the default
+range (``lo = −16``; ``b = 0, g = 1/N``) instead. ``nn.Softmax(dim=None)`` (implicit dim) is
+refused. The row length ``N`` is fixed at build time (static shapes).
+
+The pass fires only where the target lacks the kind: a target with ``softmax`` keeps it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from archnet_fx.opargs import call_kwargs
+from archnet_fx.surrogate import PWL, Candidate, RowSum, Surrogate, can_matmul, can_mul
+
+#: Logits at or below this (or non-finite) are treated as mask values when calibrating.
+MASK_THRESHOLD = -1e4
+#: The exp's domain ``[lo, 0]`` has ``lo`` in this interval (e^-16 ≈ 1e-7).
+LO_MIN, LO_MAX = -16.0, -8.0
+#: Exp breakpoints are uniform in ``e^{KNOT_ALPHA·z}``. α = 1/2 equalises the *absolute* error
+#: per segment, but a row sum adds up to N tail errors; on MiniLM's attention logits α = 1/4
+#: gave 15× lower max prob error than 1/2 at 32 knots (α ∈ [0.22, 0.3] is flat, 0.1 is 3× worse).
+KNOT_ALPHA = 0.25
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class RowMax(nn.Module):
+    """Max over the last axis, keeping it (size 1), as a ``max_pool`` whose kernel spans the row."""
+
+    def __init__(self, rank: int, n: int) -> None:
+        super().__init__()
+        if not 1 <= rank <= 5:
+            raise ValueError(f"row max supports ranks 1..5, got {rank}")
+        self.rank, self.n = int(rank), int(n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank == 1:
+            return F.max_pool1d(x.unsqueeze(0), self.n).squeeze(0)
+        if self.rank == 2:  # (C, L) unbatched
+            return F.max_pool1d(x, self.n)
+        if self.rank in (3, 4):  # (C, H, W) unbatched or (B, C, H, W)
+            return F.max_pool2d(x, (1, self.n))
+        return F.max_pool3d(x, (1, 1, self.n))
+
+
+class RowScale(nn.Module):
+    """``x * r`` with ``r`` a per-row scalar ``[..., 1]``: a ``mul`` where the target multiplies
+    two activations, else the exact matmul ``r[..., :, None] @ x[..., None, :]`` (inner dim 1)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        if mode not in ("mul", "matmul"):
+            raise ValueError(f"mode must be 'mul' or 'matmul', got {mode!r}")
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mul":
+            return x * r
+        return torch.matmul(r.unsqueeze(-1), x.unsqueeze(-2)).squeeze(-2)
+
+
+class ExpPWL(nn.Module):
+    """``e(z) = Σ_k c_k relu(z − b_k)``: exp on ``[lo, 0]`` with ``e(z) = 0`` for ``z ≤ lo``.
+
+    Breakpoints are fixed buffers (``b_0 = lo``), spaced uniformly in ``e^{z/4}`` (denser near 0,
+    see :data:`KNOT_ALPHA`); the coefficients ``c`` are trainable, fitted by least squares on a
+    grid plus the calibrated ``z``. No constant term and no slope
+    below ``b_0`` — so clamped (masked) inputs give exactly 0, before and after training.
+    """
+
+    def __init__(self, lo: float, knots: int, samples: torch.Tensor | None = None) -> None:
+        super().__init__()
+        lo, k = float(lo), max(2, int(knots))
+        a = KNOT_ALPHA
+        u = torch.linspace(math.exp(a * lo), 1.0, k + 1, dtype=torch.float64)[:-1]
+        b = torch.log(u) / a
+        b[0] = lo
+        grid = [torch.linspace(lo, 0.0, 2048, dtype=torch.float64),
+                torch.log(torch.linspace(math.exp(a * lo), 1.0, 2048, dtype=torch.float64)) / a]
+        if samples is not None and samples.numel():
+            s = samples.double().flatten()
+            s = s[(s >= lo) & (s <= 0)]
+            if s.numel() > 4096:
+                s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(0))[:4096]]
+            grid.append(s)
+        z = torch.cat(grid)
+        a = torch.relu(z.unsqueeze(1) - b.unsqueeze(0))
+        c = torch.linalg.lstsq(a, torch.exp(z).unsqueeze(1), driver="gelsy").solution
+        self.register_buffer("w", torch.ones(k, 1))
+        self.register_buffer("nb", (-b).float())
+        self.coef = nn.Parameter(c.float().reshape(1, k))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(F.linear(z.unsqueeze(-1), self.w, self.nb))
+        return F.linear(h, self.coef).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- surrogates
+
+
+class SoftmaxPWL(Surrogate):
+    """Near-exact softmax / log_softmax over the last axis (see the module docstring)."""
+
+    def __init__(self, kind: str, rank: int, n: int, lo: float, knots: int, mode: str | None,
+                 samples: torch.Tensor | None = None, dim: int | None = None) -> None:
+        super().__init__()
+        self.replaces, self.style = kind, "emulation"
+        self.dim = dim  # None: the last axis; else the axis swapped with the last one
+        self.lo = float(lo)
+        self.rowmax = RowMax(rank, n)
+        z = None
+        if samples is not None and samples.numel() and samples.shape[-1] == n:
+            z = (samples - _valid_max(samples)).clamp(min=self.lo)
+            z = torch.where(torch.isfinite(z), z, torch.full_like(z, self.lo))
+        self.exp = ExpPWL(self.lo, knots, z)
+        self.rowsum = RowSum(n)
+        # s = Σ e over a row whose max gives e(0) ≈ 1: s ∈ [≈1, N] whatever the data.
+        s_lo, s_hi = 0.9, max(float(n), 1.0) * 1.05 + 0.1
+        if kind == "log_softmax":
+            self.log = PWL.fit(torch.log, None, s_lo, s_hi, knots=2 * knots, spacing="geometric")
+            self.scale = None
+        else:
+            self.recip = PWL.fit(torch.reciprocal, None, s_lo, s_hi, knots=2 * knots,
+                                 spacing="geometric")
+            self.scale = RowScale(mode or "mul")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dim is not None:
+            x = x.transpose(self.dim, -1)
+        zr = x - self.rowmax(x)
+        e = self.exp(torch.clamp(zr, min=self.lo))
+        s = self.rowsum(e)
+        if self.scale is None:
+            out = zr - self.log(s)
+        else:
+            r = self.recip(s)
+            r = self.scale(r, 2.0 - self.scale(s, r))  # Newton step for 1/s
+            out = self.scale(e, r)
+        if self.dim is not None:
+            out = out.transpose(self.dim, -1)
+        return out
+
+
+class ReluAttention(Surrogate):
+    """``p = relu(x + b) · g`` (Arch-Net's ReLU attention); ``b`` and ``g`` trainable scalars."""
+
+    def __init__(self, bias: float, gain: float) -> None:
+        super().__init__()
+        self.replaces, self.style = "softmax", "structural"
+        self.bias = nn.Parameter(torch.tensor(float(bias)))
+        self.gain = nn.Parameter(torch.tensor(float(gain)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bias) * self.gain
+
+
+# --------------------------------------------------------------------------- matching
+
+
+@dataclass
+class SoftmaxMatch:
+    input: torch.fx.Node
+    rank: int
+    n: int                 # length of the softmax axis
+    dim: int | None        # None: the last axis; else the (non-negative) softmax axis
+
+
+def _valid_max(rows: torch.Tensor) -> torch.Tensor:
+    """Row max over finite non-mask entries (−inf for a fully masked row), keepdim."""
+    valid = torch.isfinite(rows) & (rows > MASK_THRESHOLD)
+    return torch.where(valid, rows, torch.full_like(rows, -math.inf)).amax(-1, keepdim=True)
+
+
+def match(node: torch.fx.Node, ctx: Any) -> SoftmaxMatch | str:
+    """Input, rank and row length of a softmax node in any form, or why it is not replaced."""
+    if node.op == "call_module":
+        mod = ctx.gm.get_submodule(node.target)
+        x, dim = node.args[0] if node.args else node.kwargs.get("input"), getattr(mod, "dim", None)
+        if dim is None:
+            return "implicit softmax dim (nn.Softmax(dim=None)) is not replaced: pass dim"
+        dtype = None
+    else:
+        kw = call_kwargs(node, ctx.gm)
+        if kw is None:
+            return "could not read the softmax arguments"
+        x = kw.get("input", kw.get("self"))
+        dim, dtype = kw.get("dim"), kw.get("dtype")
+        if kw.get("half_to_float"):
+            return "half_to_float softmax is not replaced"
+    if not isinstance(x, torch.fx.Node):
+        return "softmax input is not a graph value"
+    if not isinstance(dim, int):
+        return f"softmax dim {dim!r} is not an integer"
+    shape = ctx.shape(x)
+    if shape is None:
+        return "input shape unknown (run shape propagation)"
+    rank = len(shape)
+    if rank == 0:
+        return "softmax of a scalar"
+    d = dim + rank if dim < 0 else dim
+    if not 0 <= d < rank:
+        return f"softmax dim {dim} out of range for a rank-{rank} tensor"
+    if rank > 5:
+        return f"rank {rank} > 5: the row max (max_pool) supports ranks up to 5"
+    if dtype is not None and ctx.dtype(x) is not None and dtype != ctx.dtype(x):
+        return f"softmax with a dtype cast to {dtype} is not replaced"
+    return SoftmaxMatch(x, rank, int(shape[d]), None if d == rank - 1 else d)
+
+
+def _rows(node: torch.fx.Node, ctx: Any, m: SoftmaxMatch) -> torch.Tensor | None:
+    """Calibrated rows of the softmax axis (None when the axis is not the last one)."""
+    s = ctx.samples(node)
+    if m.dim is not None or s is None or not s.inputs or s.inputs[0].shape[-1] != m.n:
+        return None
+    return s.inputs[0].double()
+
+
+def exp_floor(rows: torch.Tensor | None) -> float:
+    """``lo`` of the exp's domain: 1.25 × the lowest calibrated ``x − rowmax`` (mask values
+    ignored), clipped to ``[LO_MIN, LO_MAX]``."""
+    if rows is None:
+        return LO_MIN
+    valid = torch.isfinite(rows) & (rows > MASK_THRESHOLD)
+    z = (rows - _valid_max(rows))[valid]
+    if not z.numel():
+        return LO_MIN
+    return float(min(max(1.25 * float(z.min()), LO_MIN), LO_MAX))
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
+    m = match(node, ctx)
+    if isinstance(m, str):
+        return m
+    kind = ctx.kind(node)
+    mode = None
+    if kind == "softmax":
+        if can_mul(ctx.target):
+            mode = "mul"
+        elif can_matmul(ctx.target) and ctx.target.supports("reshape"):
+            mode = "matmul"
+        else:
+            return f"{ctx.target.name} multiplies two activations neither by mul nor by matmul"
+    if m.dim is not None and not ctx.target.supports("permute"):
+        return f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute"
+    rows = _rows(node, ctx, m)
+    mod = SoftmaxPWL(kind, m.rank, m.n, exp_floor(rows), ctx.options.knots, mode,
+                     rows.float() if rows is not None else None, m.dim)
+    return mod, (m.input,)
+
+
+def relu_attention_init(rows: torch.Tensor | None, n: int) -> tuple[float, float]:
+    """(b, g) minimising ‖relu(x + b)·g − softmax(x)‖² over the calibrated rows, ``b`` from a
+    few negated quantiles of the non-mask logits; ``(0, 1/N)`` without samples."""
+    if rows is None or not rows.numel():
+        return 0.0, 1.0 / max(n, 1)
+    rows = rows.double()
+    if rows.shape[0] > 1024:
+        rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))
+                    [:1024]]
+    valid = torch.isfinite(rows) & (rows > MASK_THRESHOLD)
+    v = rows[valid]
+    if not v.numel():
+        return 0.0, 1.0 / max(n, 1)
+    p = torch.softmax(torch.where(valid, rows, torch.full_like(rows, -math.inf)), -1)
+    p = torch.nan_to_num(p, nan=0.0)
+    xs = torch.where(valid, rows, torch.full_like(rows, -1e30))
+    best = (math.inf, 0.0, 1.0 / n)
+    for q in (0.5, 0.75, 0.9, 0.95, 0.99):
+        b = -float(torch.quantile(v[:200_000], q))
+        r = torch.relu(xs + b)
+        den = float((r * r).sum())
+        if den <= 0:
+            continue
+        g = float((r * p).sum()) / den
+        err = float(((r * g - p) ** 2).sum())
+        if err < best[0]:
+            best = (err, b, g)
+    return best[1], best[2]
+
+
+def _build_relu_attention(node: torch.fx.Node, ctx: Any) -> Any:
+    m = match(node, ctx)
+    if isinstance(m, str):
+        return m
+    b, g = relu_attention_init(_rows(node, ctx, m), m.n)  # elementwise: any dim as is
+    return ReluAttention(b, g), (m.input,)
+
+
+_BASE = frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "clamp", "max_pool"})
+
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("softmax_pwl", "softmax", "emulation", _BASE, _build_pwl,
+              "exact row max (max_pool), PWL exp on [lo, 0], ones-linear row sum, PWL 1/s + one "
+              "Newton step, row scale; masked logits → 0", needs_mul=True),
+    Candidate("relu_attention", "softmax", "structural", frozenset({"add", "relu", "mul"}),
+              _build_relu_attention, "relu(x + b)·g with trainable b, g (Arch-Net)"),
+    Candidate("softmax_pwl", "log_softmax", "emulation", _BASE, _build_pwl,
+              "(x − rowmax) − PWL log(Σ PWL exp(x − rowmax))"),
+)
