@@ -68,6 +68,7 @@ __all__ = ["DistillOptions", "DistillReport", "BlockStats", "ActivationStore", "
 
 MODES = ("progressive", "independent")
 CHECKPOINT_NAME = "distill_checkpoint.pt"
+EVAL_BATCHES = 4  # loss before/after training a block is measured on the first few batches
 _FORMAT = 1
 
 
@@ -156,10 +157,11 @@ class BlockStats:
     nodes: int
     params: int
     steps: int
-    loss_before: float | None   # after calibrating its quantizers, before training (batch 0)
-    loss_after: float | None    # mean over all batches after training
+    loss_before: float | None   # after calibrating its quantizers, before training (eval batches)
+    loss_after: float | None    # after training, on the same eval batches
     seconds: float
     note: str = ""
+    loss_after_all: float | None = None  # after training, mean over every batch
 
 
 @dataclass
@@ -181,10 +183,10 @@ class DistillReport:
         def f(v: float | None) -> str:
             return "—" if v is None else f"{v:.4g}"
         rows = [(b.index, b.name, b.nodes, b.params, b.steps, f(b.loss_before), f(b.loss_after),
-                 f"{b.seconds:.1f}", b.note) for b in self.blocks]
+                 f(b.loss_after_all), f"{b.seconds:.1f}", b.note) for b in self.blocks]
         text = tabulate(rows, headers=["block", "layer", "nodes", "params", "steps",
-                                       "loss before", "loss after", "s", "note"],
-                        tablefmt="github")
+                                       "loss before", "loss after", "after (all batches)", "s",
+                                       "note"], tablefmt="github")
         tail = [f"mode {self.mode}, {self.seconds:.1f} s"
                 + (f", resumed after block {self.resumed_from - 1}" if self.resumed_from else "")
                 + ("" if self.complete else ", stopped early (resume with the same call)")
@@ -570,6 +572,7 @@ class _Run:
         self.t_names = sorted({v for v in self.crossing if v not in self.side}
                               | {t for ts in self.targets for t in ts} | set(self.final_targets))
         self.bound = [bind_inputs(student, a, k) for a, k in self.batches]
+        self.n_eval = min(EVAL_BATCHES, self.nb)  # batches that measure loss before / after
         self.t_bound = [bind_inputs(teacher, a, k) for a, k in self.batches]
 
     # data -----------------------------------------------------------------
@@ -618,22 +621,21 @@ class _Run:
                   for t in self.targets[k]]
         return torch.stack(losses).mean()
 
-    def forward_all(self, k: int, stream: str, *, keep: bool) -> float | None:
-        """Run block ``k`` on every batch (no grad); mean loss; store outputs others need."""
+    def forward_all(self, k: int, stream: str, *, keep: bool) -> list[float]:
+        """Run block ``k`` on every batch (no grad): per-batch losses; store what others need."""
         blk = self.blocks[k]
         need = self.later_needs(k) - self.side
-        total, n = 0.0, 0
+        losses = []
         with torch.no_grad():
             for b in range(self.nb):
                 outs = blk.module(*self.inputs(k, b, stream))
                 if self.targets[k]:
-                    total += float(self.block_loss(k, outs, b))
-                    n += 1
+                    losses.append(float(self.block_loss(k, outs, b)))
                 if keep:
                     for name, v in zip(blk.outputs, outs):
                         if name in need:
                             self.store.put(("p", name, b), v)
-        return total / n if n else None
+        return losses
 
     # training -------------------------------------------------------------
     def train_block(self, k: int, stream: str) -> tuple[BlockStats, dict | None]:
@@ -650,7 +652,8 @@ class _Run:
             return BlockStats(k, blk.name, len(blk.nodes), n_params, 0, None, None,
                               time.perf_counter() - t0, note), None
         with torch.no_grad():
-            loss_before = float(self.block_loss(k, mod(*self.inputs(k, 0, stream)), 0))
+            loss_before = sum(float(self.block_loss(k, mod(*self.inputs(k, b, stream)), b))
+                              for b in range(self.n_eval)) / self.n_eval
         total = self.opts.steps if self.opts.steps is not None else self.opts.epochs * self.nb
         opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -672,7 +675,7 @@ class _Run:
             opt.step()
             sched.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4g}")
+            bar.set_postfix(loss=f"{loss.detach().item():.4g}")
         bar.close()
         opt.zero_grad(set_to_none=True)
         stats = BlockStats(k, blk.name, len(blk.nodes), n_params, total, loss_before, None,
@@ -719,7 +722,7 @@ class _Run:
                                                self.opts.grad_clip)
             opt.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4g}")
+            bar.set_postfix(loss=f"{loss.detach().item():.4g}")
         bar.close()
         with torch.no_grad():
             report.e2e_loss_after = sum(float(self.final_loss(self.chain(b), b))
@@ -802,11 +805,13 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
             if opts.stop_after is not None and done_now >= opts.stop_after:
                 report.complete = False
                 break
+            t0 = time.perf_counter()
             stats, extra = run.train_block(k, stream)
-            stats.loss_after = run.forward_all(k, stream, keep=stream == "student")
-            if stats.loss_after is not None and stats.loss_before is None:
-                stats.loss_before = stats.loss_after
-            stats.seconds = round(stats.seconds + 0.0, 3)
+            losses = run.forward_all(k, stream, keep=stream == "student")
+            if losses:
+                stats.loss_after = sum(losses[:run.n_eval]) / len(losses[:run.n_eval])
+                stats.loss_after_all = sum(losses) / len(losses)
+            stats.seconds = time.perf_counter() - t0
             report.blocks.append(stats)
             # free what no later block reads
             later = run.later_needs(k)

@@ -111,8 +111,8 @@ def refresh(gm: torch.fx.GraphModule) -> None:
     annotate_kinds(gm)
 
 
-def shape_example(gm: torch.fx.GraphModule) -> tuple[tuple, dict] | None:
-    """The stored example inputs cut to batch 1: enough for shapes, half the work or less."""
+def shape_example(gm: torch.fx.GraphModule, batch: int = 1) -> tuple[tuple, dict] | None:
+    """The stored example inputs cut to ``batch`` samples (1 is enough for shapes)."""
     example = gm.meta.get(EXAMPLE_META_KEY)
     info = gm.meta.get(CAPTURE_META_KEY)
     if example is None or info is None:
@@ -121,7 +121,7 @@ def shape_example(gm: torch.fx.GraphModule) -> tuple[tuple, dict] | None:
     names = list(info.input_names)
 
     def cut(name: str, v: Any) -> Any:
-        return v[:1] if isinstance(v, torch.Tensor) and name in batched else v
+        return v[:batch] if isinstance(v, torch.Tensor) and name in batched else v
     args = tuple(cut(names[i] if i < len(names) else "", v) for i, v in enumerate(example[0]))
     return args, {k: cut(k, v) for k, v in example[1].items()}
 
@@ -440,7 +440,9 @@ class PassManager:
     def run(self, gm: torch.fx.GraphModule) -> PipelineResult:
         records: list[PassRecord] = []
         stages = [gm] if self.keep_stages else []
-        example = gm.meta.get(EXAMPLE_META_KEY)
+        # Verify on (at most) the first two samples: batch-dependent bugs still show, and a
+        # large calibration-sized example does not make every pass cost a full forward.
+        example = shape_example(gm, batch=2)
         prev_out = None
         if self.verify and example is not None:
             with torch.no_grad():

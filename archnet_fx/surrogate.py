@@ -121,7 +121,13 @@ class PWL(nn.Module):
         cols += [torch.relu(x - bi) for bi in b]
         a = torch.stack(cols, 1)
         target = y - (0.0 if left_slope is None else left_slope * x)
-        sol = torch.linalg.lstsq(a, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        # A few thousand rows × tens of columns: one thread is ~50× faster than several here.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            sol = torch.linalg.lstsq(a, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        finally:
+            torch.set_num_threads(threads)
         bias = float(sol[0])
         if left_slope is None:
             slope, coef = float(sol[1]), sol[2:]
@@ -149,21 +155,26 @@ class Mul(nn.Module):
 
 
 class MatmulMul(nn.Module):
-    """Exact ``x * y`` (broadcasting) as a batched matmul with inner dimension 1.
+    """Exact ``x * y`` as a batched matmul with inner dimension 1.
 
-    For targets that allow ``matmul`` of two activations but not elementwise ``mul``:
-    ``(x ⊙ y)[..., i] = [x_i] @ [y_i]``, i.e. ``matmul(x[..., None], y[..., None, :])`` on the
-    last axis when ``y`` is a per-row scalar, or per element otherwise.
+    For targets that allow ``matmul`` of two activations but not elementwise ``mul``.
+    ``row_scale=True``: ``y`` is a per-row scalar ``[..., 1]`` and
+    ``x * y = (y[..., :, None] @ x[..., None, :])[..., 0, :]``; otherwise (same shapes) each
+    element is its own 1×1 product. The mode is fixed at construction so the module traces.
     """
 
+    def __init__(self, row_scale: bool = False):
+        super().__init__()
+        self.row_scale = row_scale
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if y.shape[-1] == 1 and x.shape[-1] != 1:
-            # row scale: x [..., D], y [..., 1] → y[..., :, None] @ x[..., None, :]
+        if self.row_scale:
             return torch.matmul(y.unsqueeze(-1), x.unsqueeze(-2)).squeeze(-2)
-        if x.shape[-1] == 1 and y.shape[-1] != 1:
-            return torch.matmul(x.unsqueeze(-1), y.unsqueeze(-2)).squeeze(-2)
         return torch.matmul(x.unsqueeze(-1).unsqueeze(-1), y.unsqueeze(-1).unsqueeze(-1)
                             ).squeeze(-1).squeeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"row_scale={self.row_scale}"
 
 
 class QuarterSquareMul(nn.Module):
@@ -188,12 +199,16 @@ def can_matmul(target: Target) -> bool:
     return lim is not None and lim.two_activations
 
 
-def make_mul(target: Target, bound: float = 1.0) -> nn.Module | None:
-    """A module computing ``x * y`` of two activations legally on ``target`` (None if none)."""
+def make_mul(target: Target, bound: float = 1.0, row_scale: bool = False) -> nn.Module | None:
+    """A module computing ``x * y`` of two activations legally on ``target`` (None if none).
+
+    ``row_scale``: ``y`` has shape ``[..., 1]`` (a per-row factor); ``bound`` is the largest
+    |x ± y| expected, used only by the quarter-square fallback.
+    """
     if can_mul(target):
         return Mul()
     if can_matmul(target) and target.supports("reshape"):
-        return MatmulMul()
+        return MatmulMul(row_scale)
     if target.supports("add") and target.supports("sub") and target.supports("linear") \
             and target.supports("relu") and target.supports("reshape") \
             and target.supports("mul"):

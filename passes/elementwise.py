@@ -55,7 +55,6 @@ Shapes other than the batch dimension are fixed at capture, so the bodies bake t
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Callable, Sequence
 
 import torch
@@ -869,7 +868,11 @@ def _build_blend(node: torch.fx.Node, ctx: Any) -> Any:
             return mul
         muls.append(mul)
     with ctx.graph.inserting_before(node):
-        m = ctx._stamp(ctx.graph.call_method("float", (mask,)))  # bool → 0/1: host prologue
+        if mask.op == "get_attr":  # a constant mask: store it as 0/1 floats
+            m = ctx.add_tensor(f"{node.name}_mask", ctx.attr(mask.target).float(),
+                               trainable=False)
+        else:  # bool → 0/1 on the host (prologue, or computed from input shapes)
+            m = ctx._stamp(ctx.graph.call_method("float", (mask,)))
     return Blend(ctx.kind(node), ca, cb, muls[0], muls[1]), (m, *args)
 
 
@@ -1126,4 +1129,3 @@ CANDIDATES: tuple[Candidate, ...] = (
               "zeros_like(x) = x·0; ones_like / full_like(x, v) = x·0 + v"),
 )
 
-_ = operator  # operator forms reach us through call_kwargs

@@ -1,4 +1,4 @@
-"""Surrogates for softmax and log-softmax over the last axis (standalone or inside attention).
+"""Surrogates for softmax and log-softmax, standalone or inside (decomposed) attention.
 
 None of the built-in NPUs has ``exp`` or a division, yet all have ``max_pool``, ``linear``,
 ``relu``, ``clamp`` and some way to multiply two activations (``mul`` on npu_a and dsp_c, a
@@ -17,9 +17,10 @@ matmul with inner dimension 1 on npu_b). Two candidates for ``softmax``, one for
   Subtracting the exact row max makes the exp's domain ``[lo, 0]`` for every row, whatever the
   logits' scale, and ``s ∈ [1, N]``. The exp breakpoints are spaced uniformly in ``e^{z/4}``:
   between equal absolute error per segment (``e^{z/2}``) and equal relative error (uniform in
-  ``z``), since a row sum accumulates up to N small tail errors. ``lo`` comes from the calibrated logits with mask values ignored (only
-  finite values > −1e4 count), clipped to ``[−16, −8]``; anything below it — padding masks of
-  ``finfo.min``, −1e9, −inf, causal masks — is clamped to ``lo`` and gets probability exactly 0.
+  ``z``), since a row sum accumulates up to N small tail errors. ``lo`` comes from the
+  calibrated logits with mask values ignored (only finite values > −1e4 count), clipped to
+  ``[−16, −8]``; anything below it — padding masks of ``finfo.min``, −1e9, −inf, causal
+  masks — is clamped to ``lo`` and gets probability exactly 0.
   The exp breakpoints are buffers (coefficients train), so ``e(lo) = 0`` survives training.
   Trainable: the exp coefficients, the reciprocal PWL.
 
@@ -39,6 +40,16 @@ range (``lo = −16``; ``b = 0, g = 1/N``) instead. ``nn.Softmax(dim=None)`` (im
 refused. The row length ``N`` is fixed at build time (static shapes).
 
 The pass fires only where the target lacks the kind: a target with ``softmax`` keeps it.
+Measured (32 knots): max |Δp| ≤ 7.3e-4 and row-sum error ≤ 1.6e-6 on MiniLM's real attention
+logits (128 keys, padding masks), sentence-embedding cosine > 0.99999 with only the 6 softmaxes
+replaced.
+
+>>> m = SoftmaxPWL("softmax", 2, 8, lo=-16.0, knots=32, mode="matmul")
+>>> x = torch.randn(4, 8) * 3
+>>> x[0, 5:] = torch.finfo(torch.float32).min
+>>> p = m(x)
+>>> bool((p - torch.softmax(x, -1)).abs().max() < 2e-3), float(p[0, 5:].abs().max())
+(True, 0.0)
 """
 from __future__ import annotations
 
@@ -60,7 +71,7 @@ MASK_THRESHOLD = -1e4
 LO_MIN, LO_MAX = -16.0, -8.0
 #: Exp breakpoints are uniform in ``e^{KNOT_ALPHA·z}``. α = 1/2 equalises the *absolute* error
 #: per segment, but a row sum adds up to N tail errors; on MiniLM's attention logits α = 1/4
-#: gave 15× lower max prob error than 1/2 at 32 knots (α ∈ [0.22, 0.3] is flat, 0.1 is 3× worse).
+#: gave 15× lower max prob error than 1/2 at 32 knots (α ∈ [0.22, 0.3] is flat; 0.1: 3× worse).
 KNOT_ALPHA = 0.25
 
 
@@ -295,7 +306,7 @@ def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
 
 
 def relu_attention_init(rows: torch.Tensor | None, n: int) -> tuple[float, float]:
-    """(b, g) minimising ‖relu(x + b)·g − softmax(x)‖² over the calibrated rows, ``b`` from a
+    """(b, g) minimising ‖relu(x + b)·g − softmax(x)‖² on the calibrated rows; ``b`` from a
     few negated quantiles of the non-mask logits; ``(0, 1/N)`` without samples."""
     if rows is None or not rows.numel():
         return 0.0, 1.0 / max(n, 1)

@@ -85,6 +85,17 @@ MASK = torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(2)) > 0.5
 ZEROS_ONLY = {"conv_pad": "zeros only"}
 
 
+class ConstMaskOp(Op):
+    """A constant bool buffer as the mask (a causal mask): blended with stored 0/1 floats."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__(fn)
+        self.register_buffer("m", torch.ones(6, 8, dtype=torch.bool).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.a(x), self.b(x), self.m)
+
+
 @dataclass
 class Case:
     name: str
@@ -143,6 +154,10 @@ CASES = [
          (_x(2, 6, 8), MASK), ("blend",), {"prologue": "on-chip activation"}),
     Case("where", "where", MaskOp(lambda a, b, m: torch.where(m, a, b)), (_x(2, 6, 8), MASK),
          ("blend",)),
+    Case("causal", "masked_fill", ConstMaskOp(lambda a, b, m: a.masked_fill(m, -3.0)),
+         (_x(2, 6, 8),), ("blend",)),
+    Case("where_scalar", "where", MaskOp(lambda a, b, m: torch.where(m, 1.5, b)),
+         (_x(2, 6, 8), MASK), ("blend",)),
     Case("mask_inf", "masked_fill",
          MaskOp(lambda a, b, m: a + torch.zeros_like(m, dtype=torch.float).masked_fill(m, -1e4)),
          (_x(2, 6, 8), MASK), ("prologue", "blend")),
@@ -358,3 +373,32 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_decoder_rmsnorm_op_by_op_on_npu_b() -> None:
+    # without the layernorm family: x * rsqrt(mean(x**2) + eps) * w and SwiGLU's product,
+    # op by op (pow exact, mean rowsum, rsqrt pwl, mul product)
+    from archnet_fx.zoo import get_model
+
+    model, ex = get_model("decoder")
+    gm = PassManager("canonicalize", canonicalize_passes()).run(ax.capture(model, ex)).module
+    watch = {v.node for v in ax.check(gm, "npu_b").unsupported}
+    res = run_family(gm, observe(gm, calibration_batches(None, ex), watch), "npu_b")
+    assert dict(res.record.rule_hits) == {"exact": 5, "rowsum": 5, "pwl": 5, "product": 7}
+    assert not _illegal_kinds(res.module, "npu_b") & {"pow", "mean", "rsqrt", "mul"}
+    assert max_rel_error(_call(gm, ex), _call(res.module, ex)) < 2e-3
+
+
+def test_pole_in_range_is_refused_and_second_run_is_a_no_op() -> None:
+    model = Op(lambda a, b: torch.reciprocal(a))  # a crosses 0: 1/x has a pole there
+    x = _x(2, 6, 8)
+    gm = PassManager("canonicalize", canonicalize_passes()).run(ax.capture(model, (x,))).module
+    ranges = observe(gm, calibration_batches(None, (x,)), {n.name for n in gm.graph.nodes})
+    res = run_family(gm, ranges, "npu_a")
+    assert not res.record.rule_hits
+    assert all("pole" in r.reason for r in res.record.refusals)
+    # idempotence: legalized output has nothing left for this family
+    gm, ranges = prepared("div")
+    once = run_family(gm, ranges, "npu_b")
+    twice = run_family(once.module, ranges, "npu_b")
+    assert not twice.record.rule_hits and not twice.modified

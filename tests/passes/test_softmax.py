@@ -36,6 +36,15 @@ TARGETS = ("npu_a", "npu_b", "dsp_c")
 NEG = torch.finfo(torch.float32).min
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These graphs are tiny: intra-op threads only contend (6× slower on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _logits(seed: int, masked: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 16, 16, generator=g) * 3.0
@@ -189,6 +198,8 @@ def test_masks_still_zero_after_training_step():
     x = _logits(8, masked=True)
     loss = (m(x) - 0.1).pow(2).sum()
     loss.backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)  # −inf inputs too
     opt.step()
     with torch.no_grad():
         assert _assert_masked_zero(x, m(x)) > 0
@@ -237,7 +248,7 @@ def test_zoo_masks_give_exact_zero(name, target):
 @pytest.mark.parametrize("choice", ("softmax_pwl", "relu_attention"))
 def test_grads_flow(choice):
     gm = copy.deepcopy(_tiny("npu_b", choice).module)
-    assert_grads_flow(gm, (_logits(9, masked=True),))
+    assert_grads_flow(gm, (_logits(9),))  # (masked log-probs would make this loss inf)
 
 
 # --------------------------------------------------------------------------- firing

@@ -1,0 +1,373 @@
+"""``transform``: the whole pipeline — capture, legalize, fake-quantize, partition, distill, report.
+
+::
+
+    res = archnet_fx.transform(model, target="npu_a", example_inputs=ex, calib_data=batches,
+                               weight_bits=4, act_bits=8, seed=0)
+    res.module(**inputs)        # the trained, fake-quantized, target-legal student (same call)
+    print(res.report)           # legality before/after, blocks, per-block losses, fidelity, time
+    res.records                 # one PassRecord per pass (legalization + fake_quant)
+
+Steps (design.md §2):
+
+1. check the bit widths against the target (``BitWidthError`` before anything else);
+2. normalise and validate the calibration data: every batch a tuple or dict of tensors shaped
+   like the example inputs beyond the batch dimension, finite — otherwise ``CalibrationError``
+   before any work. Without ``calib_data`` the example inputs are used, with a loud warning.
+   The last ``holdout`` batches are kept out of training to measure fidelity;
+3. capture the model (the *teacher*; never modified) and legalize it for the target;
+4. deep-copy the legalized module (passes share parameters with their input) and insert LSQ
+   fake quantizers at the requested widths (:func:`archnet_fx.quant.insert_fake_quant`);
+5. partition it into blocks whose boundaries the teacher also computes
+   (:func:`archnet_fx.partition.partition` with :func:`archnet_fx.distill.boundary_check`);
+6. distill block by block (:func:`archnet_fx.distill.distill`), progressive or independent;
+7. measure fidelity on the held-out batches: the legalized float student before training and
+   the fake-quantized one after, against the teacher (mean per-sample cosine, normalised MSE).
+
+Everything runs under a fixed seed without touching the caller's global RNG; on CPU the result
+is deterministic for a seed. The student runs where the model's parameters are (or ``device``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from archnet_fx.capture import CAPTURE_META_KEY, normalize_inputs
+from archnet_fx.distill import (DistillOptions, DistillReport, boundary_check, distill,
+                                match_values)
+from archnet_fx.errors import CalibrationError, InputError
+from archnet_fx.legality import LegalityReport
+from archnet_fx.partition import Block, block_table, partition
+from archnet_fx.passmanager import PassRecord
+from archnet_fx.pipeline import as_graph_module
+from archnet_fx.quant import fake_quant_enabled, insert_fake_quant
+from archnet_fx.targets import Target, load_target
+
+log = logging.getLogger(__name__)
+
+__all__ = ["transform", "TransformResult", "TransformReport", "calibration_data",
+           "output_fidelity"]
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class TransformReport:
+    target: str
+    weight_bits: int
+    act_bits: int
+    mode: str
+    before: LegalityReport
+    after: LegalityReport
+    blocks: str                                  # block table
+    distill: DistillReport
+    fidelity: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def fidelity_of(self, stage: str = "distilled") -> list[dict[str, Any]]:
+        return [r for r in self.fidelity if r["stage"] == stage]
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        def legal(rep: LegalityReport) -> str:
+            bad = ", ".join(f"{k}×{n}" for k, n in sorted(rep.unsupported_counts.items()))
+            host = sum(rep.host_fallback_counts.values())
+            return (f"{sum(rep.on_chip_counts.values())} on chip, {len(rep.unsupported)} "
+                    f"unsupported" + (f" ({bad})" if bad else "") + (f", {host} host fallback"
+                                                                     if host else ""))
+        cal = self.calibration
+        parts = [
+            f"archnet_fx.transform → {self.target}, W{self.weight_bits}A{self.act_bits}, "
+            f"{self.mode} distillation; calibration: {cal.get('train_batches')} batches "
+            f"({cal.get('train_samples')} samples) for training, {cal.get('holdout_batches')} "
+            f"held out ({cal.get('holdout_samples')} samples)",
+            tabulate([("before", legal(self.before)), ("after", legal(self.after))],
+                     headers=["legality", self.target], tablefmt="github"),
+            "blocks:\n" + self.blocks,
+            "distillation:\n" + self.distill.table(),
+        ]
+        if self.fidelity:
+            rows = [(r["stage"], r["output"], f"{r['cosine']:.5f}", f"{r['nmse']:.3g}")
+                    for r in self.fidelity]
+            parts.append("fidelity on held-out batches (vs the original):\n" + tabulate(
+                rows, headers=["stage", "output", "mean cosine", "normalised MSE"],
+                tablefmt="github"))
+        parts.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        parts += [f"note: {n}" for n in self.notes]
+        return "\n\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclass
+class TransformResult:
+    module: torch.fx.GraphModule
+    records: list[PassRecord]
+    report: TransformReport
+    blocks: list[Block] = field(default_factory=list, repr=False)
+
+    def diff(self, name: str | None = None) -> str:
+        from archnet_fx.inspect import pass_diff, records_table
+
+        if name is None:
+            return records_table(self.records)
+        for r in self.records:
+            if r.name == name:
+                return pass_diff(r)
+        raise KeyError(f"no pass named {name!r} ran; passes: {[r.name for r in self.records]}")
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _as_call(batch: tuple[tuple, dict]) -> Any:
+    args, kwargs = batch
+    return kwargs if kwargs and not args else args
+
+
+def calibration_data(calib_data: Any, example_inputs: Any = None) -> list[tuple[tuple, dict]]:
+    """Normalise calibration data to ``(args, kwargs)`` batches (all of them, in order).
+
+    ``calib_data`` is an iterable of batches (tuples or dicts of tensors), a single tensor or a
+    single dict. ``None`` falls back to the example inputs with a loud warning.
+    """
+    if calib_data is None:
+        if example_inputs is None:
+            raise CalibrationError("no calibration data and no example inputs: pass calib_data "
+                                   "(an iterable of batches shaped like the model's inputs)")
+        msg = ("transform: no calib_data given — distilling on the example inputs alone. The "
+               "result will fit those few samples and generalise poorly; pass calib_data=[batch, "
+               "...] with a few hundred to a few thousand real samples.")
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning(msg)
+        return [normalize_inputs(example_inputs)]
+    if isinstance(calib_data, (torch.Tensor, Mapping)):
+        calib_data = [calib_data]
+    if isinstance(calib_data, (str, bytes)):
+        raise CalibrationError("calib_data is a string: pass an iterable of batches")
+    try:
+        it = iter(calib_data)
+    except TypeError:
+        raise CalibrationError(f"calib_data of type {type(calib_data).__name__} is not an "
+                               "iterable of batches (tuples or dicts of tensors)") from None
+    out = []
+    for i, b in enumerate(it):
+        if isinstance(b, torch.Tensor):
+            b = (b,)
+        try:
+            out.append(normalize_inputs(b))
+        except InputError as e:
+            raise CalibrationError(f"calibration batch {i}: {e}") from e
+    if not out:
+        raise CalibrationError("calibration data is empty: pass at least one batch shaped like "
+                               "the example inputs")
+    return out
+
+
+def _validate_batches(gm: torch.fx.GraphModule, batches: Sequence[tuple[tuple, dict]]) -> None:
+    """Shapes beyond the batch dimension as captured, finite floats; else CalibrationError."""
+    info = gm.meta.get(CAPTURE_META_KEY)
+    if info is None:
+        return
+    names = list(info.input_names)
+    for i, (args, kwargs) in enumerate(batches):
+        sizes = set()
+        for spec in info.specs:
+            idx = names.index(spec.name) if spec.name in names else -1
+            if 0 <= idx < len(args):
+                v = args[idx]
+            elif spec.name in kwargs:
+                v = kwargs[spec.name]
+            else:
+                raise CalibrationError(f"calibration batch {i} has no input '{spec.name}' "
+                                       f"(the model was captured with inputs "
+                                       f"{', '.join(s.name for s in info.specs)})")
+            if not isinstance(v, torch.Tensor):
+                raise CalibrationError(f"calibration batch {i}: input '{spec.name}' is a "
+                                       f"{type(v).__name__}, not a tensor")
+            want = spec.shape
+            shape = tuple(v.shape)
+            start = 1 if spec.batched else 0
+            if len(shape) != len(want) or shape[start:] != want[start:]:
+                exp = ("(batch, " + ", ".join(map(str, want[1:])) + ")") if spec.batched \
+                    else str(want)
+                raise CalibrationError(f"calibration batch {i}: input '{spec.name}' has shape "
+                                       f"{shape} but the model takes {exp}")
+            if spec.batched:
+                sizes.add(shape[0])
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CalibrationError(f"calibration batch {i}: input '{spec.name}' contains "
+                                       "NaN or Inf; pass finite values")
+            if v.numel() == 0:
+                raise CalibrationError(f"calibration batch {i}: input '{spec.name}' is empty")
+        if len(sizes) > 1:
+            raise CalibrationError(f"calibration batch {i}: inputs disagree on the batch size "
+                                   f"({sorted(sizes)})")
+
+
+def _split_holdout(batches: list, holdout: int | float) -> tuple[list, list]:
+    n = len(batches)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or holdout < 0 or \
+            (isinstance(holdout, float) and holdout >= 1):
+        raise ValueError(f"holdout must be a number of batches (int >= 0) or a fraction in "
+                         f"[0, 1), got {holdout!r}")
+    h = int(holdout) if isinstance(holdout, int) else round(holdout * n)
+    if holdout and h == 0:
+        h = 1
+    if n < 2:
+        return batches, []
+    h = min(h, n - 1)
+    return batches[:n - h], batches[n - h:]
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def output_fidelity(teacher: torch.nn.Module, student: torch.nn.Module,
+                    batches: Sequence[tuple[tuple, dict]], stage: str) -> list[dict[str, Any]]:
+    """Per float output: mean per-sample cosine and normalised MSE of student vs teacher."""
+    acc: dict[int, dict[str, float]] = {}
+    t_dev = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+    s_dev = next((p.device for p in student.parameters()), torch.device("cpu"))
+
+    def to(v, d):
+        return pytree.tree_map(lambda t: t.to(d) if isinstance(t, torch.Tensor) else t, v)
+    with torch.no_grad():
+        for args, kwargs in batches:
+            t_out = [t for t in pytree.tree_leaves(teacher(*to(args, t_dev), **to(kwargs, t_dev)))
+                     if isinstance(t, torch.Tensor)]
+            s_out = [t for t in pytree.tree_leaves(student(*to(args, s_dev), **to(kwargs, s_dev)))
+                     if isinstance(t, torch.Tensor)]
+            for j, (a, b) in enumerate(zip(t_out, s_out)):
+                if not a.is_floating_point():
+                    continue
+                a, b = a.float().cpu(), b.float().cpu()
+                a2 = a.reshape(a.shape[0], -1) if a.dim() > 1 else a.reshape(1, -1)
+                b2 = b.reshape(a2.shape)
+                cos = torch.nn.functional.cosine_similarity(a2, b2, dim=1, eps=1e-12)
+                r = acc.setdefault(j, {"cos": 0.0, "n": 0, "err": 0.0, "ref": 0.0})
+                r["cos"] += float(cos.sum())
+                r["n"] += cos.numel()
+                r["err"] += float((a - b).pow(2).sum())
+                r["ref"] += float(a.pow(2).sum())
+    return [{"stage": stage, "output": f"output[{j}]", "cosine": r["cos"] / max(1, r["n"]),
+             "nmse": r["err"] / max(r["ref"], 1e-30)} for j, r in sorted(acc.items())]
+
+
+# --------------------------------------------------------------------------- transform
+
+
+def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_inputs: Any = None,
+              calib_data: Iterable | None = None, weight_bits: int | None = None,
+              act_bits: int | None = None, seed: int = 0, *, mode: str = "progressive",
+              steps: int | None = None, epochs: int = 1, checkpoint_dir: Any = None,
+              holdout: int | float = 0.1, choices: Mapping[str, str] | None = None,
+              device: str | torch.device | None = None, granularity: int | None = None,
+              cut_nodes: Sequence[str] | None = None, prefer: str = "emulation",
+              allow_host_fallback: bool = False, quantize_surrogates: bool = True,
+              surrogate_weight_bits: int | None = None, verify: bool = True,
+              **distill_options: Any) -> TransformResult:
+    """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
+
+    Extra keyword arguments go to :class:`~archnet_fx.distill.DistillOptions` (``lr_surrogate``,
+    ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``, ``memory_budget_mb``,
+    ``spill_dir``, ``stop_after``, ``progress``).
+    """
+    t_all = time.perf_counter()
+    seconds: dict[str, float] = {}
+    tgt = load_target(target)
+    w_bits, a_bits = tgt.quant.check_bits(weight_bits, act_bits)
+    if surrogate_weight_bits is not None:
+        tgt.quant.check_bits(surrogate_weight_bits, a_bits)
+    try:
+        opts = DistillOptions(mode=mode, steps=steps, epochs=epochs,
+                              checkpoint_dir=checkpoint_dir, device=device, seed=seed,
+                              **distill_options)
+    except TypeError as e:
+        known = ", ".join(f for f in DistillOptions.__dataclass_fields__)
+        raise ValueError(f"transform: unknown option ({e}); distillation options: {known}"
+                         ) from None
+    batches = calibration_data(calib_data, example_inputs)
+    notes: list[str] = []
+    if calib_data is None:
+        notes.append("no calib_data: distilled on the example inputs only")
+    if example_inputs is None:
+        example_inputs = _as_call(batches[0])
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        teacher = as_graph_module(model, example_inputs)
+        seconds["capture"] = time.perf_counter() - t0
+        _validate_batches(teacher, batches)
+        train, held = _split_holdout(batches, holdout)
+        if not held:
+            notes.append("one calibration batch: fidelity is measured on the training batch")
+            held = train
+
+        from archnet_fx.legalize import legalize
+
+        t0 = time.perf_counter()
+        leg = legalize(teacher, tgt, example_inputs, [_as_call(b) for b in train],
+                       choices=choices, prefer=prefer, allow_host_fallback=allow_host_fallback,
+                       verify=verify)
+        seconds["legalize"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        student = copy.deepcopy(leg.module)  # passes share parameters: train a private copy
+        fq = insert_fake_quant(student, tgt, w_bits, a_bits,
+                               surrogate_weight_bits=surrogate_weight_bits,
+                               quantize_surrogates=quantize_surrogates)
+        student = fq.module
+        if device is not None:
+            student.to(device)
+        records = list(leg.records) + [fq.record]
+        vmap = match_values(teacher, student, records)
+        blocks = partition(student, granularity, cut_nodes,
+                           boundary_ok=boundary_check(student, vmap))
+        seconds["quantize+partition"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        fidelity = output_fidelity(teacher, leg.module, held, "legalized (float, untrained)")
+        seconds["fidelity"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        drep = distill(student, teacher, blocks, train, opts, value_map=vmap)
+        seconds["distill"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with fake_quant_enabled(student, True):
+            fidelity += output_fidelity(teacher, student, held, "distilled")
+        seconds["fidelity"] += time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_all
+
+    def n_samples(bs):
+        out = 0
+        for a, k in bs:
+            leaves = [t for t in list(a) + list(k.values()) if isinstance(t, torch.Tensor)]
+            out += int(leaves[0].shape[0]) if leaves and leaves[0].dim() else 1
+        return out
+    report = TransformReport(
+        target=tgt.name, weight_bits=w_bits, act_bits=a_bits, mode=opts.mode,
+        before=leg.before, after=leg.after, blocks=block_table(blocks), distill=drep,
+        fidelity=fidelity, seconds=seconds,
+        calibration={"train_batches": len(train), "holdout_batches": len(held),
+                     "train_samples": n_samples(train), "holdout_samples": n_samples(held)},
+        notes=notes)
+    if not drep.complete:
+        report.notes.append("distillation stopped early (stop_after); call again with the same "
+                            "arguments and checkpoint_dir to finish")
+    return TransformResult(student, records, report, blocks)
