@@ -18,8 +18,9 @@ allow_host_fallback=False)``:
 
 *choices* maps an op kind or a node name to a candidate name or a style (``"emulation"``,
 ``"structural"``); node names win over kinds. Without a choice the target's default applies:
-the first offered candidate of the preferred style (``prefer``, default ``"emulation"``, which
-is nearly exact before any training), then any other offered candidate.
+an exact candidate where one exists (const rows, one-hot × linear, ReLU identities, tiling),
+then the preferred style (``prefer``, default ``"emulation"``, nearly exact before any
+training), then any other offered candidate.
 """
 from __future__ import annotations
 
@@ -93,8 +94,10 @@ class SurrogatePass(GraphPass):
             # A choice this family does not know is left to a later family (several families
             # look at generic kinds like mul or pow); legalize() validated it exists somewhere.
             return [c for c in cands if c.name == choice or c.style == choice]
-        pref = [c for c in cands if c.style == self.options.prefer]
-        return pref + [c for c in cands if c not in pref]
+        # Exact candidates first (nothing to lose), then the preferred style, then the rest.
+        exact = [c for c in cands if c.style == "exact"]
+        pref = [c for c in cands if c.style == self.options.prefer and c not in exact]
+        return exact + pref + [c for c in cands if c not in exact and c not in pref]
 
     def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
         rep = check(gm, self.target)

@@ -8,8 +8,9 @@ Building blocks every surrogate family (``passes/``) uses:
   ``f(x) = a + s·x + Σ_i c_i · relu(x − b_i)``, built from two ``nn.Linear`` layers (1 → K → 1),
   fitted by least squares to a reference function on the range seen in calibration. Trainable.
 * :func:`make_mul` — an elementwise product of two activations that the target can run: a plain
-  ``mul`` where allowed, else a batched ``matmul`` with inner dimension 1 (exact), else the
-  quarter-square identity ``xy = ((x+y)² − (x−y)²)/4`` with a PWL square.
+  ``mul`` where allowed, else a batched ``matmul`` with inner dimension 1 (exact; per-element or
+  row-scale layout, see :class:`MatmulMul`), else the quarter-square identity
+  ``xy = ((x+y)² − (x−y)²)/4`` with a PWL square. Every family's products go through it.
 * :class:`Candidate` — one replacement recipe for an op kind: name, style (structural or
   emulation), the kinds it needs, and a ``build(match, ctx)`` that returns the surrogate module.
 * :class:`Ranges` / :func:`observe` — samples of each watched node's inputs on calibration data.
@@ -75,37 +76,52 @@ class PWL(nn.Module):
     @staticmethod
     def fit(fn: Callable[[torch.Tensor], torch.Tensor], samples: torch.Tensor | None,
             lo: float, hi: float, knots: int = 24, spacing: str = "quantile",
-            left_slope: float | None = None) -> "PWL":
-        """Least-squares fit of ``fn`` on ``[lo, hi]``.
+            left_slope: float | None = None, relative: bool = False) -> "PWL":
+        """Least-squares fit of ``fn`` on ``[lo, hi]`` (float64).
 
         Breakpoints: ``"quantile"`` places them at quantiles of ``samples`` (dense where data
-        is, half of them uniform so no region is empty); ``"geometric"`` spaces them by a
-        constant ratio (for 1/x, 1/sqrt(x) on positive ranges); ``"uniform"``. The fit weighs
-        the observed samples and a uniform grid equally. ``left_slope`` fixes the slope left of
-        the range (e.g. 0 for exp, sigmoid) instead of fitting it.
+        is, half of them uniform so no region is empty); ``"geometric"`` spaces them — and the
+        fit grid — by a constant ratio (for 1/x, 1/sqrt(x) on positive ranges); ``"uniform"``.
+        The fit weighs the observed samples and the grid equally. ``left_slope`` fixes the slope
+        left of the range (e.g. 0 for exp, sigmoid) instead of fitting it; the first hinge is
+        then at ``lo``, otherwise all hinges lie strictly inside (a hinge at ``lo`` would
+        duplicate the free linear term: a rank-deficient system). ``relative`` weighs each point
+        by ``1/|fn(x)|``, minimising the relative error (for 1/x, 1/sqrt(x), exp).
         """
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"PWL range must be finite, got [{lo}, {hi}]")
-        if hi - lo < 1e-6:
-            hi = lo + 1e-3
+        width = max(1.0, abs(lo))
+        if hi - lo < 1e-6 * width:
+            hi = lo + 1e-3 * width
         k = max(2, int(knots))
+        pinned = left_slope is not None
+
+        def hinges(points: torch.Tensor) -> torch.Tensor:
+            """``len(points) − 1`` (pinned) or ``− 2`` breakpoints from ``points`` spanning
+            [lo, hi]: drop ``hi``, and ``lo`` unless the left slope is pinned."""
+            return points[:-1] if pinned else points[1:-1]
+
+        n = k + 1 if pinned else k + 2
         if spacing == "geometric":
             if lo <= 0:
                 raise ValueError("geometric breakpoints need a positive range")
-            b = torch.logspace(math.log10(lo), math.log10(hi), k + 1, dtype=torch.float64)[:-1]
-        elif spacing == "quantile" and samples is not None and samples.numel() > 4 * k:
-            s = samples.double().flatten()
-            s = s[(s >= lo) & (s <= hi)]
-            if s.numel() > 200_000:
-                s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
-            nq = k // 2
-            q = torch.quantile(s, torch.linspace(0, 1, nq + 2, dtype=torch.float64)[1:-1])
-            u = torch.linspace(lo, hi, k - nq + 1, dtype=torch.float64)[:-1]
-            b = torch.unique(torch.cat([u, q]))
+            b = hinges(torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64))
+            grid = torch.logspace(math.log10(lo), math.log10(hi), 4096, dtype=torch.float64)
         else:
-            b = torch.linspace(lo, hi, k + 1, dtype=torch.float64)[:-1]
-        grid = torch.linspace(lo, hi, 4096, dtype=torch.float64)
+            grid = torch.linspace(lo, hi, 4096, dtype=torch.float64)
+            if spacing == "quantile" and samples is not None and samples.numel() > 4 * k:
+                s = samples.double().flatten()
+                s = s[(s >= lo) & (s <= hi)]
+                if s.numel() > 200_000:
+                    s = s[torch.randperm(s.numel(),
+                                         generator=torch.Generator().manual_seed(0))[:200_000]]
+                nq = k // 2
+                q = torch.quantile(s, torch.linspace(0, 1, nq + 2, dtype=torch.float64)[1:-1])
+                u = hinges(torch.linspace(lo, hi, n - nq, dtype=torch.float64))
+                b = torch.unique(torch.cat([u, q]))
+            else:
+                b = hinges(torch.linspace(lo, hi, n, dtype=torch.float64))
         xs = [grid]
         if samples is not None and samples.numel():
             s = samples.double().flatten()
@@ -116,11 +132,14 @@ class PWL(nn.Module):
         x = torch.cat(xs)
         y = fn(x).double()
         cols = [torch.ones_like(x)]
-        if left_slope is None:
+        if not pinned:
             cols.append(x)
         cols += [torch.relu(x - bi) for bi in b]
         a = torch.stack(cols, 1)
-        target = y - (0.0 if left_slope is None else left_slope * x)
+        target = y - (left_slope * x if pinned else 0.0)
+        if relative:
+            w = 1.0 / y.abs().clamp_min(1e-12)
+            a, target = a * w[:, None], target * w
         # A few thousand rows × tens of columns: one thread is ~50× faster than several here.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -129,10 +148,10 @@ class PWL(nn.Module):
         finally:
             torch.set_num_threads(threads)
         bias = float(sol[0])
-        if left_slope is None:
-            slope, coef = float(sol[1]), sol[2:]
-        else:
+        if pinned:
             slope, coef = float(left_slope), sol[1:]
+        else:
+            slope, coef = float(sol[1]), sol[2:]
         return PWL(b.float(), coef.float(), bias, slope)
 
 
@@ -150,6 +169,8 @@ def pwl_error(mod: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], lo: fl
 class Mul(nn.Module):
     """``x * y`` where the target multiplies two activations elementwise."""
 
+    mode = "mul"  # the product form, as every product module names it
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x * y
 
@@ -157,28 +178,41 @@ class Mul(nn.Module):
 class MatmulMul(nn.Module):
     """Exact ``x * y`` as a batched matmul with inner dimension 1.
 
-    For targets that allow ``matmul`` of two activations but not elementwise ``mul``.
-    ``row_scale=True``: ``y`` is a per-row scalar ``[..., 1]`` and
-    ``x * y = (y[..., :, None] @ x[..., None, :])[..., 0, :]``; otherwise (same shapes) each
-    element is its own 1×1 product. The mode is fixed at construction so the module traces.
+    For targets that allow ``matmul`` of two activations but not elementwise ``mul``. The
+    ``layout`` is fixed at construction (from static shapes) so the module traces symbolically:
+
+    * ``"row_y"``: ``y`` is a per-row scalar ``[..., 1]``: ``(y[..., :, None] @ x[..., None, :])``
+      with the unit axis dropped;
+    * ``"row_x"``: the mirror, ``x`` is ``[..., 1]``: ``x[..., :, None] @ y[..., None, :]``;
+    * ``"elem"``: same shapes, each element its own 1×1 product
+      ``x[..., None, None] @ y[..., None, None]``.
     """
 
-    def __init__(self, row_scale: bool = False):
+    mode = "matmul"
+    LAYOUTS = ("row_y", "row_x", "elem")
+
+    def __init__(self, layout: str = "elem"):
         super().__init__()
-        self.row_scale = row_scale
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
+        self.layout = layout
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.row_scale:
+        if self.layout == "row_y":
             return torch.matmul(y.unsqueeze(-1), x.unsqueeze(-2)).squeeze(-2)
+        if self.layout == "row_x":
+            return torch.matmul(x.unsqueeze(-1), y.unsqueeze(-2)).squeeze(-2)
         return torch.matmul(x.unsqueeze(-1).unsqueeze(-1), y.unsqueeze(-1).unsqueeze(-1)
                             ).squeeze(-1).squeeze(-1)
 
     def extra_repr(self) -> str:
-        return f"row_scale={self.row_scale}"
+        return f"layout={self.layout}"
 
 
 class QuarterSquareMul(nn.Module):
     """``x * y = ((x + y)² − (x − y)²) / 4`` with squares from a PWL fitted on the observed range."""
+
+    mode = "quarter_square"
 
     def __init__(self, bound: float, knots: int = 48):
         super().__init__()
@@ -199,21 +233,44 @@ def can_matmul(target: Target) -> bool:
     return lim is not None and lim.two_activations
 
 
-def make_mul(target: Target, bound: float = 1.0, row_scale: bool = False) -> nn.Module | None:
-    """A module computing ``x * y`` of two activations legally on ``target`` (None if none).
+def mul_layout(x_shape: Sequence[int] | None, y_shape: Sequence[int] | None) -> str | None:
+    """The :class:`MatmulMul` layout for operands of these static shapes (None: unknown)."""
+    if x_shape is None or y_shape is None:
+        return None
+    lx, ly = (x_shape[-1] if x_shape else 1), (y_shape[-1] if y_shape else 1)
+    if ly == 1 and lx != 1:
+        return "row_y"
+    if lx == 1 and ly != 1:
+        return "row_x"
+    return "elem"
 
-    ``row_scale``: ``y`` has shape ``[..., 1]`` (a per-row factor); ``bound`` is the largest
-    |x ± y| expected, used only by the quarter-square fallback.
+
+_QUARTER_SQUARE_NEEDS = ("add", "sub", "linear", "relu", "reshape", "mul")
+
+
+def make_mul(target: Target, layout: str = "elem", *,
+             shapes: tuple[Sequence[int] | None, Sequence[int] | None] | None = None,
+             exact: bool = False, bound: float = 1.0) -> nn.Module | str:
+    """A module computing ``x * y`` of two activations legally on ``target``, or why none is.
+
+    The first form the target runs: :class:`Mul`; :class:`MatmulMul` (exact) in ``layout``, or
+    in the layout :func:`mul_layout` picks from the operands' static ``shapes`` (x's, y's) when
+    given; unless ``exact``, :class:`QuarterSquareMul` (approximate), whose PWL square covers
+    |x ± y| ≤ ``bound``.
     """
     if can_mul(target):
         return Mul()
     if can_matmul(target) and target.supports("reshape"):
-        return MatmulMul(row_scale)
-    if target.supports("add") and target.supports("sub") and target.supports("linear") \
-            and target.supports("relu") and target.supports("reshape") \
-            and target.supports("mul"):
+        if shapes is not None:
+            layout = mul_layout(*shapes)
+        if layout is not None:
+            return MatmulMul(layout)
+        why = "operand shapes unknown (run shape propagation)"
+    else:
+        why = f"{target.name} multiplies two activations neither by mul nor by matmul"
+    if not exact and all(target.supports(k) for k in _QUARTER_SQUARE_NEEDS):
         return QuarterSquareMul(bound)
-    return None
+    return why
 
 
 class RowSum(nn.Module):
@@ -327,7 +384,7 @@ class Candidate:
         missing = sorted(k for k in self.needs if not target.supports(k))
         if missing:
             return f"{target.name} lacks {', '.join(missing)}"
-        if self.needs_mul and make_mul(target) is None:
+        if self.needs_mul and isinstance(make_mul(target), str):
             return f"{target.name} cannot multiply two activations in any form"
         return None
 

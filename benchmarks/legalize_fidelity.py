@@ -107,8 +107,13 @@ def main(argv=None) -> int:
                 continue
             secs = time.perf_counter() - t0
             got = embed(res.module, evalb)
+            finite = torch.isfinite(got).all(-1)
+            # An untrained structural model can overflow; report it rather than average NaNs.
             cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+            cos = torch.where(finite, cos, torch.full_like(cos, -1.0))
             sp = similarity_score(res.module, docs, pairs)
+            if not finite.all():
+                name = f"{name} [{int((~finite).sum())} non-finite → cos -1]"
             rep = res.after
             used = sorted(set(res.choices.values()))
             rows.append((tgt, name, f"{float(cos.mean()):.4f}", f"{float(cos.min()):.4f}",

@@ -55,7 +55,7 @@ Shapes other than the batch dimension are fixed at capture, so the bodies bake t
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -67,7 +67,7 @@ from archnet_fx.dataflow import PROLOGUE_KEY, activations, is_float, prologue_no
 from archnet_fx.opargs import call_kwargs
 from archnet_fx.opkinds import target_name
 from archnet_fx.surrogate import (PWL, Candidate, Mul, QuarterSquareMul, RowSum, Surrogate,
-                                  can_matmul, can_mul)
+                                  make_mul)
 
 KINDS = ("exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "div", "mul", "abs", "neg",
          "maximum", "minimum", "mean", "sum", "masked_fill", "where", "expand", "pad",
@@ -127,56 +127,6 @@ def _explicit(ctx: Any, node: torch.fx.Node, kind: str, name: str, style: str) -
     return choice in (name, style)
 
 
-def _fit(fn: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float, knots: int,
-         spacing: str, samples: torch.Tensor | None = None, left_slope: float | None = None,
-         relative: bool = False) -> PWL:
-    """Least-squares PWL fit of ``fn`` on ``[lo, hi]`` (float64).
-
-    ``spacing``: ``"uniform"`` or ``"geometric"`` (breakpoints and the fit grid by a constant
-    ratio; needs ``lo > 0``). ``relative`` weighs each point by ``1/|fn(x)|`` so the relative
-    error is what is minimised (for 1/x, 1/sqrt(x), exp). Observed samples are added to the grid.
-    """
-    lo, hi = float(lo), float(hi)
-    if hi - lo < 1e-6 * max(1.0, abs(lo)):
-        hi = lo + 1e-3 * max(1.0, abs(lo))
-    k = max(2, int(knots))
-    # k hinges: from lo when the left slope is pinned, else strictly inside (a hinge at lo would
-    # duplicate the free linear term and make the system rank-deficient)
-    pinned = left_slope is not None
-    n = k + 1 if pinned else k + 2
-    if spacing == "geometric":
-        b = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64)
-        grid = torch.logspace(math.log10(lo), math.log10(hi), 2048, dtype=torch.float64)
-    else:
-        b = torch.linspace(lo, hi, n, dtype=torch.float64)
-        grid = torch.linspace(lo, hi, 2048, dtype=torch.float64)
-    b = b[:-1] if pinned else b[1:-1]
-    xs = [grid]
-    if samples is not None and samples.numel():
-        s = samples.double().flatten()
-        s = s[(s >= lo) & (s <= hi)]
-        if s.numel() > 2048:
-            s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(1))[:2048]]
-        xs.append(s)
-    x = torch.cat(xs)
-    y = fn(x).double()
-    cols = [torch.ones_like(x)]
-    if left_slope is None:
-        cols.append(x)
-    cols += [torch.relu(x - bi) for bi in b]
-    a = torch.stack(cols, 1)
-    target = y - (0.0 if left_slope is None else left_slope * x)
-    if relative:
-        w = 1.0 / y.abs().clamp_min(1e-12)
-        a, target = a * w[:, None], target * w
-    sol = torch.linalg.lstsq(a, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    if left_slope is None:
-        bias, slope, coef = float(sol[0]), float(sol[1]), sol[2:]
-    else:
-        bias, slope, coef = float(sol[0]), float(left_slope), sol[1:]
-    return PWL(b.float(), coef.float(), bias, slope)
-
-
 def _host_side(n: Any, acts: set, pro: set) -> bool:
     """A value the host has before the chip runs: constant, shape-derived, int/bool input,
     or prologue."""
@@ -187,76 +137,19 @@ def _host_side(n: Any, acts: set, pro: set) -> bool:
     return n.op == "placeholder" and not is_float(n)
 
 
-def _shape(n: Any, ctx: Any = None) -> tuple[int, ...] | None:
-    """Static shape of a node; a node this pass created (a surrogate replacing an earlier node)
-    has none yet, so shapes are propagated again on the example inputs when ``ctx`` is given."""
-    if not _is_node(n):
-        return None
-    tm = n.meta.get("tensor_meta")
-    if tm is None and ctx is not None and EXAMPLE_META_KEY in ctx.gm.meta:
+def _shape(n: Any, ctx: Any) -> tuple[int, ...] | None:
+    """Static shape of a node (``ctx.shape``); a node this pass created (a surrogate replacing
+    an earlier node) has none yet, so shapes are propagated again on the example inputs."""
+    if _is_node(n) and n.meta.get("tensor_meta") is None and EXAMPLE_META_KEY in ctx.gm.meta:
         try:
             propagate_shapes(ctx.gm, *ctx.gm.meta[EXAMPLE_META_KEY])
         except Exception:  # noqa: BLE001 - shapes stay unknown; the builder refuses
             return None
-        tm = n.meta.get("tensor_meta")
-    if tm is not None and hasattr(tm, "shape"):
-        return tuple(int(s) for s in tm.shape)
-    return None
+    return ctx.shape(n)
 
 
 def _is_activation(n: Any, ctx: Any) -> bool:
     return _is_node(n) and n in activations(ctx.gm)
-
-
-# =========================================================================== products
-
-
-class MatmulProduct(nn.Module):
-    """Exact ``x * y`` as a matmul with inner dimension 1, the layout fixed at build time.
-
-    ``mode``: ``"row_y"`` (``y`` is ``[..., 1]``: ``y[..., :, None] @ x[..., None, :]``),
-    ``"row_x"`` (the mirror) or ``"elem"`` (``x[..., None, None] @ y[..., None, None]``).
-    (The shape test happens when the surrogate is built, so the body traces symbolically.)
-    """
-
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        self.mode = mode
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.mode == "row_y":
-            return torch.matmul(y.unsqueeze(-1), x.unsqueeze(-2)).squeeze(-2)
-        if self.mode == "row_x":
-            return torch.matmul(x.unsqueeze(-1), y.unsqueeze(-2)).squeeze(-2)
-        return torch.matmul(x.unsqueeze(-1).unsqueeze(-1),
-                            y.unsqueeze(-1).unsqueeze(-1)).squeeze(-1).squeeze(-1)
-
-
-def _exact_product(target: Any, sx: Sequence[int] | None, sy: Sequence[int] | None
-                   ) -> nn.Module | str:
-    """An exact product of two activations legal on ``target``, or why there is none."""
-    if can_mul(target):
-        return Mul()
-    if not (can_matmul(target) and target.supports("reshape")):
-        return f"{target.name} multiplies two activations neither elementwise nor by matmul"
-    if sx is None or sy is None:
-        return "operand shapes unknown (run shape propagation)"
-    lx, ly = (sx[-1] if sx else 1), (sy[-1] if sy else 1)
-    if ly == 1 and lx != 1:
-        return MatmulProduct("row_y")
-    if lx == 1 and ly != 1:
-        return MatmulProduct("row_x")
-    return MatmulProduct("elem")
-
-
-def _any_product(target: Any, sx: Any, sy: Any, bound: float) -> nn.Module | str:
-    """Exact where possible, else the quarter-square PWL product (approximate)."""
-    p = _exact_product(target, sx, sy)
-    if not isinstance(p, str):
-        return p
-    if all(target.supports(k) for k in ("add", "sub", "linear", "relu", "reshape", "mul")):
-        return QuarterSquareMul(bound)
-    return p
 
 
 # =========================================================================== surrogates
@@ -597,9 +490,9 @@ def _positive_fit(fn: Callable, lo: float, hi: float, knots: int, samples: Any, 
     if dense:  # consecutive knots at most KNOT_RATIO apart, however wide the range
         knots = max(knots, math.ceil(math.log(hi / lo) / math.log(KNOT_RATIO)))
     if sign < 0:
-        pwl = _fit(lambda t: -fn(-t), lo, hi, knots, "geometric", samples, relative=True)
+        pwl = PWL.fit(lambda t: -fn(-t), samples, lo, hi, knots, "geometric", relative=True)
     else:
-        pwl = _fit(fn, lo, hi, knots, "geometric", samples, relative=(name != "log"))
+        pwl = PWL.fit(fn, samples, lo, hi, knots, "geometric", relative=(name != "log"))
     return pwl, sign
 
 
@@ -635,8 +528,8 @@ def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
                 lo = max(lo, hi - 30.0)  # exp(x) < 1e-13·exp(hi) below: flat left segment
             span = max(hi - lo, 1e-3)
             lo, hi = lo - 0.05 * span, hi + 0.05 * span
-            pwl = _fit(fn, lo, hi, knots, "uniform", samples, left_slope=left,
-                       relative=(kind == "exp" or left == 0.0))
+            pwl = PWL.fit(fn, samples, lo, hi, knots, "uniform", left_slope=left,
+                          relative=(kind == "exp" or left == 0.0))
             return PWLFunction(kind, pwl, style), (x,)
         lo, hi, samples = rng if rng is not None else (1e-2, 1e2, None)
         pname = {"reciprocal": "reciprocal", "rsqrt": "rsqrt"}.get(kind, kind)
@@ -657,7 +550,7 @@ def _build_pow_exact(node: torch.fx.Node, ctx: Any) -> Any:
         return "exponent is not an integer in 1..4 (use pwl)"
     x = _kw(node, ctx).get("input", node.args[0])
     s = _shape(x, ctx)
-    mul = _exact_product(ctx.target, s, s)
+    mul = make_mul(ctx.target, shapes=(s, s), exact=True)
     if isinstance(mul, str):
         return mul
     return IntPower(n, mul), (x,)
@@ -689,7 +582,7 @@ def _build_div(style: str, knots_of: Callable[[Any], int]) -> Callable:
             return PWLFunction("div", pwl, style, sign=sign, scale=sign * float(x)), (y,)
         recip = PWLFunction("reciprocal", pwl, style, sign=sign, scale=sign)
         if _is_activation(x, ctx) and _is_activation(y, ctx):
-            mul = _any_product(ctx.target, _shape(x, ctx), _shape(y, ctx), 1.0)
+            mul = make_mul(ctx.target, shapes=(_shape(x, ctx), _shape(y, ctx)))
             if isinstance(mul, str):
                 return mul
         else:
@@ -706,7 +599,7 @@ def _build_product(node: torch.fx.Node, ctx: Any) -> Any:
     x, y = kw.get("input"), kw.get("other")
     if not (_is_node(x) and _is_node(y)):
         return "not a product of two tensors"
-    mul = _exact_product(ctx.target, _shape(x, ctx), _shape(y, ctx))
+    mul = make_mul(ctx.target, shapes=(_shape(x, ctx), _shape(y, ctx)), exact=True)
     if isinstance(mul, str):
         return mul
     return Product(mul, "exact"), (x, y)
@@ -862,8 +755,8 @@ def _build_blend(node: torch.fx.Node, ctx: Any) -> Any:
             muls.append(None)
             continue
         args.append(v)
-        mul = (_exact_product(ctx.target, _shape(v, ctx), _shape(mask, ctx)) if v in acts
-               else Mul())
+        mul = (make_mul(ctx.target, shapes=(_shape(v, ctx), _shape(mask, ctx)), exact=True)
+               if v in acts else Mul())
         if isinstance(mul, str):
             return mul
         muls.append(mul)
@@ -902,7 +795,7 @@ def _build_prologue(node: torch.fx.Node, ctx: Any) -> Any:
 
 
 def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
-    """(input, in shape, out shape, tiles) — tiles: True for repeat/tile semantics."""
+    """(input, in shape, out shape, in shape with leading 1s to the out rank, their count)."""
     name = target_name(node)
     x = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     sx, so = _shape(x, ctx), _shape(node, ctx)
@@ -920,16 +813,15 @@ def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
         return "expands to a size computed at run time (a batch-dependent shape)"
     if name == "expand_as" and len(so) and (len(so) > len(sx) or so[0] != sx[0]):
         return "expand_as over dim 0 (the batch size is only known at run time)"
-    return x, sx, so, name in ("repeat", "tile")
+    extra = len(so) - len(sx)
+    return x, sx, so, (1,) * extra + tuple(sx), extra
 
 
 def _build_expand_add(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _expand_plan(node, ctx)
     if isinstance(plan, str):
         return plan
-    x, sx, so, tiles = plan
-    extra = len(so) - len(sx)
-    aligned = (1,) * extra + tuple(sx)
+    x, sx, so, aligned, extra = plan
     zs = []
     for d, (i, o) in enumerate(zip(aligned, so)):
         if i == o and d >= extra:
@@ -945,12 +837,10 @@ def _build_expand_concat(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _expand_plan(node, ctx)
     if isinstance(plan, str):
         return plan
-    x, sx, so, tiles = plan
-    extra = len(so) - len(sx)
+    x, sx, so, aligned, extra = plan
     view = None
     if extra:
         view = (1,) * extra + ((-1,) + tuple(sx[1:]) if sx else ())
-    aligned = (1,) * extra + tuple(sx)
     reps = []
     for d, (i, o) in enumerate(zip(aligned, so)):
         if i == o:
@@ -965,36 +855,39 @@ def _build_expand_concat(node: torch.fx.Node, ctx: Any) -> Any:
 
 
 def _pad_args(node: torch.fx.Node, ctx: Any) -> tuple | str:
-    """(input, pad list (last dim first), mode, value)."""
+    """(input, its shape, pad list (last dim first), mode, value), or why not."""
     if node.op == "call_module":
         m = ctx.module(node)
-        pad = m.padding
+        x, pad = node.args[0], m.padding
         pad = (pad,) * 2 if isinstance(pad, int) else tuple(pad)
         mode = {"ReflectionPad": "reflect", "ReplicationPad": "replicate",
                 "CircularPad": "circular"}
         mode = next((v for k, v in mode.items() if type(m).__name__.startswith(k)), "constant")
-        return node.args[0], pad, mode, float(getattr(m, "value", 0.0) or 0.0)
-    kw = _kw(node, ctx)
-    name = target_name(node)
-    pad = kw.get("pad", kw.get("padding"))
-    if pad is None or any(_is_node(p) for p in pad):
-        return "padding amounts unknown at compile time"
-    mode = "reflect" if "reflection" in name else "replicate" if "replication" in name else \
-        kw.get("mode", "constant") or "constant"
-    value = kw.get("value")
-    if _is_node(value):
-        return "padding value is a tensor"
-    return kw.get("input"), tuple(int(p) for p in pad), mode, float(value or 0.0)
+        value = float(getattr(m, "value", 0.0) or 0.0)
+    else:
+        kw = _kw(node, ctx)
+        name = target_name(node)
+        x, pad = kw.get("input"), kw.get("pad", kw.get("padding"))
+        if pad is None or any(_is_node(p) for p in pad):
+            return "padding amounts unknown at compile time"
+        pad = tuple(int(p) for p in pad)
+        mode = "reflect" if "reflection" in name else "replicate" if "replication" in name else \
+            kw.get("mode", "constant") or "constant"
+        value = kw.get("value")
+        if _is_node(value):
+            return "padding value is a tensor"
+        value = float(value or 0.0)
+    sx = _shape(x, ctx)
+    if sx is None:
+        return "shapes unknown (run shape propagation)"
+    return x, sx, pad, mode, value
 
 
 def _build_pad_concat(node: torch.fx.Node, ctx: Any) -> Any:
     args = _pad_args(node, ctx)
     if isinstance(args, str):
         return args
-    x, pad, mode, value = args
-    sx = _shape(x, ctx)
-    if sx is None:
-        return "shapes unknown (run shape propagation)"
+    x, sx, pad, mode, value = args
     if mode not in ("constant", "replicate", "reflect", "circular"):
         return f"padding mode {mode!r}"
     plan = []
@@ -1013,10 +906,7 @@ def _build_pad_conv(node: torch.fx.Node, ctx: Any) -> Any:
     args = _pad_args(node, ctx)
     if isinstance(args, str):
         return args
-    x, pad, mode, value = args
-    sx = _shape(x, ctx)
-    if sx is None:
-        return "shapes unknown (run shape propagation)"
+    x, sx, pad, mode, value = args
     if mode != "constant" or value != 0.0:
         return "the conv's own padding pads with zeros only"
     if any(p < 0 for p in pad):

@@ -62,7 +62,7 @@ from torch import nn
 
 from archnet_fx.opargs import call_kwargs
 from archnet_fx.opkinds import _produces_sequence, target_name
-from archnet_fx.surrogate import PWL, Candidate, Surrogate, can_matmul, can_mul
+from archnet_fx.surrogate import PWL, Candidate, Surrogate, make_mul
 from archnet_fx.targets import Target
 
 log = logging.getLogger(__name__)
@@ -110,18 +110,18 @@ class NormEmulation(Surrogate):
     """``y = (d · pwl(Σd²/C)) · γ + β`` with ``d = x − mean(x)`` (LayerNorm) or ``d = x`` (RMS).
 
     ``reduce`` is ``"mean"`` (the target's mean) or ``"linear"`` (a linear with constant 1/C
-    weights); ``product`` is ``"mul"`` (elementwise of two activations) or ``"matmul"``
-    (Σd² as ``d[..., None, :] @ d[..., :, None]`` and the row scale as ``r[..., None] @
-    d[..., None, :]``, both exact).
+    weights); ``scale`` is the row scale ``d · r`` from :func:`~archnet_fx.surrogate.make_mul`:
+    a ``mul`` of two activations, or a ``matmul`` ``r[..., None] @ d[..., None, :]`` — then Σd²
+    is the row dot product ``d[..., None, :] @ d[..., :, None]`` too (both exact).
     """
 
     style = "emulation"
 
-    def __init__(self, replaces: str, channels: int, center: bool, reduce: str, product: str,
+    def __init__(self, replaces: str, channels: int, center: bool, reduce: str, scale: nn.Module,
                  rstd: PWL, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.replaces = replaces
-        self.center, self.reduce, self.product = center, reduce, product
+        self.center, self.reduce, self.scale = center, reduce, scale
         self.inv_c = 1.0 / channels
         self.register_buffer("avg", torch.full((1, channels), 1.0 / channels))
         self.rstd = rstd
@@ -135,11 +135,11 @@ class NormEmulation(Surrogate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x - self._mean(x) if self.center else x
-        if self.product == "mul":
-            y = d * self.rstd(self._mean(d * d))
-        else:
+        if self.scale.mode == "matmul":
             ms = torch.matmul(d.unsqueeze(-2), d.unsqueeze(-1)).squeeze(-1) * self.inv_c
-            y = torch.matmul(self.rstd(ms).unsqueeze(-1), d.unsqueeze(-2)).squeeze(-2)
+        else:
+            ms = self._mean(d * d)
+        y = self.scale(d, self.rstd(ms))
         y = y * self.weight
         if self.bias is not None:
             y = y + self.bias
@@ -384,25 +384,19 @@ def _match_core(core: torch.fx.Node, ctx: Any) -> NormMatch | str:
     if ctx.shape(y) is not None and ctx.shape(y) != shape:
         return "output shape differs from the input's (broadcasting chain)"
     # optional affine: · w then + b, each a constant per-channel tensor
-    weight = bias = None
-    if len(y.users) == 1:
+    affine: dict[str, torch.Tensor] = {}
+    for op in ("mul", "add"):
+        if len(y.users) != 1:
+            continue
         u = next(iter(y.users))
-        ops = _operands(u, "mul", ctx)
-        if ops is not None:
-            w = _param(ops[1] if ops[0] is y else ops[0], ch, ctx)
-            if w is not None:
-                weight, y = w, u
-                nodes.add(u)
-    if len(y.users) == 1:
-        u = next(iter(y.users))
-        ops = _operands(u, "add", ctx)
-        if ops is not None:
-            b = _param(ops[1] if ops[0] is y else ops[0], ch, ctx)
-            if b is not None:
-                bias, y = b, u
-                nodes.add(u)
+        ops = _operands(u, op, ctx)
+        p = None if ops is None else _param(ops[1] if ops[0] is y else ops[0], ch, ctx)
+        if p is not None:
+            affine[op], y = p, u
+            nodes.add(u)
     nodes.discard(x)
-    return NormMatch("layer_norm" if center else "rms_norm", x, ch, eps, weight, bias, y, nodes)
+    return NormMatch("layer_norm" if center else "rms_norm", x, ch, eps, affine.get("mul"),
+                     affine.get("add"), y, nodes)
 
 
 def match_chain(anchor: torch.fx.Node, ctx: Any) -> NormMatch | str:
@@ -519,21 +513,13 @@ def _reducer(target: Target) -> str:
     return "mean" if target.supports("mean") else "linear"
 
 
-def _product(target: Target) -> str | None:
-    if can_mul(target):
-        return "mul"
-    if can_matmul(target) and target.supports("reshape"):
-        return "matmul"
-    return None
-
-
 def build_emulate(node: torch.fx.Node, ctx: Any) -> Any:
     m = _match(node, ctx)
     if isinstance(m, str):
         return m
-    product = _product(ctx.target)
-    if product is None:
-        return f"{ctx.target.name} multiplies two activations neither by mul nor by matmul"
+    scale = make_mul(ctx.target, "row_y", exact=True)
+    if isinstance(scale, str):
+        return scale
     if m.center and not ctx.target.supports("sub"):
         return f"{ctx.target.name} lacks sub (needed for x − mean)"
     _, ms = _rows(m, node, ctx)
@@ -541,7 +527,7 @@ def build_emulate(node: torch.fx.Node, ctx: Any) -> Any:
     pwl = fit_rsqrt(lo, hi, m.eps, 2 * ctx.options.knots)
     weight = m.weight if m.weight is not None else torch.ones(m.channels)
     bias = m.bias if m.bias is not None else (torch.zeros(m.channels) if m.center else None)
-    mod = NormEmulation(m.replaces, m.channels, m.center, _reducer(ctx.target), product, pwl,
+    mod = NormEmulation(m.replaces, m.channels, m.center, _reducer(ctx.target), scale, pwl,
                         weight, bias)
     return (mod, (m.x,)) if m.out is node else (mod, (m.x,), m.out)
 

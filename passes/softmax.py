@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archnet_fx.opargs import call_kwargs
-from archnet_fx.surrogate import PWL, Candidate, RowSum, Surrogate, can_matmul, can_mul
+from archnet_fx.surrogate import PWL, Candidate, MatmulMul, Mul, RowSum, Surrogate, make_mul
 
 #: Logits at or below this (or non-finite) are treated as mask values when calibrating.
 MASK_THRESHOLD = -1e4
@@ -95,22 +95,6 @@ class RowMax(nn.Module):
         if self.rank in (3, 4):  # (C, H, W) unbatched or (B, C, H, W)
             return F.max_pool2d(x, (1, self.n))
         return F.max_pool3d(x, (1, 1, self.n))
-
-
-class RowScale(nn.Module):
-    """``x * r`` with ``r`` a per-row scalar ``[..., 1]``: a ``mul`` where the target multiplies
-    two activations, else the exact matmul ``r[..., :, None] @ x[..., None, :]`` (inner dim 1)."""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        if mode not in ("mul", "matmul"):
-            raise ValueError(f"mode must be 'mul' or 'matmul', got {mode!r}")
-        self.mode = mode
-
-    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        if self.mode == "mul":
-            return x * r
-        return torch.matmul(r.unsqueeze(-1), x.unsqueeze(-2)).squeeze(-2)
 
 
 class ExpPWL(nn.Module):
@@ -176,7 +160,10 @@ class SoftmaxPWL(Surrogate):
         else:
             self.recip = PWL.fit(torch.reciprocal, None, s_lo, s_hi, knots=2 * knots,
                                  spacing="geometric")
-            self.scale = RowScale(mode or "mul")
+            if mode not in (None, "mul", "matmul"):
+                raise ValueError(f"mode must be 'mul' or 'matmul', got {mode!r}")
+            # x · r with r a per-row scalar [..., 1]: mul, or r[..., :, None] @ x[..., None, :]
+            self.scale = MatmulMul("row_y") if mode == "matmul" else Mul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dim is not None:
@@ -291,12 +278,10 @@ def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
     kind = ctx.kind(node)
     mode = None
     if kind == "softmax":
-        if can_mul(ctx.target):
-            mode = "mul"
-        elif can_matmul(ctx.target) and ctx.target.supports("reshape"):
-            mode = "matmul"
-        else:
-            return f"{ctx.target.name} multiplies two activations neither by mul nor by matmul"
+        mul = make_mul(ctx.target, "row_y", exact=True)
+        if isinstance(mul, str):
+            return mul
+        mode = mul.mode
     if m.dim is not None and not ctx.target.supports("permute"):
         return f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute"
     rows = _rows(node, ctx, m)

@@ -14,7 +14,6 @@ import archnet_fx as ax
 from archnet_fx import zoo
 from archnet_fx.capture import CAPTURE_META_KEY, EXAMPLE_META_KEY
 from archnet_fx.opkinds import KIND_META_KEY, kind_histogram
-from passtest import captured_zoo
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # captured graph vs eager model, float32
 
@@ -83,14 +82,8 @@ def test_transformer_encoder_layer_dict_inputs_with_mask_batch1_example():
 
 # --------------------------------------------------------------------------- HF BERT (export)
 
-@pytest.fixture(scope="module")
-def bert():
-    pytest.importorskip("transformers")
-    return captured_zoo("bert_tiny")
-
-
-def test_bert_tiny_captures_via_export(bert):
-    model, ex, gm = bert
+def test_bert_tiny_captures_via_export(bert_tiny):
+    model, ex, gm = bert_tiny
     info = gm.meta[CAPTURE_META_KEY]
     assert info.method == "export"
     assert info.fx_error  # transformers 5.x is not symbolically traceable
@@ -105,8 +98,8 @@ def test_bert_tiny_captures_via_export(bert):
         torch.testing.assert_close(_run(gm, exb), _run(model, exb), **TOL)
 
 
-def test_bert_tiny_wrong_sequence_length(bert):
-    _, ex, gm = bert
+def test_bert_tiny_wrong_sequence_length(bert_tiny):
+    _, ex, gm = bert_tiny
     bad = {k: torch.cat([v, v[:, :3]], 1) for k, v in ex.items()}  # length 19, not 16
     with pytest.raises(ax.InputError, match=r"input_ids.*\(batch, 16\)"):
         _run(gm, bad)

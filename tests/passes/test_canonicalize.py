@@ -18,7 +18,7 @@ from archnet_fx.opkinds import annotate_kinds, kind_histogram
 from archnet_fx.passes.canonicalize import (DeadCodeElimination, FoldConstants,
                                             canonicalize_passes, decompose_sdpa, div_to_mul,
                                             drop_identity, fold_batchnorm)
-from passtest import assert_idempotent, assert_pass, captured_zoo, run_pass
+from passtest import assert_idempotent, assert_pass, run_pass
 
 METHODS = ["fx", "export"]
 # Exact rewrites (dropping no-ops, DCE, constant folding evaluate the very same ops).
@@ -421,12 +421,6 @@ def test_canonicalize_pipeline_on_cnn():
     with torch.no_grad():
         torch.testing.assert_close(res.module(*ex), model(*ex), atol=1e-5, rtol=1e-5)
     assert ax.check(res.module, "npu_b").ok
-
-
-@pytest.fixture(scope="module")
-def bert_tiny():
-    pytest.importorskip("transformers")
-    return captured_zoo("bert_tiny")
 
 
 def test_canonicalize_bert_tiny(bert_tiny):

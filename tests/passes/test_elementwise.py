@@ -34,6 +34,8 @@ from archnet_fx.surrogate import observe
 from archnet_fx.targets import load_target
 from surrogate_check import assert_body_legal, assert_grads_flow, max_rel_error, surrogates
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TARGETS = ("npu_a", "npu_b", "dsp_c")
 BOUND = {"exact": 1e-6, "host": 0.0, "emulation": 2e-3, "structural": 1e-1}
 BOUND_BY_NAME = {"quarter_square": 5e-3}
@@ -364,15 +366,6 @@ def test_dynamic_expand_is_refused() -> None:
     res = run_family(gm, {}, "npu_b")
     assert not res.record.rule_hits.get("add_zeros")
     assert any("run time" in r.reason for r in res.record.refusals)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small ops (PWL least squares on a few thousand rows): one thread avoids oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_decoder_rmsnorm_op_by_op_on_npu_b() -> None:

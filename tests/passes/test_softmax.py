@@ -36,13 +36,7 @@ TARGETS = ("npu_a", "npu_b", "dsp_c")
 NEG = torch.finfo(torch.float32).min
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These graphs are tiny: intra-op threads only contend (6× slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(seed: int, masked: bool = False) -> torch.Tensor:

@@ -25,6 +25,8 @@ from archnet_fx.targets import load_target
 from archnet_fx.zoo import get_model
 from passtest import assert_idempotent, assert_pass, run_pass
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXACT = dict(atol=1e-5, rtol=1e-5)
 NPU_A, NPU_B = load_target("npu_a"), load_target("npu_b")
 
@@ -202,12 +204,3 @@ def test_zoo_end_to_end(name: str, target: str) -> None:
     with torch.no_grad():
         ref, got = gm(*ex), res.module(*ex)
     assert float((ref - got).abs().max()) <= 1e-2 * float(ref.abs().max())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small ops (PWL least squares, tiny convs): one thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
