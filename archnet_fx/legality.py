@@ -29,6 +29,7 @@ surrogate is legal only if everything inside it is.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -181,12 +182,24 @@ def _verdicts(gm: torch.fx.GraphModule, target: Target, prefix: str = "",
     return out
 
 
+_BODIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.fx.GraphModule]" = \
+    weakref.WeakKeyDictionary()
+
+
+def traced_body(mod: torch.nn.Module) -> torch.fx.GraphModule:
+    """The fx graph of a surrogate's body (cached: a surrogate's structure never changes)."""
+    body = _BODIES.get(mod)
+    if body is None:
+        from archnet_fx.capture import LeafTracer
+
+        body = torch.fx.GraphModule(mod, LeafTracer().trace(mod))
+        _BODIES[mod] = body
+    return body
+
+
 def _surrogate_verdicts(mod: torch.nn.Module, target: Target, prefix: str, loc: str,
                         outer: torch.fx.Node, outer_act: set[torch.fx.Node]) -> list[NodeVerdict]:
-    from archnet_fx.capture import LeafTracer
-
-    graph = LeafTracer().trace(mod)
-    inner = torch.fx.GraphModule(mod, graph)
+    inner = traced_body(mod)
     act = activations(inner)
     # Inner placeholders are activations only where the outer argument is one.
     phs = [p for p in inner.graph.nodes if p.op == "placeholder"]

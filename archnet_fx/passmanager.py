@@ -101,6 +101,18 @@ def _signature(n: torch.fx.Node) -> tuple:
             tuple(sorted((k, key(v)) for k, v in n.kwargs.items())))
 
 
+def _attr_ids(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Identity of every module/tensor the graph reads (a swapped weight counts as a change)."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part, None)
+            out[str(n.target)] = id(obj)
+    return out
+
+
 def refresh(gm: torch.fx.GraphModule) -> None:
     """Lint, recompile, re-propagate shapes on the stored example, re-annotate kinds."""
     gm.graph.lint()
@@ -148,8 +160,12 @@ class GraphPass:
         # job, and its record should say so).
         _eliminate_new_dead_code(new.graph, keep=already_dead)
         _drop_unused_attributes(new)
-        refresh(new)
         after = {n.name: _signature(n) for n in new.graph.nodes}
+        if after != before or _attr_ids(new) != _attr_ids(gm):
+            refresh(new)  # shapes are only re-propagated when something changed
+        else:
+            new.graph.lint()
+            annotate_kinds(new)
         record.created = [k for k in after if k not in before]
         record.erased = [k for k in before if k not in after]
         record.changed = [k for k in after if k in before and after[k] != before[k]]

