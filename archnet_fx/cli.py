@@ -5,6 +5,7 @@
     archnet-fx targets                         # the built-in targets as a table
     archnet-fx models                          # the built-in demo models
     archnet-fx inspect MODEL --target npu_a    # legality before, per-pass diffs, legality after
+    archnet-fx candidates --target npu_b       # surrogate candidates per kind, and the default
     archnet-fx demo                            # all-MiniLM-L6-v2 on every built-in target
 
 MODEL is a built-in name (``archnet-fx models``) or ``package.module:factory``, where
@@ -91,6 +92,35 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     print(tabulate([(s.name, s.description) for s in zoo.MODELS.values()],
                    headers=["model", "description"], tablefmt="github"))
+    return 0
+
+
+def cmd_candidates(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from archnet_fx.legalize import default_candidates
+    from archnet_fx.targets import load_target
+
+    rows = []
+    for t in args.target or ["npu_a", "npu_b", "dsp_c"]:
+        tgt = load_target(t)
+        for kind, cands in default_candidates(tgt, prefer=args.prefer).items():
+            offered = [c for c, why in cands if why is None]
+            if tgt.supports(kind):
+                over = ", ".join(c.name for c in offered)
+                rows.append((tgt.name, kind, "native", "-",
+                             f"over a limit: {over}" if over else ""))
+                continue
+            default = offered[0].name if offered else "none (host fallback)"
+            others = ", ".join(f"{c.name} ({c.style})" if why is None
+                               else f"{c.name}: {why}" for c, why in cands[1:]
+                               if c is not (offered[0] if offered else None))
+            rows.append((tgt.name, kind, default,
+                         offered[0].style if offered else "-", others))
+    print(tabulate(rows, headers=["target", "kind", "default", "style", "other candidates"],
+                   tablefmt="github"))
+    print("\nnorm_chain_* candidates fire only on hand-written normalization chains; other "
+          "nodes of those kinds go to the next candidate.")
     return 0
 
 
@@ -191,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-verify", action="store_true",
                     help="skip numerical verification after each pass")
     sp.set_defaults(fn=cmd_inspect)
+    sp = sub.add_parser("candidates", help="surrogate candidates per op kind and target")
+    sp.add_argument("--target", "-t", action="append", help="target (repeatable; default all)")
+    sp.add_argument("--prefer", default="emulation", help="preferred style (default emulation)")
+    sp.set_defaults(fn=cmd_candidates)
     sub.add_parser("demo", help="all-MiniLM-L6-v2 on every target").set_defaults(fn=cmd_demo)
     return p
 

@@ -94,10 +94,7 @@ class SurrogatePass(GraphPass):
             # A choice this family does not know is left to a later family (several families
             # look at generic kinds like mul or pow); legalize() validated it exists somewhere.
             return [c for c in cands if c.name == choice or c.style == choice]
-        # Exact candidates first (nothing to lose), then the preferred style, then the rest.
-        exact = [c for c in cands if c.style == "exact"]
-        pref = [c for c in cands if c.style == self.options.prefer and c not in exact]
-        return exact + pref + [c for c in cands if c not in exact and c not in pref]
+        return default_order(cands, self.options.prefer)
 
     def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
         rep = check(gm, self.target)
@@ -221,6 +218,28 @@ def surrogate_families() -> list[tuple[str, Sequence[Candidate]]]:
     return [("embedding", embedding.CANDIDATES), ("layernorm", layernorm.CANDIDATES),
             ("softmax", softmax.CANDIDATES), ("activations", activations.CANDIDATES),
             ("elementwise", elementwise.CANDIDATES)]
+
+
+def default_order(cands: Sequence[Candidate], prefer: str) -> list[Candidate]:
+    """Exact candidates first (nothing to lose), then the preferred style, then the rest."""
+    exact = [c for c in cands if c.style == "exact"]
+    pref = [c for c in cands if c.style == prefer and c not in exact]
+    return exact + pref + [c for c in cands if c not in exact and c not in pref]
+
+
+def default_candidates(target: Target, prefer: str = "emulation"
+                       ) -> dict[str, list[tuple[Candidate, str | None]]]:
+    """Per op kind, every family's candidates in default order with why each is not offered.
+
+    A candidate can still refuse a particular node when it is built (e.g. a chain candidate on
+    a node that is not part of a chain); this lists what the target allows in general.
+    """
+    out: dict[str, list[tuple[Candidate, str | None]]] = {}
+    for _, cands in surrogate_families():
+        for kind in dict.fromkeys(c.kind for c in cands):
+            mine = default_order([c for c in cands if c.kind == kind], prefer)
+            out.setdefault(kind, []).extend((c, c.offered(target)) for c in mine)
+    return out
 
 
 def _validate_choices(choices: Mapping[str, str]) -> None:

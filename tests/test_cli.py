@@ -197,3 +197,16 @@ def test_console_script_is_installed():
     proc = subprocess.run([exe, "inspect", "cnn", "--target", "nope"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown target 'nope'")
+
+
+def test_candidates_lists_defaults_per_target(capsys):
+    from archnet_fx.cli import main
+
+    assert main(["candidates", "--target", "npu_b", "--target", "dsp_c"]) == 0
+    out = capsys.readouterr().out
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3])
+            for line in out.splitlines() if line.startswith("| npu_b") or line.startswith("| dsp_c")}
+    assert ("npu_b", "layer_norm", "ln_emulate") in rows
+    assert ("npu_b", "softmax", "softmax_pwl") in rows
+    assert ("dsp_c", "gelu", "native") in rows          # a lookup-table function on the DSP
+    assert ("npu_b", "leaky_relu", "relu_exact") in rows  # exact beats emulation
