@@ -276,27 +276,28 @@ def node_kind(node: torch.fx.Node, gm: torch.nn.Module | None = None) -> str:
         return _module_kind(mod)
     name = target_name(node)
     if name == "getitem":
-        src = node.args[0]
-        if isinstance(src, torch.fx.Node) and _produces_sequence(src):
-            return "getitem"
-        if not isinstance(src, torch.fx.Node):
-            return "getitem"
-        return "slice"
-    if node.op == "call_function" and not isinstance(node.target, (torch._ops.OpOverload,
-                                                                    torch._ops.OpOverloadPacket)):
-        # Arithmetic on Python numbers / SymInts is shape bookkeeping, not tensor compute.
-        if _is_tensor_value(node) is False and name not in ("_guard_inputs",):
-            return "shape"
-    if isinstance(node.target, torch._ops.OpOverload) and _is_tensor_value(node) is False \
-            and not _produces_sequence(node) and node.meta.get("val") is not None:
-        # aten.sym_size etc.: SymInt results.
-        return "shape" if name not in NAME_KINDS or NAME_KINDS[name] not in ("assert",) else "assert"
+        return _getitem_kind(node)
     kind = NAME_KINDS.get(name)
-    if kind is None:
-        return f"unknown:{name}"
-    if kind == "reduce_max" and node.op == "call_method" and _produces_sequence(node):
-        return "reduce_max"
-    return kind
+    if kind == "assert":
+        return kind
+    if _is_tensor_value(node) is False and not _produces_sequence(node) and (
+            not isinstance(node.target, torch._ops.OpOverload) or node.meta.get("val") is not None):
+        # Arithmetic on Python numbers / SymInts (aten.sym_size, x.size(0) * 4) is shape
+        # bookkeeping, not tensor compute.
+        return "shape"
+    return kind if kind is not None else f"unknown:{name}"
+
+
+def _getitem_kind(node: torch.fx.Node) -> str:
+    """``x[...]``: tuple indexing is bookkeeping; a tensor index is a gather; else a slice."""
+    src = node.args[0]
+    if not isinstance(src, torch.fx.Node) or _produces_sequence(src):
+        return "getitem"
+    idx = node.args[1]
+    parts = idx if isinstance(idx, (tuple, list)) else (idx,)
+    if any(isinstance(p, torch.fx.Node) and _is_tensor_value(p) is not False for p in parts):
+        return "gather"
+    return "slice"
 
 
 def annotate_kinds(gm: torch.fx.GraphModule) -> None:

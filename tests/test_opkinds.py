@@ -235,3 +235,17 @@ def test_classifier_vocabulary_is_what_targets_may_name():
     kinds = {k for _, k in MODULE_KINDS} | set(NAME_KINDS.values())
     extra = {k for k in kinds if k not in KNOWN_KINDS and not k.startswith("unknown:")}
     assert extra <= META_KINDS, extra
+
+
+def test_tensor_indexing_is_a_gather_and_int_indexing_a_slice():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(10, 4))
+
+        def forward(self, ids, x):
+            return self.table[ids] + x[:, 0:1]
+
+    gm = ax.capture(M(), (torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 2, 4)), method="fx")
+    kinds = [ax.node_kind(n, gm) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "gather" in kinds and "slice" in kinds
