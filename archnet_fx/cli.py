@@ -135,7 +135,9 @@ def _inspect(model: torch.nn.Module, ex: Any, name: str, target: str, *, dot: st
     print(f"# {name}: captured with {info.method} in {time.perf_counter() - t0:.2f} s "
           f"({sum(1 for _ in gm.graph.nodes)} nodes)")
     print(f"\n## legality before, on {target}\n")
-    print(ax.check(gm, target))
+    print(ax.check(gm, target), flush=True)
+    print(f"\n(legality listed after {time.perf_counter() - t0:.2f} s; legalizing...)",
+          flush=True)
     res = ax.legalize(gm, target, verify=verify, allow_host_fallback=True)
     print("\n## pass diffs (canonicalization, then legalization)\n")
     print(res.diff())

@@ -6,8 +6,11 @@ multiply by a (trainable) constant, so they are legal on every built-in target:
 
 * ``pwl`` (emulation): ``f(x) ≈ a + s·x + Σ c_i relu(x − b_i)`` with breakpoints at quantiles
   of the inputs observed in calibration (plus a uniform share), coefficients by least squares,
-  the slope left of the range pinned to the function's asymptote. Max error on the calibrated
-  range is ~1e-3 for GELU/SiLU with 32 knots (tests state the bound per kind).
+  the slope left of the range pinned to the function's asymptote, the range always covering
+  the function's saturation. Max error ≤ 1e-2 × max|f| over [−12, 12] with 32 knots (tanh
+  5e-3, erf 7e-3; GELU/SiLU ~1e-3).
+* ``relu_exact`` (exact) where the function *is* piecewise linear: ReLU6, hard sigmoid, leaky
+  ReLU, PReLU with one slope, two-sided clamp.
 * ``relu_form`` (structural, Arch-Net): the hard counterpart of the function written as a
   few-knot sum of ReLUs — GELU/SiLU/Mish/softplus/ELU → ReLU, sigmoid → hard sigmoid,
   tanh/erf → hard tanh — trainable like the PWL, a coarse start that distillation refines.
@@ -113,13 +116,23 @@ _LEFT_SLOPE = {"gelu": 0.0, "silu": 0.0, "sigmoid": 0.0, "tanh": 0.0, "hardswish
                "relu6": 0.0}
 
 
+# |x| beyond which the function is flat or linear to within ~1e-4: the fit always covers it, so
+# the PWL's end segments extrapolate with the right asymptotic slopes even when calibration saw
+# only a narrow range (few samples, e.g. a pooler's tanh).
+_SATURATION = {"tanh": 5.0, "erf": 4.0, "sigmoid": 10.0, "gelu": 5.0, "silu": 10.0,
+               "mish": 10.0, "softplus": 10.0, "hardsigmoid": 3.5, "hardswish": 3.5,
+               "elu": 10.0}
+
+
 def _range(node: torch.fx.Node, ctx: Any) -> tuple[float, float, torch.Tensor | None]:
+    kind = ctx.kind(node)
+    sat = _SATURATION.get(kind, 0.0)
     s = ctx.samples(node)
     if s is None or not s.inputs:
-        return -8.0, 8.0, None
+        return min(-8.0, -sat), max(8.0, sat), None
     lo, hi = s.range(0)
     span = max(hi - lo, 1e-3)
-    return lo - 0.05 * span, hi + 0.05 * span, s.values(0)
+    return min(lo - 0.05 * span, -sat), max(hi + 0.05 * span, sat), s.values(0)
 
 
 def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
@@ -170,7 +183,8 @@ CANDIDATES = tuple(
 )
 
 # Clamp-like kinds have only an exact PWL; add an exact candidate so there are two there too.
-_EXACT_KNOTS = {"relu6": ([0.0, 6.0], [1.0, -1.0], 0.0, 0.0)}
+_EXACT_KNOTS = {"relu6": ([0.0, 6.0], [1.0, -1.0], 0.0, 0.0),
+                "hardsigmoid": ([-3.0, 3.0], [1 / 6, -1 / 6], 0.0, 0.0)}  # relu6(x+3)/6
 
 
 def _build_exact(node: torch.fx.Node, ctx: Any) -> Any:
@@ -178,8 +192,8 @@ def _build_exact(node: torch.fx.Node, ctx: Any) -> Any:
     fn = reference(kind, node, ctx.gm)
     if isinstance(fn, str):
         return fn
-    if kind == "relu6":
-        b, c, bias, slope = _EXACT_KNOTS["relu6"]
+    if kind in _EXACT_KNOTS:
+        b, c, bias, slope = _EXACT_KNOTS[kind]
     elif kind == "leaky_relu" or kind == "prelu":
         a = float(fn(torch.tensor(-1.0)) * -1.0)
         b, c, bias, slope = [0.0], [1.0 - a], 0.0, a
@@ -198,4 +212,4 @@ def _build_exact(node: torch.fx.Node, ctx: Any) -> Any:
 CANDIDATES = CANDIDATES + tuple(
     Candidate("relu_exact", kind, "exact", _PWL_NEEDS, _build_exact,
               "exact piecewise-linear function as a sum of ReLUs")
-    for kind in ("relu6", "leaky_relu", "prelu", "clamp"))
+    for kind in ("relu6", "hardsigmoid", "leaky_relu", "prelu", "clamp"))

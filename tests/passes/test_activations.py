@@ -1,0 +1,129 @@
+"""Pointwise activation surrogates (passes/activations.py).
+
+Bounds: the ``pwl`` emulation (32 knots) stays within 1e-2 × max|f| of the original over
+[−12, 12] (the data's range and the function's saturation; measured: tanh 5.4e-3, erf 6.6e-3,
+the rest below); ``relu_exact`` is exact (1e-6);
+``relu_form`` is the coarse Arch-Net start (GELU → ReLU: ≤ 0.2 absolute on [−4, 4]).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import archnet_fx as ax
+from archnet_fx.passes.activations import PointwiseSurrogate
+from surrogate_check import assert_body_legal, assert_grads_flow, call, forms, surrogates
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CASES = {  # kind: (module form, functional form)
+    "gelu": (nn.GELU(), lambda x: F.gelu(x)),
+    "gelu_tanh": (nn.GELU(approximate="tanh"), lambda x: F.gelu(x, approximate="tanh")),
+    "silu": (nn.SiLU(), F.silu),
+    "sigmoid": (nn.Sigmoid(), torch.sigmoid),
+    "tanh": (nn.Tanh(), torch.tanh),
+    "hardswish": (nn.Hardswish(), F.hardswish),
+    "elu": (nn.ELU(), F.elu),
+    "softplus": (nn.Softplus(), F.softplus),
+    "mish": (nn.Mish(), F.mish),
+    "erf": (None, torch.erf),
+}
+
+
+class Wrap(nn.Module):
+    """Linear → activation → linear, so the activation sits between on-chip ops."""
+
+    def __init__(self, act):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.act = act
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+class WrapFn(Wrap):
+    def __init__(self, fn):
+        super().__init__(nn.Identity())
+        self.fn = fn
+
+    def forward(self, x):
+        return self.b(self.fn(self.a(x)))
+
+
+def _x(n=64):
+    return (torch.randn(n, 16, generator=torch.Generator().manual_seed(1)) * 3,)
+
+
+def _models(kind):
+    mod, fn = CASES[kind]
+    return (Wrap(mod) if mod is not None else WrapFn(fn)), WrapFn(fn)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("target", ["npu_a", "npu_b"])
+def test_pwl_is_close_legal_and_trainable(kind, target):
+    m, _ = _models(kind)
+    ex = _x()
+    res = ax.legalize(m, target, ex, verify=False)
+    assert res.after.fully_on_chip
+    subs = [s for s in surrogates(res.module) if isinstance(s, PointwiseSurrogate)]
+    assert len(subs) == 1 and subs[0].candidate == "pwl"
+    assert_body_legal(subs[0], target)
+    # error of the surrogate alone vs the exact function on (and a bit past) the data's range
+    fn = CASES[kind][1]
+    x = torch.linspace(-12, 12, 20001)
+    with torch.no_grad():
+        err = (subs[0](x) - fn(x)).abs().max()
+    scale = fn(x).abs().max()
+    assert err <= 1e-2 * scale, f"{kind}: max error {float(err):.3g} vs scale {float(scale):.3g}"
+    assert_grads_flow(res.module, ex)
+
+
+@pytest.mark.parametrize("form", ["module", "functional", "aten"])
+def test_fires_on_every_form(form):
+    m, f = _models("gelu")
+    gm = forms(m, f, _x())[form]
+    res = ax.legalize(gm, "npu_a", verify=False)
+    assert res.after.fully_on_chip
+    assert list(res.choices.values()) == ["pwl"]
+    assert ax.check(gm, "npu_a").unsupported_counts["gelu"] == 1
+
+
+def test_does_not_fire_where_native():
+    m, _ = _models("gelu")
+    res = ax.legalize(m, "dsp_c", _x(), verify=False)   # GELU is a lookup table on the DSP
+    assert not res.choices
+    assert not surrogates(res.module)
+
+
+def test_structural_relu_form_is_the_hard_counterpart():
+    m, _ = _models("gelu")
+    res = ax.legalize(m, "npu_a", _x(), verify=False, choices={"gelu": "relu_form"})
+    (s,) = surrogates(res.module)
+    assert s.candidate == "relu_form" and s.style == "structural"
+    assert_body_legal(s, "npu_a")
+    x = torch.linspace(-4, 4, 1001)
+    with torch.no_grad():
+        assert torch.allclose(s(x), torch.relu(x), atol=1e-6)
+        assert float((s(x) - F.gelu(x)).abs().max()) <= 0.2
+    assert_grads_flow(res.module, _x())
+
+
+@pytest.mark.parametrize("act", [nn.LeakyReLU(0.1), nn.PReLU(init=0.2), nn.Hardsigmoid()])
+def test_exact_candidates_beat_emulation(act):
+    """npu_b lacks these piecewise-linear kinds: the exact ReLU identity is chosen, not a fit."""
+    m = Wrap(act)
+    ex = _x()
+    res = ax.legalize(m, "npu_b", ex, verify=False)
+    assert set(res.choices.values()) == {"relu_exact"}
+    assert torch.allclose(call(m, ex), call(res.module, ex), atol=1e-6)
+
+
+def test_relu6_and_clamp_stay_native_on_npu_b():
+    m = Wrap(nn.ReLU6())
+    res = ax.legalize(m, "npu_b", _x(), verify=False)
+    assert not res.choices
