@@ -13,7 +13,9 @@ Data flow of :func:`distill`::
         calibrate the block's quantizers on the first batch (MSE-optimal steps)
         Adam on  ‖student_k(inputs) − teacher outputs‖² / ‖teacher outputs‖²   (per output,
                  averaged), three learning rates: surrogate parameters, original weights,
-                 quantizer steps; cosine decay; gradient clipping
+                 quantizer steps (relative to each step; 0 freezes a group); cosine decay;
+                 gradient clipping; if the loss on the evaluation batches ends higher than
+                 before training, the calibrated parameters are restored
         run the trained block on every batch: loss after, and (progressive) its outputs for
         the blocks downstream
         checkpoint (student state, optimizer, RNG, losses so far)
@@ -68,7 +70,7 @@ __all__ = ["DistillOptions", "DistillReport", "BlockStats", "ActivationStore", "
 
 MODES = ("progressive", "independent")
 CHECKPOINT_NAME = "distill_checkpoint.pt"
-EVAL_BATCHES = 4  # loss before/after training a block is measured on the first few batches
+EVAL_BATCHES = 2  # loss before/after training a block is measured on the first few batches
 _FORMAT = 1
 
 
@@ -81,9 +83,9 @@ class DistillOptions:
     mode: str = "progressive"          # "progressive" (Arch-Net) or "independent" (HANT)
     epochs: int = 1                    # passes over the batches per block (unless ``steps``)
     steps: int | None = None           # optimizer steps per block; overrides ``epochs``
-    lr_surrogate: float = 1e-3         # parameters that surrogates introduced (PWL knots, ...)
+    lr_surrogate: float = 1e-4         # parameters that surrogates introduced (PWL knots, ...)
     lr_weight: float = 1e-5            # the original model's weights (incl. exact surrogates)
-    lr_quant: float = 1e-3             # quantizer steps and zero points
+    lr_quant: float = 1e-3             # quantizer steps (relative to each step) and zero points
     e2e_steps: int = 0                 # optional end-to-end steps on the graph outputs
     e2e_lr_scale: float = 0.1          # learning rates × this in the end-to-end stage
     grad_clip: float | None = 1.0      # max gradient norm per step (None: no clipping)
@@ -444,7 +446,8 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     Parameters of *exact* surrogates (an embedding as one-hot × table) are the original weights
     in another form and train as weights.
     """
-    quant, sur, weight, seen = [], [], [], set()
+    quant: list[dict[str, Any]] = []
+    sur, weight, seen = [], [], set()
 
     def take(p: torch.nn.Parameter, bucket: list) -> None:
         if id(p) not in seen and p.requires_grad:
@@ -453,8 +456,19 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
 
     for m in module.modules():
         if isinstance(m, FakeQuant):
-            for p in m.parameters(recurse=False):
-                take(p, quant)
+            # Adam moves a parameter by about lr per step whatever its scale; steps range over
+            # orders of magnitude, so each quantizer's lr is relative to its own step size.
+            # Zero points are in integer units.
+            steps: list = []
+            take(m.step, steps)
+            if steps:
+                scale = float(m.step.detach().abs().mean()) or 1.0
+                quant.append({"params": steps, "lr": opts.lr_quant * scale, "name": "quant"})
+            if m.zero_point is not None:
+                zs: list = []
+                take(m.zero_point, zs)
+                if zs:
+                    quant.append({"params": zs, "lr": opts.lr_quant, "name": "quant"})
     for m in module.modules():
         if isinstance(m, Surrogate) or getattr(m, "archnet_surrogate", False):
             exact = getattr(m, "style", "") == "exact"
@@ -463,11 +477,11 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     for p in module.parameters():
         take(p, weight)
     groups = []
-    for name, ps, lr in (("surrogate", sur, opts.lr_surrogate), ("weight", weight, opts.lr_weight),
-                         ("quant", quant, opts.lr_quant)):
+    for name, ps, lr in (("surrogate", sur, opts.lr_surrogate), ("weight", weight, opts.lr_weight)):
         if ps:
             groups.append({"params": ps, "lr": lr, "name": name})
-    return groups
+    # a learning rate of 0 freezes the group (no gradient is even computed for it)
+    return [g for g in groups + quant if g["lr"] > 0]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -573,6 +587,7 @@ class _Run:
                               | {t for ts in self.targets for t in ts} | set(self.final_targets))
         self.bound = [bind_inputs(student, a, k) for a, k in self.batches]
         self.n_eval = min(EVAL_BATCHES, self.nb)  # batches that measure loss before / after
+        self.snapshot: dict[int, torch.Tensor] = {}
         self.t_bound = [bind_inputs(teacher, a, k) for a, k in self.batches]
 
     # data -----------------------------------------------------------------
@@ -655,6 +670,11 @@ class _Run:
             loss_before = sum(float(self.block_loss(k, mod(*self.inputs(k, b, stream)), b))
                               for b in range(self.n_eval)) / self.n_eval
         total = self.opts.steps if self.opts.steps is not None else self.opts.epochs * self.nb
+        trained = {id(p) for g in groups for p in g["params"]}
+        frozen = [p for p in mod.parameters() if p.requires_grad and id(p) not in trained]
+        for p in frozen:
+            p.requires_grad_(False)
+        self.snapshot = {id(p): p.detach().clone() for p in mod.parameters() if id(p) in trained}
         opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / max(1, total))))
@@ -678,9 +698,18 @@ class _Run:
             bar.set_postfix(loss=f"{loss.detach().item():.4g}")
         bar.close()
         opt.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(True)
         stats = BlockStats(k, blk.name, len(blk.nodes), n_params, total, loss_before, None,
                            time.perf_counter() - t0)
         return stats, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+
+    def restore(self, k: int) -> None:
+        with torch.no_grad():
+            for p in self.blocks[k].module.parameters():
+                if id(p) in self.snapshot:
+                    p.copy_(self.snapshot[id(p)])
+        self.snapshot = {}
 
     def chain(self, b: int) -> dict[str, Any]:
         """Run every block on batch ``b`` (the student's own stream); value env."""
@@ -806,8 +835,16 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
                 report.complete = False
                 break
             t0 = time.perf_counter()
+            run.snapshot = {}
             stats, extra = run.train_block(k, stream)
             losses = run.forward_all(k, stream, keep=stream == "student")
+            if losses and stats.loss_before is not None and run.snapshot and \
+                    sum(losses[:run.n_eval]) / run.n_eval > stats.loss_before:
+                # training made it worse (too few steps, too high a rate): keep the calibrated
+                # parameters
+                run.restore(k)
+                losses = run.forward_all(k, stream, keep=stream == "student")
+                stats.note = "training raised the loss: calibrated parameters kept"
             if losses:
                 stats.loss_after = sum(losses[:run.n_eval]) / len(losses[:run.n_eval])
                 stats.loss_after_all = sum(losses) / len(losses)

@@ -21,16 +21,19 @@ Size Quantization*, 2020; the zero point as in LSQ+, Bhalgat et al., 2020)::
 
 A quantizer is a pass-through until it is *initialised*: in calibration mode
 (:func:`calibrating`) it records what it sees — weights initialise from the weight, activations
-from the first batch(es) — and on leaving the mode picks the step (and zero point) minimising the
-quantization MSE over a grid of clipping ratios of the observed range. This keeps the inserting
+from the first batch(es) — and on leaving the mode picks the step (and zero point): for weights
+the one minimising the quantization MSE over a grid of clipping ratios of the range, for
+activations the observed range itself (clipping the rare outlier channels of a transformer's
+hidden state costs far more downstream than the coarser step). This keeps the inserting
 pass exact (shape propagation on the example does not initialise anything) and makes the
 initialisation an explicit, reproducible step of distillation.
 
 :func:`insert_fake_quant` is a :class:`~archnet_fx.passmanager.GraphPass` ("fake_quant"):
 
-* conv/linear submodules (``nn.Linear``, ``nn.Conv*``, also inside surrogate modules) become
-  :class:`QuantLinear` / :class:`QuantConv*` — subclasses of the float layer, so op kinds and
-  legality are unchanged — that fake-quantize their weight and their input activation;
+* conv/linear submodules (``nn.Linear``, ``nn.Conv*``, also inside surrogate modules, see
+  :data:`SURROGATE_MODES`) become :class:`QuantLinear` / :class:`QuantConv*` — subclasses of the
+  float layer, so op kinds and legality are unchanged — that fake-quantize their weight and
+  their input activation;
 * functional / ATen ``linear``/``conv`` nodes get a :class:`FakeQuant` ``call_module`` on the
   weight ``get_attr`` (per channel where the target says so) and on the activation input;
 * ``matmul`` nodes get activation quantizers on each activation operand (a constant operand is
@@ -141,10 +144,10 @@ class FakeQuant(nn.Module):
         return t.reshape(shape)
 
     def effective_step(self) -> torch.Tensor:
-        """The step actually used (positive; a power of two on pow2 targets), no grad scaling."""
-        s = self.step.abs().clamp_min(1e-12)
+        """The step actually used (positive; a power of two on pow2 targets), detached."""
+        s = self.step.detach().abs().clamp_min(1e-12)
         if self.pow2:
-            s = torch.pow(2.0, _round_ste(torch.log2(s)))
+            s = torch.pow(2.0, torch.round(torch.log2(s)))
         return s
 
     def integer_zero_point(self) -> torch.Tensor:
@@ -229,7 +232,12 @@ class FakeQuant(nn.Module):
         best_err = torch.full((data.shape[0],), float("inf"), device=data.device)
         best_s = torch.ones(data.shape[0], device=data.device)
         best_z = torch.zeros(data.shape[0], device=data.device)
-        for r in CLIP_RATIOS:
+        # Weights: the clipping ratio with the least quantization MSE (outliers of a weight row
+        # matter little). Activations: the observed range, unclipped — a tensor-wide MSE pick
+        # clips the few outlier channels transformers rely on (all-MiniLM-L6-v2 W8A8, mean
+        # cosine of embeddings: 0.85 clipped, 0.99 unclipped).
+        ratios = CLIP_RATIOS if self.role == "weight" else (1.0,)
+        for r in ratios:
             if self.symmetric:
                 amax = torch.maximum(lo.abs(), hi.abs()) * r
                 denom = qmax if bool(self.signed) else qmax
@@ -382,15 +390,24 @@ class FakeQuantPass(GraphPass):
 
     def __init__(self, target: Target, weight_bits: int, act_bits: int, *,
                  surrogate_weight_bits: int | None = None,
-                 quantize_surrogates: bool = True) -> None:
+                 quantize_surrogates: str | bool = "structural") -> None:
         self.target = target
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.surrogate_weight_bits = surrogate_weight_bits or weight_bits
-        self.quantize_surrogates = quantize_surrogates
+        self.quantize_surrogates = _surrogate_mode(quantize_surrogates)
         q = target.quant
         self.per_channel = q.weight_granularity == "per_channel"
         self.w_sym, self.a_sym, self.pow2 = q.weight_symmetric, q.act_symmetric, \
             q.power_of_two_scales
+
+    def quantizes(self, surrogate: nn.Module) -> bool:
+        """Whether the layers inside ``surrogate`` get quantizers (see ``SURROGATE_MODES``)."""
+        mode = self.quantize_surrogates
+        if mode == "all":
+            return True
+        if mode == "none":
+            return False
+        return getattr(surrogate, "style", "") != "emulation"
 
     # quantizer factories -------------------------------------------------
     def weight_fq(self, w: torch.Tensor, bits: int | None = None, axis: int = 0,
@@ -429,8 +446,21 @@ class FakeQuantPass(GraphPass):
         return new if changed else None
 
     # graph ---------------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        self._swapped: list[str] = []
+        res = super().__call__(gm)
+        # A submodule swap keeps the node's signature; record it as a change.
+        extra = [n for n in self._swapped if n not in res.record.changed]
+        if extra:
+            res.record.changed.extend(extra)
+            res.record.modified = True
+            res = PassResult(res.module, True, res.record)
+        return res
+
     def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
         graph = gm.graph
+        if not hasattr(self, "_swapped"):
+            self._swapped = []
         act = activations(gm)
         act_fq: dict[torch.fx.Node, torch.fx.Node] = {}
         current: list[torch.fx.Node] = []  # the consumer being rewritten
@@ -495,11 +525,13 @@ class FakeQuantPass(GraphPass):
                     if q is not None:
                         _set_submodule(gm, node.target, q)
                         record.rule_hits["weight_module"] += 1
+                        self._swapped.append(node.name)
                         continue
-                if getattr(mod, "archnet_surrogate", False) and self.quantize_surrogates:
+                if getattr(mod, "archnet_surrogate", False) and self.quantizes(mod):
                     q = self.wrap_tree(mod, record)
                     if q is not None:
                         _set_submodule(gm, node.target, q)
+                        self._swapped.append(node.name)
                 continue
             if kind in ("linear", "conv") and target_name(node) == "addmm":
                 # addmm(bias, input, weightᵀ): quantize the activation; the weight is a
@@ -543,8 +575,33 @@ class FakeQuantPass(GraphPass):
             f"{'; power-of-two steps' if q.power_of_two_scales else ''}"
             + (f"; surrogate layers W{self.surrogate_weight_bits}"
                if self.surrogate_weight_bits != self.weight_bits else "")
-            + ("" if self.quantize_surrogates else "; surrogate bodies left in float")
+            + {"all": "; surrogate bodies quantized",
+               "structural": "; structural/exact surrogate bodies quantized, emulation bodies "
+                             "in float",
+               "none": "; surrogate bodies in float"}[self.quantize_surrogates]
             + ". Quantizers pass values through until calibrated (archnet_fx.quant.calibrating).")
+
+
+#: What ``quantize_surrogates`` may say about the conv/linear layers inside surrogate modules:
+#: ``"all"``; ``"structural"`` (default): those of structural and exact surrogates (an affine
+#: LayerNorm, an embedding as one-hot × table, ReLU forms) but not of *emulation* surrogates,
+#: whose piecewise-linear bodies approximate a scalar function (exp, 1/x, 1/√x, GELU) with
+#: coefficients spanning orders of magnitude that one int8/int4 scale cannot hold (MiniLM
+#: W8A8, untrained: mean cosine 0.99 with emulation bodies in float, 0.94 quantized; W4A8: 0.93
+#: vs 0.22) — the chip evaluates them at accumulator precision; ``"none"``. ``True``/``False``
+#: mean ``"all"``/``"none"``.
+SURROGATE_MODES = ("all", "structural", "none")
+
+
+def _surrogate_mode(mode: str | bool) -> str:
+    if mode is True:
+        return "all"
+    if mode is False:
+        return "none"
+    if mode not in SURROGATE_MODES:
+        raise ValueError(f"quantize_surrogates must be one of {SURROGATE_MODES} or a bool, got "
+                         f"{mode!r}")
+    return mode
 
 
 def _attr(gm: nn.Module, target: str) -> Any:
@@ -582,7 +639,7 @@ def _set_submodule(gm: torch.fx.GraphModule, target: str, mod: nn.Module) -> Non
 def insert_fake_quant(gm: torch.fx.GraphModule, target: str | Target = "npu_a",
                       weight_bits: int | None = None, act_bits: int | None = None, *,
                       surrogate_weight_bits: int | None = None,
-                      quantize_surrogates: bool = True) -> PassResult:
+                      quantize_surrogates: str | bool = "structural") -> PassResult:
     """Run :class:`FakeQuantPass` on ``gm`` (never edited); bits default to the target's.
 
     Raises :class:`~archnet_fx.errors.BitWidthError` for widths the target cannot do.

@@ -48,7 +48,7 @@ from archnet_fx.legality import LegalityReport
 from archnet_fx.partition import Block, block_table, partition
 from archnet_fx.passmanager import PassRecord
 from archnet_fx.pipeline import as_graph_module
-from archnet_fx.quant import fake_quant_enabled, insert_fake_quant
+from archnet_fx.quant import _surrogate_mode, fake_quant_enabled, insert_fake_quant
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               holdout: int | float = 0.1, choices: Mapping[str, str] | None = None,
               device: str | torch.device | None = None, granularity: int | None = None,
               cut_nodes: Sequence[str] | None = None, prefer: str = "emulation",
-              allow_host_fallback: bool = False, quantize_surrogates: bool = True,
+              allow_host_fallback: bool = False, quantize_surrogates: str | bool = "structural",
               surrogate_weight_bits: int | None = None, verify: bool = True,
               **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
@@ -300,6 +300,12 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         known = ", ".join(f for f in DistillOptions.__dataclass_fields__)
         raise ValueError(f"transform: unknown option ({e}); distillation options: {known}"
                          ) from None
+    _surrogate_mode(quantize_surrogates)
+    _split_holdout([], holdout)  # validates holdout
+    if granularity is not None and (isinstance(granularity, bool)
+                                    or not isinstance(granularity, int) or granularity < 1):
+        raise ValueError(f"granularity must be a positive integer (number of blocks) or None, "
+                         f"got {granularity!r}")
     batches = calibration_data(calib_data, example_inputs)
     notes: list[str] = []
     if calib_data is None:
