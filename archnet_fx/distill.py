@@ -12,8 +12,9 @@ Data flow of :func:`distill`::
                   (progressive, Arch-Net) or the teacher's (independent, HANT)
         calibrate the block's quantizers on the first batch (MSE-optimal steps)
         Adam on  ‖student_k(inputs) − teacher outputs‖² / ‖teacher outputs‖²   (per output,
-                 averaged), three learning rates: surrogate parameters, original weights,
-                 quantizer steps (relative to each step; 0 freezes a group); cosine decay;
+                 averaged), three learning rates — surrogate parameters, original weights,
+                 quantizer steps — each relative to the size of the tensor it moves (0 freezes
+                 a group); cosine decay;
                  gradient clipping; if the loss on the evaluation batches ends higher than
                  before training, the calibrated parameters are restored
         run the trained block on every batch: loss after, and (progressive) its outputs for
@@ -83,9 +84,10 @@ class DistillOptions:
     mode: str = "progressive"          # "progressive" (Arch-Net) or "independent" (HANT)
     epochs: int = 1                    # passes over the batches per block (unless ``steps``)
     steps: int | None = None           # optimizer steps per block; overrides ``epochs``
-    lr_surrogate: float = 1e-4         # parameters that surrogates introduced (PWL knots, ...)
-    lr_weight: float = 1e-5            # the original model's weights (incl. exact surrogates)
-    lr_quant: float = 1e-3             # quantizer steps (relative to each step) and zero points
+    # Learning rates are relative to each parameter tensor's RMS (see _param_groups); 0 freezes.
+    lr_surrogate: float = 1e-3         # parameters that surrogates introduced (PWL knots, ...)
+    lr_weight: float = 1e-3            # the original model's weights (incl. exact surrogates)
+    lr_quant: float = 1e-3             # quantizer steps and zero points (integer units)
     e2e_steps: int = 0                 # optional end-to-end steps on the graph outputs
     e2e_lr_scale: float = 0.1          # learning rates × this in the end-to-end stage
     grad_clip: float | None = 1.0      # max gradient norm per step (None: no clipping)
@@ -441,47 +443,46 @@ def _to(v: Any, device: torch.device) -> Any:
 
 
 def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[str, Any]]:
-    """Split a block's trainable parameters: quantizer steps, surrogate parameters, weights.
+    """Optimizer groups for a block's parameters: surrogate parameters, weights, quantizer steps.
 
-    Parameters of *exact* surrogates (an embedding as one-hot × table) are the original weights
-    in another form and train as weights.
+    Learning rates are *relative*: Adam moves a parameter by about ``lr`` per step whatever its
+    scale, and the scales here span orders of magnitude (a PWL knot of 1e-3, a coefficient of
+    1e3, a weight of 0.05, a quantization step of 1e-4), so each tensor gets its own group with
+    ``lr × RMS(tensor)`` — it moves by about ``lr`` of its size per step. Zero points (integer
+    units) use ``lr_quant`` as is. Parameters of *exact* surrogates (an embedding as one-hot ×
+    table) are the original weights in another form and train as weights. A rate of 0 freezes
+    the group.
     """
-    quant: list[dict[str, Any]] = []
-    sur, weight, seen = [], [], set()
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
 
-    def take(p: torch.nn.Parameter, bucket: list) -> None:
-        if id(p) not in seen and p.requires_grad:
-            seen.add(id(p))
-            bucket.append(p)
+    def add(p: torch.nn.Parameter, kind: str, base: float, relative: bool = True) -> None:
+        if id(p) in seen or not p.requires_grad:
+            return
+        seen.add(id(p))
+        if base <= 0:
+            return
+        scale = float(p.detach().float().pow(2).mean().sqrt()) if relative else 1.0
+        if not math.isfinite(scale) or scale < 1e-6:
+            scale = 1e-3
+        groups.append({"params": [p], "lr": base * scale, "name": kind})
 
     for m in module.modules():
         if isinstance(m, FakeQuant):
-            # Adam moves a parameter by about lr per step whatever its scale; steps range over
-            # orders of magnitude, so each quantizer's lr is relative to its own step size.
-            # Zero points are in integer units.
-            steps: list = []
-            take(m.step, steps)
-            if steps:
-                scale = float(m.step.detach().abs().mean()) or 1.0
-                quant.append({"params": steps, "lr": opts.lr_quant * scale, "name": "quant"})
+            add(m.step, "quant", opts.lr_quant)
             if m.zero_point is not None:
-                zs: list = []
-                take(m.zero_point, zs)
-                if zs:
-                    quant.append({"params": zs, "lr": opts.lr_quant, "name": "quant"})
+                add(m.zero_point, "quant", opts.lr_quant, relative=False)
     for m in module.modules():
         if isinstance(m, Surrogate) or getattr(m, "archnet_surrogate", False):
             exact = getattr(m, "style", "") == "exact"
             for p in m.parameters():
-                take(p, weight if exact else sur)
+                if exact:
+                    add(p, "weight", opts.lr_weight)
+                else:
+                    add(p, "surrogate", opts.lr_surrogate)
     for p in module.parameters():
-        take(p, weight)
-    groups = []
-    for name, ps, lr in (("surrogate", sur, opts.lr_surrogate), ("weight", weight, opts.lr_weight)):
-        if ps:
-            groups.append({"params": ps, "lr": lr, "name": name})
-    # a learning rate of 0 freezes the group (no gradient is even computed for it)
-    return [g for g in groups + quant if g["lr"] > 0]
+        add(p, "weight", opts.lr_weight)
+    return groups
 
 
 def _rng_state() -> dict[str, Any]:
