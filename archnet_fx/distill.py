@@ -86,8 +86,8 @@ class DistillOptions:
     steps: int | None = None           # optimizer steps per block; overrides ``epochs``
     # Learning rates are relative to each parameter tensor's RMS (see _param_groups); 0 freezes.
     lr_surrogate: float = 1e-3         # parameters that surrogates introduced (PWL knots, ...)
-    lr_weight: float = 1e-3            # the original model's weights (incl. exact surrogates)
-    lr_quant: float = 1e-3             # quantizer steps and zero points (integer units)
+    lr_weight: float = 2e-3            # the original model's weights (incl. exact surrogates)
+    lr_quant: float = 1e-2             # quantizer steps and zero points (integer units)
     e2e_steps: int = 0                 # optional end-to-end steps on the graph outputs
     e2e_lr_scale: float = 0.1          # learning rates × this in the end-to-end stage
     grad_clip: float | None = 1.0      # max gradient norm per step (None: no clipping)
@@ -165,7 +165,7 @@ class BlockStats:
     loss_after: float | None    # after training, on the same eval batches
     seconds: float
     note: str = ""
-    loss_after_all: float | None = None  # after training, mean over every batch
+    loss_after_all: float | None = None  # after training, mean over every batch (progressive)
 
 
 @dataclass
@@ -638,12 +638,16 @@ class _Run:
         return torch.stack(losses).mean()
 
     def forward_all(self, k: int, stream: str, *, keep: bool) -> list[float]:
-        """Run block ``k`` on every batch (no grad): per-batch losses; store what others need."""
+        """Run block ``k`` on the batches (no grad): per-batch losses; store what others need.
+
+        Every batch when its outputs feed the next blocks (``keep``), else (independent mode)
+        only the evaluation batches.
+        """
         blk = self.blocks[k]
         need = self.later_needs(k) - self.side
         losses = []
         with torch.no_grad():
-            for b in range(self.nb):
+            for b in range(self.nb if keep else self.n_eval):
                 outs = blk.module(*self.inputs(k, b, stream))
                 if self.targets[k]:
                     losses.append(float(self.block_loss(k, outs, b)))
@@ -848,7 +852,8 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
                 stats.note = "training raised the loss: calibrated parameters kept"
             if losses:
                 stats.loss_after = sum(losses[:run.n_eval]) / len(losses[:run.n_eval])
-                stats.loss_after_all = sum(losses) / len(losses)
+                if len(losses) == run.nb:
+                    stats.loss_after_all = sum(losses) / len(losses)
             stats.seconds = time.perf_counter() - t0
             report.blocks.append(stats)
             # free what no later block reads
@@ -866,6 +871,6 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
         report.spilled_mb = run.store.spilled / 2 ** 20
         run.store.close()
     report.seconds = time.perf_counter() - t_start
-    log.info("distillation (%s): %d blocks in %.1f s", opts.mode, len(report.blocks),
-             report.seconds)
+    log.info("distillation (%s): %d blocks in %.1f s\n%s", opts.mode, len(report.blocks),
+             report.seconds, report.table())
     return report

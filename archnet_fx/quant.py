@@ -26,7 +26,9 @@ the one minimising the quantization MSE over a grid of clipping ratios of the ra
 activations the observed range itself (clipping the rare outlier channels of a transformer's
 hidden state costs far more downstream than the coarser step). This keeps the inserting
 pass exact (shape propagation on the example does not initialise anything) and makes the
-initialisation an explicit, reproducible step of distillation.
+initialisation an explicit, reproducible step of distillation. An activation quantizer that saw
+only integers fitting its range (a one-hot, a 0/1 mask) is *lossless*: step 1, an identity that
+costs nothing in training.
 
 :func:`insert_fake_quant` is a :class:`~archnet_fx.passmanager.GraphPass` ("fake_quant"):
 
@@ -113,9 +115,13 @@ class FakeQuant(nn.Module):
         self.zero_point = None if symmetric else nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(bool(symmetric)))
+        # Activations that were integers fitting the range in calibration (a one-hot, a mask)
+        # are represented exactly with step 1: the quantizer is then an identity.
+        self.register_buffer("lossless", torch.tensor(False))
         self.enabled = True
         self.calibrating = False
         self._seen: list[torch.Tensor] = []
+        self._integral = True
         self._lo: torch.Tensor | None = None
         self._hi: torch.Tensor | None = None
 
@@ -133,7 +139,8 @@ class FakeQuant(nn.Module):
             f"n={self.step.numel()})"
         return (f"{self.role}, bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}"
                 f", {gran}{', pow2' if self.pow2 else ''}"
-                f"{'' if bool(self.initialized) else ', uninitialized'}")
+                f"{'' if bool(self.initialized) else ', uninitialized'}"
+                f"{', lossless (integer values)' if bool(self.lossless) else ''}")
 
     # ---------------------------------------------------------------- forward
     def _shape(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +168,7 @@ class FakeQuant(nn.Module):
         if self.calibrating:
             self._observe(x)
             return x
-        if not bool(self.initialized):
+        if not bool(self.initialized) or bool(self.lossless):
             return x
         qmin, qmax = self.qmin, self.qmax
         n = max(1, x.numel() // max(1, self.step.numel()))
@@ -195,6 +202,8 @@ class FakeQuant(nn.Module):
         else:
             flat = x.reshape(-1).float()
             lo, hi = flat.min().reshape(1), flat.max().reshape(1)
+            if self._integral:
+                self._integral = bool(torch.equal(flat, torch.round(flat)))
             if flat.numel() > _MAX_SAMPLES // 4:
                 stride = math.ceil(flat.numel() / (_MAX_SAMPLES // 4))
                 flat = flat[::stride]
@@ -215,7 +224,18 @@ class FakeQuant(nn.Module):
         else:
             data = torch.cat(self._seen).reshape(1, -1)
         self.init_from(data, self._lo, self._hi)
-        self._seen, self._lo, self._hi = [], None, None
+        lo, hi = float(self._lo.min()), float(self._hi.max())
+        if self.role == "act" and self._integral and self.step.numel() == 1:
+            fits = (lo >= 0 and hi <= (1 << self.bits) - 1 if not self.symmetric
+                    else lo >= -(1 << (self.bits - 1)) and hi <= (1 << (self.bits - 1)) - 1)
+            if fits:
+                with torch.no_grad():
+                    self.step.fill_(1.0)
+                    if self.zero_point is not None:
+                        self.zero_point.fill_(0.0)
+                    self.signed.fill_(lo < 0)
+                self.lossless.fill_(True)
+        self._seen, self._lo, self._hi, self._integral = [], None, None, True
         return True
 
     @torch.no_grad()
@@ -361,7 +381,8 @@ def calibrating(module: nn.Module, *, reinit: bool = False) -> Iterator[list[Fak
     on exit each initialises its step from what it saw (MSE-optimal clipping)."""
     qs = [q for q in quantizers(module) if reinit or not bool(q.initialized)]
     for q in qs:
-        q.calibrating, q._seen, q._lo, q._hi = True, [], None, None
+        q.calibrating, q._seen, q._lo, q._hi, q._integral = True, [], None, None, True
+        q.lossless.fill_(False)
     try:
         yield qs
     finally:

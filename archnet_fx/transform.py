@@ -321,7 +321,9 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         _validate_batches(teacher, batches)
         train, held = _split_holdout(batches, holdout)
         if not held:
-            notes.append("one calibration batch: fidelity is measured on the training batch")
+            notes.append("one calibration batch: fidelity is measured on the training batch"
+                         if len(batches) == 1 else
+                         "holdout=0: fidelity is measured on the training batches")
             held = train
 
         from archnet_fx.legalize import legalize

@@ -25,9 +25,8 @@ from passtest import captured_zoo
 @functools.lru_cache(maxsize=None)
 def student(name: str) -> torch.fx.GraphModule:
     """Legalized for npu_a and fake-quantized (quantizers uncalibrated: pass-through)."""
-    _, ex, gm = captured_zoo(name)
-    leg = ax.legalize(gm, "npu_a", allow_host_fallback=True, verify=False)
-    return insert_fake_quant(leg.module, "npu_a").module
+    from test_distill import legalized  # one legalization per model for the whole session
+    return insert_fake_quant(legalized(name).module, "npu_a").module
 
 
 def _example(gm):

@@ -148,6 +148,17 @@ def test_pass_through_until_calibrated_and_toggles():
     assert not torch.equal(fq(x), x)
 
 
+def test_integer_activations_are_lossless():
+    onehot = torch.nn.functional.one_hot(torch.tensor([3, 0, 7]), 10).float()
+    fq = _calibrated(FakeQuant(8, symmetric=False), onehot)
+    assert bool(fq.lossless) and "lossless" in repr(fq)
+    assert fq(onehot) is onehot
+    assert float(fq.effective_step()) == 1.0
+    # not integers, or integers beyond the range: a real quantizer
+    assert not bool(_calibrated(FakeQuant(8, symmetric=False), onehot * 0.5).lossless)
+    assert not bool(_calibrated(FakeQuant(4, symmetric=False), onehot * 100).lossless)
+
+
 def test_bad_quantizer_arguments():
     with pytest.raises(ValueError, match="bits"):
         FakeQuant(1)
@@ -197,8 +208,8 @@ def test_pass_conv_and_target_rules():
 
 def test_pass_functional_and_surrogates_bert_tiny():
     """ATen linear/matmul get FakeQuant nodes; Linear layers inside surrogates are wrapped."""
-    _, ex, gm = captured_zoo("bert_tiny")
-    leg = ax.legalize(gm, "npu_a", allow_host_fallback=True, verify=False)
+    from test_distill import legalized  # shared, never modified
+    leg = legalized("bert_tiny")
     before, res = run_pass(_fq_pass("npu_a", 8, 8, "all"), leg.module)
     rec = res.record
     hits = dict(rec.rule_hits)

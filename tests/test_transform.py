@@ -88,6 +88,19 @@ def test_deterministic_for_a_seed():
         assert k == k2 and torch.equal(v, v2)
 
 
+def test_interrupted_transform_resumes_to_the_same_result(tmp_path):
+    model, ex = zoo.get_model("mlp")
+    kw = dict(steps=6, progress=False, seed=1)
+    full = transform(model, "npu_a", ex, _mlp_batches(), **kw)
+    part = transform(model, "npu_a", ex, _mlp_batches(), checkpoint_dir=tmp_path, stop_after=1,
+                     **kw)
+    assert not part.report.distill.complete and "stopped early" in str(part.report)
+    done = transform(model, "npu_a", ex, _mlp_batches(), checkpoint_dir=tmp_path, **kw)
+    assert done.report.distill.resumed_from == 1
+    for (k, v), v2 in zip(full.module.state_dict().items(), done.module.state_dict().values()):
+        assert torch.equal(v, v2), k
+
+
 def test_missing_calib_data_warns_loudly():
     model, ex = zoo.get_model("mlp")
     with pytest.warns(UserWarning, match="no calib_data"):
