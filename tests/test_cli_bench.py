@@ -1,0 +1,38 @@
+"""``archnet-fx bench``: the latency estimate from the command line."""
+from __future__ import annotations
+
+import pytest
+
+from archnet_fx.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_original(capsys):
+    code, out, err = run(capsys, "bench", "mlp", "--target", "npu_a", "--batch", "4")
+    assert code == 0 and err == ""
+    assert out.startswith("# mlp on npu_a: original")
+    assert "target npu_a (W8A8)" in out and "| linear" in out
+    assert "legalized" not in out
+
+
+def test_bench_legalized_side_by_side(capsys):
+    code, out, _ = run(capsys, "bench", "vit", "--target", "npu_a", "--transformed")
+    assert code == 0
+    assert "# vit on npu_a: legalized" in out and "# side by side" in out
+    assert "speed-up: " in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("| fallback regions"))
+    assert int(float(line.split("|")[3])) == 0   # nothing left on the host after legalizing
+
+
+def test_bench_errors(capsys):
+    code, _, err = run(capsys, "bench", "mlp", "--target", "nope")
+    assert code == 2 and err.startswith("error: ") and "unknown target" in err
+    code, _, err = run(capsys, "bench", "mlp", "--target", "npu_b", "--weight-bits", "4")
+    assert code == 2 and "weight_bits=4" in err
