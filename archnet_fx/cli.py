@@ -7,6 +7,8 @@
     archnet-fx inspect MODEL --target npu_a    # legality before, per-pass diffs, legality after
     archnet-fx candidates --target npu_b       # surrogate candidates per kind, and the default
     archnet-fx demo                            # all-MiniLM-L6-v2 on every built-in target
+    archnet-fx bench MODEL --target npu_a      # latency estimate (--legalize: before/after)
+    archnet-fx transform MODEL --target npu_a --out model.onnx   # distilled W/A-bit QDQ ONNX
 
 MODEL is a built-in name (``archnet-fx models``) or ``package.module:factory``, where
 ``factory()`` returns ``(model, example_inputs)`` or a model (then give ``--input-shape``).
@@ -205,6 +207,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from archnet_fx.capture import capture
+    from archnet_fx.latency import estimate_latency
+    from archnet_fx.targets import load_target
+
+    tgt = load_target(args.target)
+    tgt.quant.check_bits(args.weight_bits, args.act_bits)  # fail early on bad bits
+    model, ex, name = resolve_model(args.model, args.input_shape, args.batch)
+    gm = capture(model, ex)
+    bits = dict(weight_bits=args.weight_bits, act_bits=args.act_bits)
+    before = estimate_latency(gm, tgt, **bits)
+    print(f"# {name} on {tgt.name}: original\n")
+    print(before.table(nodes=args.nodes))
+    if not args.legalize:
+        return 0
+    from archnet_fx.legalize import legalize
+
+    res = legalize(gm, tgt, allow_host_fallback=True, verify=False)
+    after = estimate_latency(res.module, tgt, **bits)
+    print(f"\n# {name} on {tgt.name}: legalized\n")
+    print(after.table(nodes=args.nodes))
+    a, b = before.summary(), after.summary()
+    keys = [("total_us", "total us"), ("chip_us", "chip us"), ("fallback_us", "fallback us"),
+            ("fallback_regions", "fallback regions"), ("prologue_us", "prologue us"),
+            ("io_us", "link I/O us"), ("kernels", "chip kernels"),
+            ("roofline_us", "roofline us"), ("ratio_to_roofline", "ratio to roofline")]
+    rows = [(label, a[k], b[k]) for k, label in keys]
+    print("\n# side by side\n")
+    print(tabulate(rows, headers=["", "original", "legalized"], tablefmt="github",
+                   floatfmt=".2f"))
+    print(f"\nspeed-up: {before.total_s / after.total_s:.2f}x")
+    return 0
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    """Legalize, fake-quantize, distill, convert to Q/DQ and export ONNX."""
+    from archnet_fx.export import export_onnx
+    from archnet_fx.targets import load_target
+    from archnet_fx.transform import transform
+
+    tgt = load_target(args.target)
+    tgt.quant.check_bits(args.weight_bits, args.act_bits)  # fail early on bad bits
+    model, ex, name = resolve_model(args.model, args.input_shape, args.batch)
+    # Calibration: the example batch (built-in models build it from real or seeded data).
+    res = transform(model, tgt, ex, [ex], weight_bits=args.weight_bits, act_bits=args.act_bits,
+                    steps=args.steps, holdout=0, progress=False)
+    print(res.report)
+    rep = export_onnx(res, args.out, target=tgt)
+    print(f"\nwrote {rep}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archnet-fx", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -228,6 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prefer", default="emulation", help="preferred style (default emulation)")
     sp.set_defaults(fn=cmd_candidates)
     sub.add_parser("demo", help="all-MiniLM-L6-v2 on every target").set_defaults(fn=cmd_demo)
+    sp = sub.add_parser("bench", help="estimated latency of a model on a target")
+    sp.add_argument("model", help="built-in model name or package.module:factory")
+    sp.add_argument("--target", "-t", required=True, help="target name or path to a .toml")
+    sp.add_argument("--batch", type=int, default=1, help="batch size of built-in examples")
+    sp.add_argument("--input-shape", action="append", default=[],
+                    help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
+    sp.add_argument("--legalize", "--transformed", dest="legalize", action="store_true",
+                    help="also legalize (host fallback allowed) and compare before/after")
+    sp.add_argument("--weight-bits", type=int, help="weight bits (default: the target's)")
+    sp.add_argument("--act-bits", type=int, help="activation bits (default: the target's)")
+    sp.add_argument("--nodes", action="store_true", help="also print every node's row")
+    sp.set_defaults(fn=cmd_bench)
+    sp = sub.add_parser("transform", help="transform a model for a target and export ONNX")
+    sp.add_argument("model", help="built-in model name or package.module:factory")
+    sp.add_argument("--target", "-t", required=True, help="target name or path to a .toml")
+    sp.add_argument("--out", "-o", required=True, help="ONNX file to write (atomically)")
+    sp.add_argument("--weight-bits", type=int, help="weight bits (default: the target's)")
+    sp.add_argument("--act-bits", type=int, help="activation bits (default: the target's)")
+    sp.add_argument("--steps", type=int, default=50, help="distillation steps per block")
+    sp.add_argument("--batch", type=int, default=8, help="batch size of built-in examples")
+    sp.add_argument("--input-shape", action="append", default=[],
+                    help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
+    sp.set_defaults(fn=cmd_transform)
     return p
 
 

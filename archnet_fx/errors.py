@@ -40,3 +40,8 @@ class PipelineError(ArchnetError, RuntimeError):
 
 class VerificationError(PipelineError):
     """A pass produced a graph that fails lint or differs numerically from its input."""
+
+
+class ExportError(ArchnetError, RuntimeError):
+    """ONNX export failed: an op the target cannot run, a checker or onnxruntime failure, or a
+    mismatch between the exported model and the torch module. No file is left behind."""

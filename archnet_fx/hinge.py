@@ -47,7 +47,9 @@ def _hinges(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, c: torch.Tenso
 
 def _intervals(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, c: torch.Tensor,
                a: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor:
-    w, beta, c = w.reshape(-1), beta.reshape(-1), c.reshape(-1)
+    # The tables are prefix sums of terms that cancel (a decreasing hinge's linear part is
+    # undone right of its breakpoint): build them in float64, evaluate in x's dtype.
+    w, beta, c = w.reshape(-1).double(), beta.reshape(-1).double(), c.reshape(-1).double()
     neg, zero = w < 0, w == 0
     t = torch.where(zero, torch.full_like(w, _BIG),
                     -beta / torch.where(zero, torch.ones_like(w), w)).clamp(-_BIG, _BIG)
@@ -55,17 +57,17 @@ def _intervals(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, c: torch.Te
     slope0 = (c * w * neg).sum()                      # linear parts of decreasing hinges
     icpt0 = (c * beta * neg).sum() + (c * torch.relu(beta) * zero).sum()
     if s is not None:
-        slope0 = slope0 + s.reshape(())
+        slope0 = slope0 + s.reshape(()).double()
     if a is not None:
-        icpt0 = icpt0 + a.reshape(())
+        icpt0 = icpt0 + a.reshape(()).double()
     ts, order = torch.sort(t.detach())
     ts = t[order]
     ms = m[order]
     zero1 = ms.new_zeros(1)
     slopes = torch.cat([zero1, torch.cumsum(ms, 0)]) + slope0
     icpts = torch.cat([zero1, torch.cumsum(-ms * ts, 0)]) + icpt0
-    idx = torch.bucketize(x.detach(), ts.detach())    # breakpoints strictly below x
-    return icpts[idx] + slopes[idx] * x
+    idx = torch.bucketize(x.detach(), ts.detach().to(x.dtype))  # breakpoints below x
+    return icpts.to(x.dtype)[idx] + slopes.to(x.dtype)[idx] * x
 
 
 def hinge_sum(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, c: torch.Tensor,

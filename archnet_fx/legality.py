@@ -29,6 +29,7 @@ surrogate is legal only if everything inside it is.
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -147,14 +148,17 @@ def _limit_violation(node: torch.fx.Node, kind: str, gm: torch.nn.Module, target
 
 
 def _verdicts(gm: torch.fx.GraphModule, target: Target, prefix: str = "",
-              act: set[torch.fx.Node] | None = None) -> list[NodeVerdict]:
+              act: set[torch.fx.Node] | None = None, kinds: frozenset[str] | None = None
+              ) -> list[NodeVerdict]:
+    """Verdicts of every node (of the given ``kinds`` only, when given: the dataflow facts are
+    still global, but nodes of other kinds are not judged)."""
     act = activations(gm) if act is None else act
     pro = prologue_nodes(gm, act)
     dep = input_dependent(gm)
     out: list[NodeVerdict] = []
     for n in gm.graph.nodes:
         kind = node_kind(n, gm)
-        if kind in META_KINDS:
+        if kind in META_KINDS or (kinds is not None and kind not in kinds):
             continue
         name = prefix + n.name
         loc = source_location(n)
@@ -182,33 +186,123 @@ def _verdicts(gm: torch.fx.GraphModule, target: Target, prefix: str = "",
     return out
 
 
+try:  # generates forward() on first call only: legality and cost models just read the graph
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover - older torch
+    _GraphModule = torch.fx.GraphModule
+
 _BODIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.fx.GraphModule]" = \
     weakref.WeakKeyDictionary()
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+
+
+def structure_key(mod: torch.nn.Module) -> tuple | None:
+    """What a module's traced graph can depend on, or None when that cannot be told.
+
+    Per submodule: its path, class and plain attributes (numbers, strings, flags — they steer
+    ``forward`` and appear as constants in the graph); per parameter and buffer: its path,
+    shape and dtype. Two modules with the same key trace to the same graph (tensor *values*
+    cannot steer a symbolic trace). A module with hooks, or an attribute of any other type, gets
+    None and is traced on its own.
+    """
+    parts: list = []
+    for path, m in mod.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        attrs = []
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training":
+                continue
+            if isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v):
+                attrs.append((k, tuple((type(x), x) for x in v)))
+            elif isinstance(v, _PLAIN):
+                attrs.append((k, type(v), v))
+            else:
+                return None
+        tensors = tuple((k, None if t is None else (tuple(t.shape), t.dtype))
+                        for k, t in list(m._parameters.items()) + list(m._buffers.items()))
+        parts.append((path, type(m), tuple(sorted(attrs, key=repr)), tensors))
+    return tuple(parts)
+
+
+# Traced graphs by structure key (see structure_key): the 97 LayerNorm surrogates of a
+# 48-layer BERT share one trace; each body still gets its own copy rooted at its own module.
+_GRAPHS: dict[tuple, torch.fx.Graph] = {}
+_GRAPHS_SIZE = 512
+
+
+def _trace(mod: torch.nn.Module) -> torch.fx.Graph:
+    from archnet_fx.capture import LeafTracer
+
+    tracer = LeafTracer()
+    tracer.record_stack_traces = False  # verdicts inside a body carry the outer location
+    return tracer.trace(mod)
 
 
 def traced_body(mod: torch.nn.Module) -> torch.fx.GraphModule:
     """The fx graph of a surrogate's body (cached: a surrogate's structure never changes)."""
     body = _BODIES.get(mod)
     if body is None:
-        from archnet_fx.capture import LeafTracer
-
-        body = torch.fx.GraphModule(mod, LeafTracer().trace(mod))
+        key = structure_key(mod)
+        try:
+            graph = _GRAPHS.get(key) if key is not None else None
+        except TypeError:  # an unhashable attribute inside a tuple
+            key, graph = None, None
+        if graph is None:
+            graph = _trace(mod)
+            if key is not None:
+                if len(_GRAPHS) >= _GRAPHS_SIZE:
+                    _GRAPHS.pop(next(iter(_GRAPHS)))
+                _GRAPHS[key] = graph
+        body = _GraphModule(mod, copy.deepcopy(graph))
         _BODIES[mod] = body
     return body
 
 
+# Verdicts of a surrogate's body, per module: {(id(target), activation pattern of the outer
+# arguments): (target, [(inner name, kind, status, reason)])}. A body never changes, so each
+# surrogate is judged once per target however many times the graph around it is checked.
+_BODY_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_STRUCT_VERDICTS: dict[tuple, tuple] = {}  # (structure_key, (id(target), pattern)) -> as above
+
+
 def _surrogate_verdicts(mod: torch.nn.Module, target: Target, prefix: str, loc: str,
                         outer: torch.fx.Node, outer_act: set[torch.fx.Node]) -> list[NodeVerdict]:
-    inner = traced_body(mod)
-    act = activations(inner)
-    # Inner placeholders are activations only where the outer argument is one.
-    phs = [p for p in inner.graph.nodes if p.op == "placeholder"]
-    for p, a in zip(phs, outer.args):
-        if not (isinstance(a, torch.fx.Node) and a in outer_act):
-            act.discard(p)
-    act = _closure(inner, act)
-    vs = _verdicts(inner, target, prefix, act)
-    return [NodeVerdict(v.node, v.kind, v.status, v.reason, loc) for v in vs]
+    pattern = tuple(isinstance(a, torch.fx.Node) and a in outer_act for a in outer.args)
+    per_mod = _BODY_VERDICTS.setdefault(mod, {})
+    key = (id(target), pattern)
+    hit = per_mod.get(key)
+    if hit is None or hit[0] is not target:
+        # Same structure, same verdicts (a body's verdicts depend on its op kinds, weight
+        # shapes and activation pattern only; bodies carry no shape metadata).
+        skey = structure_key(mod)
+        try:
+            shared = _STRUCT_VERDICTS.get((skey, key)) if skey is not None else None
+        except TypeError:
+            skey, shared = None, None
+        if shared is not None and shared[0] is target:
+            per_mod[key] = shared
+            hit = shared
+    if hit is None or hit[0] is not target:
+        inner = traced_body(mod)
+        act = activations(inner)
+        # Inner placeholders are activations only where the outer argument is one.
+        phs = [p for p in inner.graph.nodes if p.op == "placeholder"]
+        for p, is_act in zip(phs, pattern):
+            if not is_act:
+                act.discard(p)
+        act = _closure(inner, act)
+        hit = (target, [(v.node, v.kind, v.status, v.reason)
+                        for v in _verdicts(inner, target, "", act)])
+        per_mod[key] = hit
+        if skey is not None:
+            if len(_STRUCT_VERDICTS) >= _GRAPHS_SIZE:
+                _STRUCT_VERDICTS.pop(next(iter(_STRUCT_VERDICTS)))
+            _STRUCT_VERDICTS[(skey, key)] = hit
+    return [NodeVerdict(prefix + name, kind, status, reason, loc)
+            for name, kind, status, reason in hit[1]]
 
 
 def _closure(gm: torch.fx.GraphModule, seeds: set[torch.fx.Node]) -> set[torch.fx.Node]:
@@ -222,6 +316,14 @@ def _closure(gm: torch.fx.GraphModule, seeds: set[torch.fx.Node]) -> set[torch.f
         if any(a in act for a in n.all_input_nodes):
             act.add(n)
     return act
+
+
+def unsupported_nodes(gm: torch.fx.GraphModule, target: Target, kinds: frozenset[str]
+                      ) -> set[str]:
+    """Names of the nodes of ``kinds`` that ``check(gm, target)`` reports as not runnable
+    (without judging, or locating, every other node)."""
+    return {v.node for v in _verdicts(gm, target, kinds=kinds)
+            if v.status in ("unsupported", "limit")}
 
 
 def check(gm: torch.fx.GraphModule, target: str | Target) -> LegalityReport:

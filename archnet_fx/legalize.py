@@ -33,7 +33,8 @@ import torch.fx
 
 from archnet_fx.capture import EXAMPLE_META_KEY, normalize_inputs
 from archnet_fx.errors import CalibrationError, UnsupportedOpError
-from archnet_fx.legality import HOST_FALLBACK_KEY, LegalityReport, _surrogate_verdicts, check
+from archnet_fx.legality import (HOST_FALLBACK_KEY, LegalityReport, _surrogate_verdicts, check,
+                                 unsupported_nodes)
 from archnet_fx.opkinds import node_kind, source_location
 from archnet_fx.passmanager import (GraphPass, PassManager, PassRecord, PipelineResult,
                                     Refusal, RewriteContext)
@@ -97,8 +98,7 @@ class SurrogatePass(GraphPass):
         return default_order(cands, self.options.prefer)
 
     def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
-        rep = check(gm, self.target)
-        illegal = {v.node for v in rep.unsupported}
+        illegal = unsupported_nodes(gm, self.target, self.kinds)
         ctx = SurrogateContext(gm, self.name, self.target, self.ranges, self.options)
         for node in list(gm.graph.nodes):
             if node.name not in illegal or getattr(node, "_erased", False):
@@ -170,12 +170,13 @@ class MarkHostFallback(GraphPass):
         self.target = target
 
     def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
+        by_name = {n.name: n for n in gm.graph.nodes}
         for v in check(gm, self.target).unsupported:
-            for n in gm.graph.nodes:
-                if n.name == v.node:
-                    n.meta[HOST_FALLBACK_KEY] = True
-                    record.rule_hits[f"host:{v.kind}"] += 1
-                    record.notes.append(f"{n.name} ({v.kind}) runs on the host: {v.reason}")
+            n = by_name.get(v.node)
+            if n is not None:
+                n.meta[HOST_FALLBACK_KEY] = True
+                record.rule_hits[f"host:{v.kind}"] += 1
+                record.notes.append(f"{n.name} ({v.kind}) runs on the host: {v.reason}")
 
 
 @dataclass
@@ -266,8 +267,35 @@ def structural_passes(target: Target) -> list[GraphPass]:
 def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any = None,
              calib_data: Iterable | None = None, *, choices: Mapping[str, str] | None = None,
              prefer: str = "emulation", allow_host_fallback: bool = False, knots: int = 32,
-             verify: bool = True) -> LegalizeResult:
-    """Rewrite ``model`` so that ``check(result.module, target)`` has no unsupported node."""
+             verify: bool = True, threads: int | None = 1) -> LegalizeResult:
+    """Rewrite ``model`` so that ``check(result.module, target)`` has no unsupported node.
+
+    ``threads``: torch intra-op threads while legalizing (restored afterwards; ``None`` leaves
+    torch's setting). Legalization is thousands of small tensor ops — calibration, least-squares
+    fits, shape checks — where intra-op threads buy nothing, and on a busy machine every parallel
+    region waits for a descheduled thread: all-MiniLM-L6-v2 took 11–17 s with torch's 2 threads
+    on a loaded 2-core box, 1.2 s with 1. The results are the same (bit-identical on MiniLM:
+    tensors this small mostly run on one thread either way).
+    """
+    if threads is None:
+        return _legalize(model, target, example_inputs, calib_data, choices=choices,
+                         prefer=prefer, allow_host_fallback=allow_host_fallback, knots=knots,
+                         verify=verify)
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _legalize(model, target, example_inputs, calib_data, choices=choices,
+                         prefer=prefer, allow_host_fallback=allow_host_fallback, knots=knots,
+                         verify=verify)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
+              calib_data: Iterable | None, *, choices: Mapping[str, str] | None, prefer: str,
+              allow_host_fallback: bool, knots: int, verify: bool) -> LegalizeResult:
     from archnet_fx.passes.canonicalize import canonicalize_passes
 
     tgt = load_target(target)
@@ -284,7 +312,10 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
         example_inputs = k if k else a
     batches = calibration_batches(calib_data, example_inputs)
 
-    canon = PassManager("canonicalize", canonicalize_passes(), verify=verify).run(gm)
+    # One graph copy and one recompile for the whole of legalization: canonicalization copies
+    # the caller's graph, the legalization pipeline edits that copy, then it is recompiled.
+    canon = PassManager("canonicalize", canonicalize_passes(), verify=verify).run(
+        gm, recompile=False)
     before = check(canon.module, tgt)
     watch = {v.node for v in before.unsupported}
     ranges = observe(canon.module, batches, watch) if watch else {}
@@ -292,9 +323,11 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
     passes: list[GraphPass] = [SurrogatePass(name, cands, tgt, ranges, options)
                                for name, cands in surrogate_families()]
     passes += structural_passes(tgt)
-    res = PassManager(f"legalize[{tgt.name}]", passes, verify=verify).run(canon.module)
+    res = PassManager(f"legalize[{tgt.name}]", passes, verify=verify).run(
+        canon.module, copy=False, recompile=False)
     records = canon.records + res.records
     module = res.module
+    module.recompile()
     after = check(module, tgt)
     if after.unsupported:
         if not allow_host_fallback:
@@ -313,6 +346,16 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
         chosen.update(getattr(p, "chosen", {}))
     return LegalizeResult(module, records, f"legalize[{tgt.name}]", target=tgt.name,
                           before=before, after=after, choices=chosen)
+
+
+def clear_caches() -> None:
+    """Forget the process-wide memo tables legalization fills (traced surrogate bodies and
+    their verdicts by structure, sample-free PWL fits): for cold-start timings and tests."""
+    from archnet_fx import legality, surrogate
+
+    legality._GRAPHS.clear()
+    legality._STRUCT_VERDICTS.clear()
+    surrogate._FIT_CACHE.clear()
 
 
 def host_fallback_nodes(gm: torch.fx.GraphModule) -> list[str]:

@@ -3,7 +3,7 @@
 A *pass* maps a GraphModule to a :class:`PassResult` ``(module, modified, record)``. It never edits
 its input: :meth:`GraphPass.__call__` copies the graph (parameters and submodules are shared, never
 written in place; a pass that changes a weight registers a new tensor), lets the subclass edit the
-copy, then lints, recompiles, re-propagates shapes and records what changed:
+copy, then lints, recompiles, re-derives shapes and records what changed:
 
 * nodes created / erased / replaced (old name → new name), by node name;
 * the op-kind histogram before and after;
@@ -18,6 +18,18 @@ receives the match and returns the replacement value. The driver swaps uses and 
 The :class:`PassManager` runs a named, straight-line list of passes, optionally verifying each
 (``graph.lint`` plus a numerical comparison with the previous stage on the example inputs), and on
 failure raises :class:`PipelineError` naming the passes that ran and the one that failed.
+
+Cost (what keeps a pipeline linear in the graph size, issue 6): the manager copies the graph once
+and runs the passes on that private copy (:meth:`GraphPass.run_inplace`), recompiling the
+generated code once at the end (or before each verification) — so a pass must not call the module
+between passes; analyses interpret the graph. Shapes after a pass are re-derived only for the
+nodes it touched (:func:`_dirty_nodes`): a call node created as the replacement of another takes
+that node's shape and dtype (a replacement computes the same value), other new or changed nodes
+are evaluated on meta tensors from their inputs' shapes, and their users only if a shape changed.
+The whole graph is run on the example only where that is not possible, and once when its shapes
+came from another example (a fresh capture's full batch; shapes are kept on the batch-1 shape
+example as before). Each pass's "after" (node signatures, weight identities, kind histogram) is
+the next pass's "before".
 """
 from __future__ import annotations
 
@@ -33,9 +45,11 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from archnet_fx.capture import CAPTURE_META_KEY, EXAMPLE_META_KEY, propagate_shapes
+from archnet_fx.capture import (CAPTURE_META_KEY, EXAMPLE_META_KEY, propagate_shapes,
+                                propagate_shapes_incremental, shapes_from)
 from archnet_fx.errors import PipelineError, VerificationError
-from archnet_fx.opkinds import KIND_META_KEY, annotate_kinds, kind_histogram, node_kind
+from archnet_fx.opkinds import (KIND_META_KEY, META_KINDS, annotate_kinds, kind_histogram,
+                                node_kind)
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +90,20 @@ class PassRecord:
 
 
 @dataclass
+class _GraphState:
+    """What a pass computed about the graph it left (the next pass's "before")."""
+    gm: torch.fx.GraphModule
+    signatures: dict[str, tuple]
+    attr_ids: dict[str, int]
+    kinds: Counter
+
+
+@dataclass
 class PassResult:
     module: torch.fx.GraphModule
     modified: bool
     record: PassRecord
+    state: _GraphState | None = field(default=None, repr=False, compare=False)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -94,11 +118,87 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
+def _leaves(a: Any, out: list) -> list:
+    """Leaves of an fx argument structure (tuples, lists, dict values), appended to ``out``."""
+    if isinstance(a, (tuple, list)):
+        for x in a:
+            _leaves(x, out)
+    elif isinstance(a, dict):
+        for x in a.values():
+            _leaves(x, out)
+    else:
+        out.append(a)
+    return out
+
+
+_EXACT = (int, str, bool, type(None))  # compared by value (with their type); others by repr
+
+
+def _key(a: Any) -> Any:
+    if isinstance(a, torch.fx.Node):
+        return (_NODE_TAG, a.name)
+    if type(a) in _EXACT:
+        return (type(a), a)
+    return repr(a)
+
+
+def _target_key(t: Any) -> Any:
+    return t if isinstance(t, str) else ("%target", id(t))
+
+
 def _signature(n: torch.fx.Node) -> tuple:
-    def key(a):
-        return a.name if isinstance(a, torch.fx.Node) else repr(a)
-    return (n.op, str(n.target), tuple(key(a) for a in pytree.tree_leaves(n.args)),
-            tuple(sorted((k, key(v)) for k, v in n.kwargs.items())))
+    return (n.op, _target_key(n.target), tuple(_key(a) for a in _leaves(n.args, [])),
+            tuple(sorted((k, _key(v)) for k, v in n.kwargs.items())))
+
+
+_NODE_TAG = "%node"  # marks a node reference inside a signature (vs. a constant's repr)
+
+
+def _rewire(sig: tuple, replaced: dict[str, str]) -> tuple:
+    """``sig`` with every node reference renamed through ``replaced`` (old → new name)."""
+    def ren(k: Any) -> Any:
+        if isinstance(k, tuple) and len(k) == 2 and k[0] == _NODE_TAG:
+            name, seen = k[1], set()
+            while name in replaced and name not in seen:
+                seen.add(name)
+                name = replaced[name]
+            return (_NODE_TAG, name)
+        return k
+    op, target, args, kwargs = sig
+    return (op, target, tuple(ren(a) for a in args), tuple((k, ren(v)) for k, v in kwargs))
+
+
+def _dirty_nodes(gm: torch.fx.GraphModule, record: PassRecord, before: dict[str, tuple],
+                 after: dict[str, tuple], old_meta: dict[str, tuple], old_ids: dict[str, int],
+                 new_ids: dict[str, int]) -> list[torch.fx.Node]:
+    """The nodes whose shapes must be re-derived after a pass.
+
+    A call node created as the *replacement* of another (``record.replaced``) computes the same
+    value, so it takes the replaced node's shape and dtype (this is the rewrite contract;
+    verification compares values and shapes) — a surrogate module is never run for its shape.
+    A new ``get_attr`` reads its tensor's own. A node whose only change is that its inputs were
+    rewired to such replacements keeps its shape. Everything else the pass created or changed, and every
+    node reading a swapped weight or submodule, is dirty.
+    """
+    created = set(record.created)
+    inherited: dict[str, str] = {}  # new name -> the name of the node it replaced
+    calls = {n.name for n in gm.graph.nodes if n.name in created and n.op != "get_attr"}
+    for old, new in record.replaced.items():
+        if new in calls and old_meta.get(old, (None,))[0] is not None:
+            inherited[new] = old
+    dirty_names = (created - inherited.keys()) | {
+        k for k in record.changed if _rewire(before[k], record.replaced) != after[k]}
+    swapped = {t for t, i in new_ids.items() if old_ids.get(t) != i}
+    dirty = []
+    for n in gm.graph.nodes:
+        if n.name in inherited:
+            n.meta["tensor_meta"], typ = old_meta[inherited[n.name]]
+            if typ is not None:
+                n.meta["type"] = typ
+        elif n.name in dirty_names or (n.op in ("get_attr", "call_module")
+                                       and str(n.target) in swapped):
+            dirty.append(n)
+    return dirty
 
 
 def _attr_ids(gm: torch.fx.GraphModule) -> dict[str, int]:
@@ -106,20 +206,51 @@ def _attr_ids(gm: torch.fx.GraphModule) -> dict[str, int]:
     out = {}
     for n in gm.graph.nodes:
         if n.op in ("get_attr", "call_module"):
-            obj: Any = gm
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part, None)
-            out[str(n.target)] = id(obj)
+            t = str(n.target)
+            if t not in out:
+                out[t] = id(_resolve(gm, t))
     return out
 
 
-def refresh(gm: torch.fx.GraphModule) -> None:
-    """Lint, recompile, re-propagate shapes on the stored example, re-annotate kinds."""
+def _resolve(root: Any, target: str) -> Any:
+    """``getattr`` along a dotted path (None where it breaks), reading a module's parameter,
+    buffer and submodule tables directly (``nn.Module.__getattr__`` is the slow path)."""
+    obj = root
+    for part in target.split("."):
+        if isinstance(obj, torch.nn.Module):
+            d = obj.__dict__
+            for table in ("_parameters", "_buffers", "_modules"):
+                tab = d.get(table)
+                if tab is not None and part in tab:
+                    obj = tab[part]
+                    break
+            else:
+                obj = getattr(obj, part, None)
+        else:
+            obj = getattr(obj, part, None)
+    return obj
+
+
+def refresh(gm: torch.fx.GraphModule, dirty: Iterable[torch.fx.Node] | None = None, *,
+            recompile: bool = True) -> None:
+    """Lint, recompile, re-propagate shapes on the stored example, re-annotate kinds.
+
+    With ``dirty`` (the nodes a pass created or rewired), shapes are re-derived for those nodes
+    only, on meta tensors (:func:`~archnet_fx.capture.propagate_shapes_incremental`), and the
+    whole graph is run on the example only when that is not possible, or when the graph's
+    shapes come from another example (a fresh capture's full batch: once per pipeline).
+    """
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     example = shape_example(gm)
     if example is not None:
-        propagate_shapes(gm, *example)
+        # Incremental only on top of shapes from this same (batch-1) example: a freshly
+        # captured graph carries the full example's shapes, and its first refresh re-derives
+        # all of them once (as every refresh used to), so passes see the same shapes as ever.
+        if dirty is None or not shapes_from(gm, *example) or \
+                propagate_shapes_incremental(gm, dirty) is None:
+            propagate_shapes(gm, *example)
     annotate_kinds(gm)
 
 
@@ -149,34 +280,60 @@ class GraphPass:
         raise NotImplementedError
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        """Run on a private copy of ``gm`` (``gm`` itself is never edited)."""
         t0 = time.perf_counter()
+        return self.run_inplace(copy_graph_module(gm), _t0=t0)
+
+    def run_inplace(self, gm: torch.fx.GraphModule, *, recompile: bool = True,
+                    prior: "_GraphState | None" = None, _t0: float | None = None
+                    ) -> PassResult:
+        """Run on ``gm`` itself: for a pass manager that owns ``gm`` (a copy it made).
+
+        Does everything :meth:`__call__` does except the copy; with ``recompile=False`` the
+        generated ``forward`` is left stale for the owner to recompile once (nothing between
+        passes calls the module: analyses interpret the graph). ``prior`` is the previous
+        pass's ``result.state`` when nothing touched ``gm`` since: its node signatures, weight
+        identities and kind histogram are this pass's "before" (not recomputed).
+        """
+        t0 = time.perf_counter() if _t0 is None else _t0
         record = PassRecord(name=self.name, exact=self.exact)
-        record.kinds_before = kind_histogram(gm)
-        before = {n.name: _signature(n) for n in gm.graph.nodes}
-        new = copy_graph_module(gm)
-        already_dead = _dead_names(new.graph)
-        self.apply(new, record)
+        if prior is not None and prior.gm is gm:
+            before, old_ids = prior.signatures, prior.attr_ids
+            record.kinds_before = Counter(prior.kinds)
+        else:
+            before = {n.name: _signature(n) for n in gm.graph.nodes}
+            old_ids = _attr_ids(gm)
+            record.kinds_before = kind_histogram(gm)
+        old_meta = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type"))
+                    for n in gm.graph.nodes}
+        already_dead = _dead_names(gm.graph)
+        self.apply(gm, record)
         # Remove what this pass made dead, not dead code it was given (that is the dce pass's
         # job, and its record should say so).
-        _eliminate_new_dead_code(new.graph, keep=already_dead)
-        _drop_unused_attributes(new)
-        after = {n.name: _signature(n) for n in new.graph.nodes}
-        if after != before or _attr_ids(new) != _attr_ids(gm):
-            refresh(new)  # shapes are only re-propagated when something changed
-        else:
-            new.graph.lint()
-            annotate_kinds(new)
+        _eliminate_new_dead_code(gm.graph, keep=already_dead)
+        _drop_unused_attributes(gm)
+        after = {n.name: _signature(n) for n in gm.graph.nodes}
         record.created = [k for k in after if k not in before]
         record.erased = [k for k in before if k not in after]
         record.changed = [k for k in after if k in before and after[k] != before[k]]
+        new_ids = _attr_ids(gm)
+        if after != before or new_ids != old_ids:
+            refresh(gm, _dirty_nodes(gm, record, before, after, old_meta, old_ids, new_ids),
+                    recompile=recompile)
+        else:
+            gm.graph.lint()
+            annotate_kinds(gm)
         record.modified = bool(record.created or record.erased or record.changed)
         created = set(record.created)
-        for n in new.graph.nodes:
+        for n in gm.graph.nodes:
             if n.name in created:
                 n.meta.setdefault(FROM_PASS_KEY, self.name)
-        record.kinds_after = kind_histogram(new)
+        # Kinds were just annotated (refresh or annotate_kinds above): count those.
+        record.kinds_after = Counter(k for k in (n.meta[KIND_META_KEY] for n in gm.graph.nodes)
+                                     if k not in META_KINDS)
         record.seconds = time.perf_counter() - t0
-        return PassResult(new, record.modified, record)
+        return PassResult(gm, record.modified, record,
+                          _GraphState(gm, after, new_ids, record.kinds_after))
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
@@ -207,6 +364,10 @@ def is_impure(node: torch.fx.Node) -> bool:
 
 def _dead_names(graph: torch.fx.Graph) -> set[str]:
     """Names of the nodes dead code elimination would remove."""
+    # Dead code starts at a pure node without users; a clean graph has none (then skip the
+    # O(graph) walk with its is_impure() per node).
+    if not any(not n.users and n.op != "output" and not is_impure(n) for n in graph.nodes):
+        return set()
     dead: set[torch.fx.Node] = set()
     for n in reversed(graph.nodes):
         if not is_impure(n) and all(u in dead for u in n.users):
@@ -221,9 +382,27 @@ def _eliminate_new_dead_code(graph: torch.fx.Graph, keep: set[str]) -> None:
             graph.erase_node(n)
 
 
+def _delete_unused_submodules(gm: torch.fx.GraphModule) -> None:
+    """``GraphModule.delete_all_unused_submodules`` with a set instead of a list lookup (that
+    one is O(modules × used paths): quadratic in the model size)."""
+    used: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr") and isinstance(n.target, str):
+            parts = n.target.split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if n.op == "call_module":
+                try:
+                    sub = gm.get_submodule(n.target)
+                except AttributeError:
+                    continue
+                used.update(f"{n.target}.{name}" for name, _ in sub.named_modules() if name)
+    for name in [name for name, _ in gm.named_modules() if name not in used]:
+        gm.delete_submodule(name)
+
+
 def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    gm.delete_all_unused_submodules()
+    _delete_unused_submodules(gm)
     # Top-level parameters/buffers the graph no longer reads (e.g. folded weights).
     for name in list(gm._parameters):
         if name not in used:
@@ -453,7 +632,12 @@ class PassManager:
         self.rtol, self.atol = rtol, atol
         self.keep_stages = keep_stages
 
-    def run(self, gm: torch.fx.GraphModule) -> PipelineResult:
+    def run(self, gm: torch.fx.GraphModule, *, copy: bool = True, recompile: bool = True
+            ) -> PipelineResult:
+        """Run the pipeline on a copy of ``gm``; ``copy=False`` edits ``gm`` itself (for a caller
+        that owns it, e.g. the output of an earlier pipeline). ``recompile=False`` leaves the
+        result's generated ``forward`` stale, for a caller that edits it further and then calls
+        ``module.recompile()`` once."""
         records: list[PassRecord] = []
         stages = [gm] if self.keep_stages else []
         # Verify on (at most) the first two samples: batch-dependent bugs still show, and a
@@ -461,13 +645,32 @@ class PassManager:
         example = shape_example(gm, batch=2)
         prev_out = None
         if self.verify and example is not None:
+            if not copy:
+                gm.recompile()  # ours, possibly left stale by an earlier pipeline
             with torch.no_grad():
                 prev_out = gm(*example[0], **example[1])
-        cur = gm
+        # Passes edit one private copy in place (one graph copy and one recompile per pipeline,
+        # not per pass); kept stages need a module per pass, and a pass that wraps __call__
+        # gets called as such.
+        cur = gm if self.keep_stages or not copy else copy_graph_module(gm)
+        stale = False
+        state = None
         for p in self.passes:
             ran = [r.name for r in records]
             try:
-                res = p(cur)
+                if self.keep_stages or type(p).__call__ is not GraphPass.__call__:
+                    if stale:
+                        cur.recompile()
+                        stale = False
+                    res = p(cur)
+                    state = None
+                else:
+                    res = p.run_inplace(cur, recompile=False, prior=state)
+                    state = res.state
+                    stale = stale or res.modified
+                    if self.verify and stale:
+                        cur.recompile()
+                        stale = False
             except Exception as e:  # noqa: BLE001
                 raise PipelineError(
                     f"pipeline '{self.name}': pass '{p.name}' failed: {type(e).__name__}: {e}\n"
@@ -489,4 +692,6 @@ class PassManager:
             cur = res.module
             if self.keep_stages:
                 stages.append(cur)
+        if stale and recompile:
+            cur.recompile()
         return PipelineResult(cur, records, self.name, stages)

@@ -26,6 +26,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from archnet_fx.hinge import hinge_sum, tracing
 from archnet_fx.targets import Target
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class PWL(nn.Module):
         self.slope = nn.Parameter(torch.tensor(float(slope)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.inner) is nn.Linear and type(self.outer) is nn.Linear and not tracing(x):
+            # same function without the N×K hidden tensor (archnet_fx.hinge); layers that
+            # fake quantization wrapped take the hinge form below
+            return hinge_sum(x, self.inner.weight, self.inner.bias, self.outer.weight,
+                             self.outer.bias, self.slope, fast=True)
         h = torch.relu(self.inner(x.unsqueeze(-1)))
         return self.outer(h).squeeze(-1) + x * self.slope
 
@@ -102,7 +108,22 @@ class PWL(nn.Module):
             [lo, hi]: drop ``hi``, and ``lo`` unless the left slope is pinned."""
             return points[:-1] if pinned else points[1:-1]
 
+        key = None
+        if samples is None:
+            # Without samples the fit is a pure function of its arguments: identical fits (the
+            # 1/s of every softmax with the same row length) are solved once.
+            key = (fn, lo, hi, k, spacing, left_slope, relative)
+            hit = _FIT_CACHE.get(key)
+            if hit is not None:
+                return PWL(*hit)
         n = k + 1 if pinned else k + 2
+        # The observed samples inside [lo, hi], filtered once for the breakpoints and the fit.
+        inside = None
+        if samples is not None and samples.numel():
+            inside = samples.double().flatten()
+            s_lo, s_hi = torch.aminmax(inside)
+            if not (float(s_lo) >= lo and float(s_hi) <= hi):  # (NaN compares False: filter)
+                inside = inside[(inside >= lo) & (inside <= hi)]
         if spacing == "geometric":
             if lo <= 0:
                 raise ValueError("geometric breakpoints need a positive range")
@@ -111,24 +132,18 @@ class PWL(nn.Module):
         else:
             grid = torch.linspace(lo, hi, 4096, dtype=torch.float64)
             if spacing == "quantile" and samples is not None and samples.numel() > 4 * k:
-                s = samples.double().flatten()
-                s = s[(s >= lo) & (s <= hi)]
-                if s.numel() > 200_000:
-                    s = s[torch.randperm(s.numel(),
-                                         generator=torch.Generator().manual_seed(0))[:200_000]]
+                s = inside
+                s = subsample(s, 200_000, seed=0)
                 nq = k // 2
-                q = torch.quantile(s, torch.linspace(0, 1, nq + 2, dtype=torch.float64)[1:-1])
+                q = quantiles(s, torch.linspace(0, 1, nq + 2, dtype=torch.float64)[1:-1])
                 u = hinges(torch.linspace(lo, hi, n - nq, dtype=torch.float64))
                 b = torch.unique(torch.cat([u, q]))
             else:
                 b = hinges(torch.linspace(lo, hi, n, dtype=torch.float64))
         xs = [grid]
-        if samples is not None and samples.numel():
-            s = samples.double().flatten()
-            s = s[(s >= lo) & (s <= hi)]
-            if s.numel() > 4096:
-                s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(1))[:4096]]
-            xs.append(s)
+        if inside is not None:
+            s = inside
+            xs.append(subsample(s, 4096, seed=1))
         x = torch.cat(xs)
         y = fn(x).double()
         cols = [torch.ones_like(x)]
@@ -152,7 +167,44 @@ class PWL(nn.Module):
             slope, coef = float(left_slope), sol[1:]
         else:
             slope, coef = float(sol[1]), sol[2:]
-        return PWL(b.float(), coef.float(), bias, slope)
+        args = (b.float(), coef.float(), bias, slope)
+        if key is not None:
+            if len(_FIT_CACHE) >= _FIT_CACHE_SIZE:
+                _FIT_CACHE.pop(next(iter(_FIT_CACHE)))
+            _FIT_CACHE[key] = args
+        return PWL(*args)
+
+
+#: Sample-free PWL fits by their arguments → (breakpoints, coefficients, bias, slope). PWL
+#: copies these into fresh parameters, so modules built from one entry never share storage.
+_FIT_CACHE: dict[tuple, tuple] = {}
+_FIT_CACHE_SIZE = 256
+
+
+def subsample(v: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """At most ``k`` of the values of 1-D ``v``, drawn uniformly (with replacement: O(k), where
+    a permutation of a million calibration values costs more than the fit it feeds), seeded."""
+    if v.numel() <= k:
+        return v
+    idx = torch.randint(v.numel(), (k,), generator=torch.Generator().manual_seed(seed))
+    return v[idx]
+
+
+def quantiles(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(v, q)`` (linear interpolation) for a 1-d float64 ``v`` without NaNs.
+
+    The order statistics come from a partition (``numpy.partition``, O(n)) where torch sorts all
+    of ``v``; the ranks and the interpolation are torch's own (``q·(n−1)``, ``lerp``), so the
+    values are bit-identical.
+    """
+    import numpy as np
+
+    ranks = q * (v.numel() - 1)
+    below = ranks.to(torch.long)
+    above = ranks.ceil().to(torch.long)
+    kth = np.unique(np.concatenate([below.numpy(), above.numpy()]))
+    part = torch.from_numpy(np.partition(v.numpy(), kth))
+    return part[below].lerp(part[above], ranks - below)
 
 
 def pwl_error(mod: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,
@@ -303,8 +355,7 @@ class NodeSamples:
             return self.lo[i], self.hi[i]
         v = self.values(i)
         v = v[torch.isfinite(v)]
-        if v.numel() > 200_000:
-            v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+        v = subsample(v, 200_000, seed=0)
         return float(torch.quantile(v.double(), q)), float(torch.quantile(v.double(), 1 - q))
 
 
@@ -329,9 +380,14 @@ class _Observer(torch.fx.Interpreter):
                 if rows.shape[0] > self.rows:
                     idx = torch.randperm(rows.shape[0], generator=self.gen)[:self.rows]
                     rows = rows[idx]
-                fin = t[torch.isfinite(t)]
-                lo = float(fin.min()) if fin.numel() else 0.0
-                hi = float(fin.max()) if fin.numel() else 0.0
+                lo = hi = 0.0
+                if t.numel():
+                    t_lo, t_hi = torch.aminmax(t)
+                    lo, hi = float(t_lo), float(t_hi)
+                if not (math.isfinite(lo) and math.isfinite(hi)):  # some inf/NaN: skip those
+                    fin = t[torch.isfinite(t)]
+                    lo = float(fin.min()) if fin.numel() else 0.0
+                    hi = float(fin.max()) if fin.numel() else 0.0
                 if i < len(rec.inputs):
                     if rec.inputs[i].shape[-1] == rows.shape[-1]:
                         merged = torch.cat([rec.inputs[i], rows])

@@ -63,6 +63,12 @@ def embed(fn, batches) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="*", default=["progressive"],
                    choices=["progressive", "independent"])
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per block")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per block")
     p.add_argument("--e2e-steps", type=int, default=0)
     p.add_argument("--quantize-surrogates", default="structural",
                    choices=["all", "structural", "none"])
@@ -208,7 +214,10 @@ def main(argv=None) -> int:
                    "host_fallback": sum(res.report.after.host_fallback_counts.values()),
                    "block_losses": [(b.name, b.loss_before, b.loss_after)
                                     for b in res.report.distill.blocks],
-                   "stage_seconds": res.report.seconds}
+                   "stage_seconds": res.report.seconds,
+                   "boundary_store_peak_mb": res.report.distill.peak_store_mb,
+                   "boundary_spilled_mb": res.report.distill.spilled_mb,
+                   "process_peak_rss_mb": peak_rss_mb()}
             for name, bs in sets.items():
                 if name == "lee_docs":
                     row["spearman"] = spearman(embed(lambda b: st(**b), bs), pairs)
@@ -231,11 +240,12 @@ def main(argv=None) -> int:
         return "—" if v is None else fmt.format(v)
     rows = [(r["method"], f(r.get("lee_heldout_mean_cos")), f(r.get("lee_heldout_min_cos")),
              f(r.get("pang_lee_mean_cos")), f(r.get("spearman")),
-             f(r.get("seconds"), "{:.0f}")) for r in results]
+             f(r.get("seconds"), "{:.0f}"), f(r.get("process_peak_rss_mb"), "{:.0f}"))
+            for r in results]
     print()
     print(tabulate(rows, headers=["method", "lee held-out mean cos", "min cos",
                                   "pang_lee mean cos", f"Spearman (orig {ref_sp:.4f})",
-                                  "transform s"], tablefmt="github"))
+                                  "transform s", "peak RSS MB"], tablefmt="github"))
     atomic_write_text(args.out, json.dumps(dict(
         model="all-MiniLM-L6-v2", target="npu_a", calib_sentences=len(calib_s),
         batch=args.batch, epochs=args.epochs, steps=args.steps,

@@ -62,8 +62,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.hinge import hinge_sum, tracing
 from archnet_fx.opargs import call_kwargs
-from archnet_fx.surrogate import PWL, Candidate, MatmulMul, Mul, RowSum, Surrogate, make_mul
+from archnet_fx.surrogate import (PWL, Candidate, MatmulMul, Mul, RowSum, Surrogate, make_mul,
+                                  subsample)
 
 #: Logits at or below this (or non-finite) are treated as mask values when calibrating.
 MASK_THRESHOLD = -1e4
@@ -118,8 +120,7 @@ class ExpPWL(nn.Module):
         if samples is not None and samples.numel():
             s = samples.double().flatten()
             s = s[(s >= lo) & (s <= 0)]
-            if s.numel() > 4096:
-                s = s[torch.randperm(s.numel(), generator=torch.Generator().manual_seed(0))[:4096]]
+            s = subsample(s, 4096, seed=0)
             grid.append(s)
         z = torch.cat(grid)
         a = torch.relu(z.unsqueeze(1) - b.unsqueeze(0))
@@ -129,8 +130,11 @@ class ExpPWL(nn.Module):
         self.coef = nn.Parameter(c.float().reshape(1, k))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(F.linear(z.unsqueeze(-1), self.w, self.nb))
-        return F.linear(h, self.coef).squeeze(-1)
+        if tracing(z):  # the chip's form
+            h = torch.relu(F.linear(z.unsqueeze(-1), self.w, self.nb))
+            return F.linear(h, self.coef).squeeze(-1)
+        # the same function by intervals, without the N×K hidden tensor (archnet_fx.hinge)
+        return hinge_sum(z, self.w, self.nb, self.coef, fast=True)
 
 
 # --------------------------------------------------------------------------- surrogates

@@ -46,3 +46,17 @@ def test_pwl_traces_to_hinges_and_runs_fast_eagerly():
     torch.testing.assert_close(pwl(x), gm(x), rtol=1e-5, atol=1e-5)
     assert not tracing(x)
     assert (pwl(x) - torch.tanh(x)).abs()[25:76].max() < 0.05
+
+
+def test_decreasing_hinges_over_a_wide_range():
+    """LayerNorm's 1/sqrt PWL: all hinges decreasing, breakpoints spanning 6 decades — the
+    interval tables must not lose the value to cancellation."""
+    from archnet_fx.passes.layernorm import fit_rsqrt
+
+    pwl = fit_rsqrt(1e-3, 1e3, 1e-12, 24)
+    v = torch.logspace(-3, 3, 2001)
+    fast = pwl(v)
+    with torch.no_grad():
+        ref = hinge_sum(v, pwl.inner.weight, pwl.inner.bias, pwl.outer.weight,
+                        pwl.outer.bias, pwl.slope, fast=False)
+    assert ((fast - ref).abs() / ref.abs()).max() < 1e-4

@@ -6,15 +6,17 @@ is reached).
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
 import torch
 
 import archnet_fx as ax
-import archnet_fx.transform as tr
 from archnet_fx import zoo
 from archnet_fx.transform import TransformResult, transform
+
+tr = importlib.import_module("archnet_fx.transform")  # the module (ax.transform is the function)
 
 
 def _mlp_batches(n=5, b=8, seed=0):

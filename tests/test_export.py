@@ -1,0 +1,128 @@
+"""``export_onnx`` (archnet_fx/export.py) and the ``archnet-fx transform`` command.
+
+Tolerance: onnxruntime (basic optimizations: Q/DQ stay float emulations) vs the torch module,
+``max|Δ| ≤ 1e-2·max(1, max|y|)`` (export's default ``atol``; in practice ≤ 1e-3 — a value on a
+rounding boundary may quantize one step differently).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import archnet_fx as ax
+from archnet_fx.cli import main
+from archnet_fx.export import ONNX_KINDS, ort_session
+from qdq_models import fake_quant
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _types(model, op):
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t.data_type for n in model.graph.node
+              if n.op_type == "Constant"}
+    return {inits.get(n.input[2], consts.get(n.input[2])) for n in model.graph.node
+            if n.op_type == op}
+
+
+def test_mlp_round_trip(tmp_path):
+    gm, ex = fake_quant("mlp", "npu_a")
+    path = tmp_path / "mlp.onnx"
+    rep = ax.export_onnx(gm, path, target="npu_a")
+    assert path.exists() and rep.checked and rep.max_abs_diff < 1e-3
+    assert rep.convert_record.name == "convert" and rep.convert_record.rule_hits["act_qdq"] == 3
+    model = onnx.load(path)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 6
+    assert [i.name for i in model.graph.input] == rep.input_names
+    assert _types(model, "QuantizeLinear") <= {onnx.TensorProto.UINT8, onnx.TensorProto.INT8}
+    # dynamic batch: run at a batch the export never saw
+    x = torch.randn(7, 32)
+    out = ort_session(path, level="basic").run(None, {rep.input_names[0]: x.numpy()})[0]
+    conv = ax.convert(gm, "npu_a").module
+    with torch.no_grad():
+        assert np.abs(out - conv(x).numpy()).max() < 1e-2 * max(1, float(conv(x).abs().max()))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_unsigned_weight_exports(tmp_path):
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.uniform_(0.1, 1.0)
+    fq = ax.quant.insert_fake_quant(torch.fx.symbolic_trace(nn.Sequential(lin)), "npu_a").module
+    x = torch.randn(8, 4)
+    with torch.no_grad(), ax.quant.calibrating(fq):
+        fq(x)
+    rep = ax.export_onnx(fq, tmp_path / "u.onnx", example_inputs=(x,), target="npu_a")
+    assert rep.max_abs_diff < 1e-4
+
+
+def test_int4_weights_opset21(tmp_path):
+    gm, ex = fake_quant("mlp", "npu_a", 4)
+    rep = ax.export_onnx(gm, tmp_path / "w4.onnx", target="npu_a")
+    model = onnx.load(tmp_path / "w4.onnx")
+    assert rep.opset == 21
+    assert onnx.TensorProto.INT4 in {i.data_type for i in model.graph.initializer}
+    assert not [o for o in model.opset_import if o.domain == "archnet"]
+
+
+def test_int16_activations_dsp_c(tmp_path):
+    gm, ex = fake_quant("mlp", "dsp_c")
+    rep = ax.export_onnx(gm, tmp_path / "a16.onnx", target="dsp_c")
+    model = onnx.load(tmp_path / "a16.onnx")
+    assert rep.opset == 21
+    assert _types(model, "QuantizeLinear") <= {onnx.TensorProto.INT16, onnx.TensorProto.UINT16}
+
+
+def test_bert_tiny_export_names_and_dynamic_batch(tmp_path):
+    pytest.importorskip("transformers")
+    gm, ex = fake_quant("bert_tiny", "npu_a")
+    rep = ax.export_onnx(gm, tmp_path / "bert.onnx", target="npu_a")
+    assert rep.input_names == ["input_ids", "token_type_ids", "attention_mask"]
+    assert rep.dynamic_batch is True
+    assert rep.op_counts["QuantizeLinear"] == 19
+    assert rep.prologue_nodes                     # one-hot / mask arithmetic on the host
+    kinds = {ONNX_KINDS.get(op) for op in rep.op_counts}
+    assert not kinds & {"softmax", "layer_norm", "gelu", "erf", "exp", "div", "sqrt"}
+    assert rep.rewrites["fold_weight_transposes"] > 0      # DQ → MatMul for runtimes
+    # CPU-runtime form: the one-hot embedding products become row gathers, bit-exact
+    g = ax.export_onnx(gm, tmp_path / "bert_g.onnx", target="npu_a", onehot_gather=True)
+    assert g.rewrites["onehot_to_gather"] == 2
+    assert g.max_abs_diff <= 1e-5
+    model = onnx.load(tmp_path / "bert_g.onnx")
+    assert not [n for n in model.graph.node if n.op_type == "Equal"
+                and "vocab" in "".join(n.input)]
+
+
+def test_illegal_op_rejected_and_no_file_left(tmp_path):
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), nn.GELU()))
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(ax.ExportError, match=r"Gelu|Erf"):
+        ax.export_onnx(gm, path, example_inputs=(torch.randn(2, 8),), target="npu_a")
+    assert os.listdir(tmp_path) == []                # no partial file, no temp file
+    # without a target the same graph exports (nothing to check legality against)
+    ax.export_onnx(gm, path, example_inputs=(torch.randn(2, 8),))
+    assert path.exists()
+
+
+def test_fake_quant_without_target_is_an_error(tmp_path):
+    gm, ex = fake_quant("mlp", "npu_a")
+    with pytest.raises(ax.ExportError, match="target="):
+        ax.export_onnx(gm, tmp_path / "x.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_transform_result_and_cli(tmp_path):
+    out = tmp_path / "cli.onnx"
+    assert main(["transform", "mlp", "--target", "npu_b", "--out", str(out), "--steps", "1",
+                 "--batch", "4"]) == 0
+    model = onnx.load(out)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 3
+    assert main(["transform", "mlp", "--target", "npu_b", "--out", str(tmp_path / "y.onnx"),
+                 "--weight-bits", "4"]) == 2           # npu_b has no int4
+    assert not (tmp_path / "y.onnx").exists()
