@@ -34,8 +34,9 @@ def tracing(x: object = None) -> bool:
             return True
     except AttributeError:  # pragma: no cover - older torch
         pass
-    from torch.fx._symbolic_trace import is_fx_tracing
-    return bool(is_fx_tracing())
+    from torch.fx import _symbolic_trace as st
+    check = getattr(st, "is_fx_tracing_symbolic_tracing", None) or st.is_fx_tracing
+    return bool(check())
 
 
 def _hinges(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, c: torch.Tensor,

@@ -128,7 +128,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from archnet_fx.capture import EXAMPLE_META_KEY, capture, normalize_inputs
+from archnet_fx.capture import EXAMPLE_META_KEY, _bind, capture, normalize_inputs
 from archnet_fx.errors import InputError
 from archnet_fx.legality import check, traced_body
 from archnet_fx.opkinds import META_KINDS, node_kind, target_name
@@ -667,21 +667,6 @@ def _peak(target: Target, bits: int) -> float:
     return float(peaks[top]) * top / bits
 
 
-def _bind(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    bound = list(args)
-    for n in phs[len(args):]:
-        if n.target in kwargs:
-            bound.append(kwargs[n.target])
-        elif n.name in kwargs:
-            bound.append(kwargs[n.name])
-        elif n.args:
-            bound.append(n.args[0])
-        else:
-            bound.append(None)
-    return bound
-
-
 def _blocks_map(blocks: Any) -> dict[str, str] | None:
     if blocks is None:
         return None
@@ -732,7 +717,7 @@ def estimate_latency(model_or_gm: torch.nn.Module, target: str | Target,
     verdicts = {v.node: v for v in check(gm, tgt).verdicts}
     interp = CostInterpreter(gm, abits, wbits, verdicts=verdicts)
     with torch.no_grad():
-        interp.run(*_bind(gm, args, kwargs))
+        interp.run(*_bind(gm, args, kwargs)[1])
     recs = interp.records
     by_name = {r.name: r for r in recs}
 

@@ -84,50 +84,14 @@ def spearman(emb: torch.Tensor, pairs) -> float:
 # --------------------------------------------------------------------------- onnxruntime
 
 
-class _Wrapped(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, token_type_ids, attention_mask):
-        return self.model(input_ids=input_ids, token_type_ids=token_type_ids,
-                          attention_mask=attention_mask).last_hidden_state
-
-
 def ort_baselines(model, calib: list[dict], sets: dict[str, list[dict]], refs: dict, workdir: Path
                   ) -> list[dict]:
     import onnxruntime as ort
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32 = workdir / "minilm_fp32.onnx"
-    ex = calib[0]
-    names = ["input_ids", "token_type_ids", "attention_mask"]
-    torch.onnx.export(_Wrapped(model).eval(), tuple(ex[k] for k in names), str(fp32),
-                      input_names=names, output_names=["last_hidden_state"],
-                      dynamic_axes={k: {0: "batch"} for k in names + ["last_hidden_state"]},
-                      opset_version=17, dynamo=False)
-    pre = workdir / "minilm_pre.onnx"
-    try:
-        quant_pre_process(str(fp32), str(pre))
-    except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
-        pre = fp32
-    dyn = workdir / "minilm_dynamic_int8.onnx"
-    quantize_dynamic(str(pre), str(dyn), weight_type=QuantType.QInt8)
+    from ort_minilm import NAMES as names, ort_fp32_and_int8
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {k: b[k].numpy() for k in names}
-
-    static = workdir / "minilm_static_qdq_int8.onnx"
-    quantize_static(str(pre), str(static), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
+    paths = ort_fp32_and_int8(model, calib, workdir, static_activations="int8")
+    fp32, dyn, static = paths.values()
     rows = []
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, torch.get_num_threads())

@@ -74,7 +74,10 @@ def batched(enc: dict, size: int) -> list[dict]:
     return [{k: v[i:i + size] for k, v in enc.items()} for i in range(0, n, size)]
 
 
-def ort_fp32_and_int8(model, calib: list[dict], work: Path) -> dict[str, Path]:
+def ort_fp32_and_int8(model, calib: list[dict], work: Path, *, static_activations: str = "uint8"
+                      ) -> dict[str, Path]:
+    """The fp32 export and onnxruntime's dynamic and static (QDQ, per-channel weights, the
+    calibration batches) int8 quantizations of it; ``static_activations`` "uint8" or "int8"."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -103,7 +106,9 @@ def ort_fp32_and_int8(model, calib: list[dict], work: Path) -> dict[str, Path]:
 
     static = work / "minilm_static_qdq_int8.onnx"
     quantize_static(str(pre), str(static), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
+                    per_channel=True,
+                    activation_type={"uint8": QuantType.QUInt8,
+                                     "int8": QuantType.QInt8}[static_activations],
                     weight_type=QuantType.QInt8)
     return {"(a) fp32 (onnxruntime)": fp32, "(b) ORT quantize_dynamic int8": dyn,
             "(c) ORT quantize_static QDQ int8": static}
