@@ -427,6 +427,52 @@ def fold_weight_transposes(model: Any) -> int:
     return n_done
 
 
+def constant_gathers(model: Any) -> int:
+    """``Gather(x, i)`` with a constant single index → a slice of length 1 (then ``Squeeze`` for a
+    scalar index): ``Shape(x, start=i, end=i+1)`` where ``x`` is a ``Shape`` (opset ≥ 15),
+    otherwise ``Slice`` on the gathered axis. Reading one dimension or one position (a pooler's
+    ``h[:, 0]``) is a slice on chip; exact."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    def const(name: str, values: list[int]) -> Any:
+        return helper.make_node("Constant", [], [name], name=name,
+                                value=numpy_helper.from_array(np.array(values, np.int64)))
+
+    prod = {o: n for n in model.graph.node for o in n.output}
+    out, n_done = [], 0
+    for node in list(model.graph.node):
+        idx = _const_array(model, node.input[1]) if node.op_type == "Gather" else None
+        if idx is None or idx.ndim > 1 or idx.size != 1:
+            out.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        i = int(idx.reshape(-1)[0])
+        end = i + 1 if i != -1 else 2 ** 62        # −1 slices to the end
+        src = prod.get(node.input[0])
+        sliced = node.output[0] + "_slice" if idx.ndim == 0 else node.output[0]
+        if src is not None and src.op_type == "Shape" and axis == 0 and not src.attribute:
+            out.append(helper.make_node("Shape", [src.input[0]], [sliced],
+                                        name=node.output[0] + "_shape", start=i,
+                                        **({} if i == -1 else {"end": end})))
+        else:
+            names = [f"{node.output[0]}_{k}" for k in ("starts", "ends", "axes")]
+            out += [const(names[0], [i]), const(names[1], [end]), const(names[2], [axis])]
+            out.append(helper.make_node("Slice", [node.input[0], *names], [sliced],
+                                        name=node.output[0] + "_slice"))
+        if idx.ndim == 0:
+            axes = node.output[0] + "_squeeze_axes"
+            out += [const(axes, [axis]),
+                    helper.make_node("Squeeze", [sliced, axes], [node.output[0]],
+                                     name=node.output[0] + "_squeeze")]
+        n_done += 1
+    if n_done:
+        del model.graph.node[:]
+        model.graph.node.extend(out)
+        _prune(model)
+    return n_done
+
+
 def onehot_to_gather(model: Any) -> int:
     """``MatMul(DQ(Q(Cast(Equal(Unsqueeze(ids, −1), arange(V))[..., a:b]))), T)`` → rows of ``T``
     gathered by ``ids − a`` (zero outside ``[a, b)``): the one-hot product on the host as the
@@ -657,7 +703,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                 if o.domain in ("", "ai.onnx"):
                     o.version = opset
         report.rewrites["fold_weight_transposes"] = fold_weight_transposes(model)
-        if retyped or opset > 20 or report.rewrites["fold_weight_transposes"]:
+        report.rewrites["constant_gathers"] = constant_gathers(model) if opset >= 15 else 0
+        if retyped or opset > 20 or report.rewrites["fold_weight_transposes"] \
+                or report.rewrites["constant_gathers"]:
             onnx.save(model, tmp)
         if onehot_gather and not check:
             report.rewrites["onehot_to_gather"] = onehot_to_gather(model)

@@ -50,6 +50,8 @@ def batched(enc: dict, size: int) -> list[dict]:
 
 
 def last_hidden(out):
+    if isinstance(out, torch.Tensor):
+        return out
     if isinstance(out, (tuple, list)):
         return out[0]
     return out["last_hidden_state"]
@@ -160,6 +162,16 @@ def main(argv=None) -> int:
           f"pang_lee sentences; original Spearman on lee.cor = {ref_sp:.4f}; "
           f"{torch.get_num_threads()} threads", flush=True)
 
+    def save(results: list[dict]) -> None:
+        """Results so far (after every configuration: a late failure loses nothing)."""
+        atomic_write_text(args.out, json.dumps(dict(
+            model="all-MiniLM-L6-v2", target="npu_a", calib_sentences=len(calib_s),
+            batch=args.batch, epochs=args.epochs, steps=args.steps,
+            heldout_sentences=len(eval_s), pang_sentences=len(pang_s),
+            quantize_surrogates=args.quantize_surrogates, host_fallback=args.host_fallback,
+            original_spearman=ref_sp, threads=torch.get_num_threads(), results=results),
+            indent=2, default=str))
+
     results = []
     for cfg in args.configs:
         w, a = (int(x) for x in cfg.split(","))
@@ -190,6 +202,7 @@ def main(argv=None) -> int:
                 row[f"{name}_mean_cos"] = float(c.mean())
                 row[f"{name}_min_cos"] = float(c.min())
             results.append(row)
+            save(results)
             print(f"  W{w}A{a} {mode}: lee held-out mean cos {row['lee_heldout_mean_cos']:.4f}, "
                   f"pang_lee {row['pang_lee_mean_cos']:.4f}, Spearman {row['spearman']:.4f}, "
                   f"{secs:.0f} s", file=sys.stderr, flush=True)
@@ -210,13 +223,7 @@ def main(argv=None) -> int:
     print(tabulate(rows, headers=["method", "lee held-out mean cos", "min cos",
                                   "pang_lee mean cos", f"Spearman (orig {ref_sp:.4f})",
                                   "transform s", "peak RSS MB"], tablefmt="github"))
-    atomic_write_text(args.out, json.dumps(dict(
-        model="all-MiniLM-L6-v2", target="npu_a", calib_sentences=len(calib_s),
-        batch=args.batch, epochs=args.epochs, steps=args.steps,
-        heldout_sentences=len(eval_s), pang_sentences=len(pang_s),
-        quantize_surrogates=args.quantize_surrogates, host_fallback=args.host_fallback,
-        original_spearman=ref_sp, threads=torch.get_num_threads(), results=results),
-        indent=2, default=str))
+    save(results)
     print(f"\nwrote {args.out}")
     return 0
 

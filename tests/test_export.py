@@ -126,3 +126,39 @@ def test_transform_result_and_cli(tmp_path):
     assert main(["transform", "mlp", "--target", "npu_b", "--out", str(tmp_path / "y.onnx"),
                  "--weight-bits", "4"]) == 2           # npu_b has no int4
     assert not (tmp_path / "y.onnx").exists()
+
+
+def test_constant_gathers_become_slices():
+    """Gather with a constant index (a shape dimension, a pooler's h[:, 0]) is rewritten into
+    Shape(start, end) / Slice (+ Squeeze): no Gather node left, same values in onnxruntime."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from archnet_fx.export import constant_gathers
+
+    def const(name, v):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            np.array(v, np.int64)))
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), const("i0", 0),
+             helper.make_node("Gather", ["s", "i0"], ["batch"], axis=0),
+             const("i1", [2]), helper.make_node("Gather", ["x", "i1"], ["col"], axis=2),
+             helper.make_node("Gather", ["x", "i0"], ["first"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 5])],
+        [helper.make_tensor_value_info(n, t, shape) for n, t, shape in
+         (("batch", TensorProto.INT64, []), ("col", TensorProto.FLOAT, ["b", 4, 1]),
+          ("first", TensorProto.FLOAT, ["b", 5]))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = run(model)
+    assert constant_gathers(model) == 3
+    onnx.checker.check_model(model)
+    assert not [n for n in model.graph.node if n.op_type == "Gather"]
+    for a, b in zip(want, run(model)):
+        assert a.shape == b.shape and np.array_equal(a, b)
