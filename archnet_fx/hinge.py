@@ -35,7 +35,7 @@ def tracing(x: object = None) -> bool:
     except AttributeError:  # pragma: no cover - older torch
         pass
     from torch.fx import _symbolic_trace as st
-    check = getattr(st, "is_fx_tracing_symbolic_tracing", None) or st.is_fx_tracing
+    check = getattr(st, "is_fx_symbolic_tracing", None) or st.is_fx_tracing
     return bool(check())
 
 
