@@ -66,7 +66,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from archnet_fx.opkinds import KIND_META_KEY, node_kind
-from archnet_fx.passmanager import FROM_PASS_KEY, RULE_KEY, GraphPass, PassRecord, PassResult
+from archnet_fx.passmanager import (FROM_PASS_KEY, GraphPass, PassRecord, PassResult,
+                                    fresh_attr_name, stamp_node)
 from archnet_fx.quant import FakeQuant, _QuantLayer, quantizers
 from archnet_fx.targets import Target, load_target
 
@@ -216,21 +217,10 @@ class ConvertPass(GraphPass):
         taken: set[str] = set()
 
         def fresh(hint: str) -> str:
-            base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint)
-            name, i = base, 0
-            while hasattr(gm, name) or name in taken:
-                i += 1
-                name = f"{base}_{i}"
-            taken.add(name)
-            return name
+            return fresh_attr_name(gm, hint, taken)
 
         def stamp(n: torch.fx.Node, rule: str, like: torch.fx.Node) -> torch.fx.Node:
-            n.meta[FROM_PASS_KEY] = self.name
-            n.meta[RULE_KEY] = rule
-            for k in ("nn_module_stack", "stack_trace", "archnet.module_path"):
-                if k in like.meta:
-                    n.meta[k] = like.meta[k]
-            return n
+            return stamp_node(n, self.name, rule, like)
 
         # 1. inline surrogates (and other containers) whose bodies hold quantizers.
         self._inline(gm, record, stamp, fresh)

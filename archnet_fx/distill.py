@@ -683,31 +683,41 @@ class _Run:
         opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / max(1, total))))
-        gen = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + k)
-        order: list[int] = []
-        bar = _bar(total, f"block {k + 1}/{len(self.blocks)} {blk.name}", self.opts.progress)
-        for step in range(total):
-            if not order:
-                order = torch.randperm(self.nb, generator=gen).tolist()
-            b = order.pop(0)
-            with torch.enable_grad():
-                loss = self.block_loss(k, mod(*self.inputs(k, b, stream)), b)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            if self.opts.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]],
-                                               self.opts.grad_clip)
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.detach().item():.4g}")
-        bar.close()
+        self.optimize(opt, groups, total, lambda b: self.block_loss(
+            k, mod(*self.inputs(k, b, stream)), b), seed=self.opts.seed * 1_000_003 + k,
+            desc=f"block {k + 1}/{len(self.blocks)} {blk.name}", sched=sched)
         opt.zero_grad(set_to_none=True)
         for p in frozen:
             p.requires_grad_(True)
         stats = BlockStats(k, blk.name, len(blk.nodes), n_params, total, loss_before, None,
                            time.perf_counter() - t0)
         return stats, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+
+    def optimize(self, opt: torch.optim.Optimizer, groups: list[dict[str, Any]], steps: int,
+                 loss_of: Callable[[int], torch.Tensor], *, seed: int, desc: str,
+                 sched: Any = None) -> None:
+        """``steps`` optimizer steps on ``loss_of(batch)``, batches in seeded random epochs
+        (a fresh permutation whenever one is used up), gradient clipping, a progress bar."""
+        gen = torch.Generator().manual_seed(seed)
+        params = [p for g in groups for p in g["params"]]
+        order: list[int] = []
+        bar = _bar(steps, desc, self.opts.progress)
+        for _ in range(steps):
+            if not order:
+                order = torch.randperm(self.nb, generator=gen).tolist()
+            b = order.pop(0)
+            with torch.enable_grad():
+                loss = loss_of(b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if self.opts.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.detach().item():.4g}")
+        bar.close()
 
     def restore(self, k: int) -> None:
         with torch.no_grad():
@@ -740,24 +750,8 @@ class _Run:
         with torch.no_grad():
             report.e2e_loss_before = float(self.final_loss(self.chain(0), 0))
         opt = torch.optim.Adam(groups)
-        gen = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + 999_983)
-        order: list[int] = []
-        bar = _bar(steps, "end-to-end", self.opts.progress)
-        for _ in range(steps):
-            if not order:
-                order = torch.randperm(self.nb, generator=gen).tolist()
-            b = order.pop(0)
-            with torch.enable_grad():
-                loss = self.final_loss(self.chain(b), b)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            if self.opts.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]],
-                                               self.opts.grad_clip)
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.detach().item():.4g}")
-        bar.close()
+        self.optimize(opt, groups, steps, lambda b: self.final_loss(self.chain(b), b),
+                      seed=self.opts.seed * 1_000_003 + 999_983, desc="end-to-end")
         with torch.no_grad():
             report.e2e_loss_after = sum(float(self.final_loss(self.chain(b), b))
                                         for b in range(self.nb)) / self.nb

@@ -481,11 +481,7 @@ class RewriteContext:
     # building ---------------------------------------------------------------
     def _fresh(self, hint: str) -> str:
         base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint).strip("_") or "w"
-        name, i = base, 0
-        while hasattr(self.gm, name):
-            i += 1
-            name = f"{base}_{i}"
-        return name
+        return fresh_attr_name(self.gm, base)
 
     def add_tensor(self, hint: str, t: torch.Tensor, trainable: bool = True) -> torch.fx.Node:
         """Register ``t`` as a new top-level parameter (or buffer) and return a get_attr node."""
@@ -511,13 +507,38 @@ class RewriteContext:
         return self._stamp(self.graph.call_function(fn, args, kwargs or {}))
 
     def _stamp(self, n: torch.fx.Node) -> torch.fx.Node:
-        n.meta[FROM_PASS_KEY] = self.pass_name
-        n.meta[RULE_KEY] = self.rule
-        if self.anchor is not None:
-            for k in ("nn_module_stack", "stack_trace", "archnet.module_path"):
-                if k in self.anchor.meta and k not in n.meta:
-                    n.meta[k] = self.anchor.meta[k]
-        return n
+        return stamp_node(n, self.pass_name, self.rule, self.anchor, overwrite=False)
+
+
+def fresh_attr_name(gm: torch.nn.Module, hint: str, taken: set[str] | None = None) -> str:
+    """A top-level attribute name for ``gm`` made from ``hint`` (non-identifier characters
+    become ``_``), suffixed ``_1``, ``_2``, … until it is neither an attribute of ``gm`` nor in
+    ``taken`` (names already handed out but not yet registered; the new one is added)."""
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint)
+    name, i = base, 0
+    while hasattr(gm, name) or (taken is not None and name in taken):
+        i += 1
+        name = f"{base}_{i}"
+    if taken is not None:
+        taken.add(name)
+    return name
+
+
+#: node.meta entries that say where in the user's source a node comes from.
+SOURCE_META_KEYS = ("nn_module_stack", "stack_trace", "archnet.module_path")
+
+
+def stamp_node(n: torch.fx.Node, pass_name: str, rule: str | None,
+               like: torch.fx.Node | None = None, *, overwrite: bool = True) -> torch.fx.Node:
+    """Provenance of a node a pass created: the pass and rule, and ``like``'s source location
+    (replacing what ``n`` has unless ``overwrite=False``)."""
+    n.meta[FROM_PASS_KEY] = pass_name
+    n.meta[RULE_KEY] = rule
+    if like is not None:
+        for k in SOURCE_META_KEYS:
+            if k in like.meta and (overwrite or k not in n.meta):
+                n.meta[k] = like.meta[k]
+    return n
 
 
 class RewritePass(GraphPass):

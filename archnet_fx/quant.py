@@ -67,7 +67,8 @@ from torch import nn
 
 from archnet_fx.dataflow import activations, is_float
 from archnet_fx.opkinds import KIND_META_KEY, node_kind, target_name
-from archnet_fx.passmanager import FROM_PASS_KEY, RULE_KEY, GraphPass, PassRecord, PassResult
+from archnet_fx.passmanager import (FROM_PASS_KEY, GraphPass, PassRecord, PassResult,
+                                    fresh_attr_name, stamp_node)
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -528,20 +529,10 @@ class FakeQuantPass(GraphPass):
         current: list[torch.fx.Node] = []  # the consumer being rewritten
 
         def fresh(hint: str) -> str:
-            base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint)
-            name, i = base, 0
-            while hasattr(gm, name):
-                i += 1
-                name = f"{base}_{i}"
-            return name
+            return fresh_attr_name(gm, hint)
 
         def stamp(n: torch.fx.Node, rule: str, like: torch.fx.Node) -> torch.fx.Node:
-            n.meta[FROM_PASS_KEY] = self.name
-            n.meta[RULE_KEY] = rule
-            for k in ("nn_module_stack", "stack_trace", "archnet.module_path"):
-                if k in like.meta:
-                    n.meta[k] = like.meta[k]
-            return n
+            return stamp_node(n, self.name, rule, like)
 
         def quantized_act(src: Any) -> Any:
             if not isinstance(src, torch.fx.Node) or src not in act or not is_float(src):
