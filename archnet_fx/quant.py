@@ -352,19 +352,23 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return F.linear(self.act_fq(x), self.weight_fq(self.weight), self.bias)
 
 
-class QuantConv1d(_QuantLayer, nn.Conv1d):
+class _QuantConv(_QuantLayer):
+    """The forward of every quantized conv (``_conv_forward`` of the float class it mixes in)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.act_fq(x), self.weight_fq(self.weight), self.bias)
 
 
-class QuantConv2d(_QuantLayer, nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_fq(x), self.weight_fq(self.weight), self.bias)
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    pass
 
 
-class QuantConv3d(_QuantLayer, nn.Conv3d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_fq(x), self.weight_fq(self.weight), self.bias)
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    pass
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    pass
 
 
 _QUANT_CLASSES: tuple[tuple[type, type], ...] = (
