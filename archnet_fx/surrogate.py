@@ -146,27 +146,11 @@ class PWL(nn.Module):
             xs.append(subsample(s, 4096, seed=1))
         x = torch.cat(xs)
         y = fn(x).double()
-        cols = [torch.ones_like(x)]
-        if not pinned:
-            cols.append(x)
-        cols += [torch.relu(x - bi) for bi in b]
-        a = torch.stack(cols, 1)
         target = y - (left_slope * x if pinned else 0.0)
-        if relative:
-            w = 1.0 / y.abs().clamp_min(1e-12)
-            a, target = a * w[:, None], target * w
-        # A few thousand rows × tens of columns: one thread is ~50× faster than several here.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            sol = torch.linalg.lstsq(a, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-        finally:
-            torch.set_num_threads(threads)
-        bias = float(sol[0])
+        w = 1.0 / y.abs().clamp_min(1e-12) if relative else None
+        bias, slope, coef = solve_hinges(x, target, w, b, lo, hi, pinned)
         if pinned:
-            slope, coef = float(left_slope), sol[1:]
-        else:
-            slope, coef = float(sol[1]), sol[2:]
+            slope = float(left_slope)
         args = (b.float(), coef.float(), bias, slope)
         if key is not None:
             if len(_FIT_CACHE) >= _FIT_CACHE_SIZE:
@@ -205,6 +189,75 @@ def quantiles(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     kth = np.unique(np.concatenate([below.numpy(), above.numpy()]))
     part = torch.from_numpy(np.partition(v.numpy(), kth))
     return part[below].lerp(part[above], ranks - below)
+
+
+def solve_hinges(x: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None,
+                 b: torch.Tensor, lo: float, hi: float, pinned: bool, first: float | None = None
+                 ) -> tuple[float, float, torch.Tensor]:
+    """Weighted least squares of ``target`` over PWL functions with breakpoints ``b`` on
+    ``[lo, hi]``, as ``(bias, slope, coef)`` of ``bias + slope·x + Σ coef_i relu(x − b_i)``
+    (``pinned``: the residual has slope 0 left of ``lo`` and the caller sets the slope).
+
+    Solved in the *hat* basis — the function's values at the knots ``lo ∪ b ∪ hi`` — rather than
+    on the hinge columns: both span the same functions on ``[lo, hi]``, but each point touches two
+    hat functions, so the normal equations are tridiagonal, O(n) to assemble (no n × K matrix)
+    and, after diagonal scaling, well conditioned where hinge columns over six decades are not.
+    A tiny penalty on slope changes settles knot values no data constrains (linear interpolation
+    of their neighbours). The values convert exactly to slope changes at the breakpoints; a
+    breakpoint that coincides with ``lo`` (free slope) or ``hi`` gets coefficient 0.
+    ``first`` (pinned only) fixes the value at the first breakpoint instead of fitting it (0 for
+    an exp that must vanish below its range). All float64.
+    """
+    tol = 1e-9 * (hi - lo)
+    ends = [e for e, keep in ((lo, not pinned and float(b.min()) > lo + tol),
+                              (hi, float(b.max()) < hi - tol)) if keep]
+    # Pinned, the first breakpoint is the first knot: left of it the residual is flat, as the
+    # clamped hat basis has it.
+    knots = torch.unique(torch.cat([b, torch.tensor(ends, dtype=torch.float64)]))
+    m = knots.numel()
+    h = knots[1:] - knots[:-1]
+    j = (torch.bucketize(x, knots, right=True) - 1).clamp_(0, m - 2)
+    u = ((x - knots[j]) / h[j]).clamp_(0.0, 1.0)
+    a0, a1 = 1.0 - u, u
+    if w is not None:
+        a0, a1, target = a0 * w, a1 * w, target * w
+    zeros = torch.zeros(m, dtype=torch.float64)
+    diag = zeros.index_add(0, j, a0 * a0).index_add_(0, j + 1, a1 * a1)
+    off = torch.zeros(m - 1, dtype=torch.float64).index_add_(0, j, a0 * a1)
+    rhs = zeros.index_add(0, j, a0 * target).index_add_(0, j + 1, a1 * target)
+    gram = torch.diag(diag) + torch.diag(off, 1) + torch.diag(off, -1)
+    # Slope-change penalty (row i: s_{i+1} − s_i in terms of the knot values), each row scaled
+    # to 1e-5 of the data weight around its knots, so it is negligible wherever data determine
+    # the fit (relative weights vary by many decades along the range).
+    if m > 2:
+        inv = 1.0 / h
+        d = torch.zeros(m - 2, m, dtype=torch.float64)
+        r = torch.arange(m - 2)
+        d[r, r] = inv[:-1]
+        d[r, r + 1] = -inv[:-1] - inv[1:]
+        d[r, r + 2] = inv[1:]
+        local = torch.stack([diag[:-2], diag[1:-1], diag[2:]]).amax(0)
+        d = d * (1e-5 * local.sqrt() / d.norm(dim=1).clamp_min(1e-300))[:, None]
+        gram = gram + d.T @ d
+    free = 0 if first is None else 1
+    if free:
+        rhs = rhs - gram[:, 0] * float(first)
+    g, r = gram[free:, free:], rhs[free:]
+    scale = g.diagonal().clamp_min(1e-300).rsqrt()
+    v = torch.linalg.solve(g * scale[:, None] * scale[None, :], (r * scale)[:, None])
+    v = v.squeeze(1) * scale
+    if free:
+        v = torch.cat([torch.tensor([float(first)], dtype=torch.float64), v])
+    s = (v[1:] - v[:-1]) / h                     # segment slopes
+    change = torch.zeros(m, dtype=torch.float64)  # slope change at each knot; 0 at the last
+    change[1:-1] = s[1:] - s[:-1]
+    if pinned:
+        change[0] = s[0]
+        bias, slope = float(v[0]), 0.0
+    else:
+        bias, slope = float(v[0] - s[0] * knots[0]), float(s[0])
+    idx = torch.searchsorted(knots, b).clamp_(0, m - 1)  # every breakpoint is a knot
+    return bias, slope, change[idx]
 
 
 def pwl_error(mod: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,

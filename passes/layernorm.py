@@ -62,7 +62,7 @@ from torch import nn
 
 from archnet_fx.opargs import call_kwargs
 from archnet_fx.opkinds import _produces_sequence, target_name
-from archnet_fx.surrogate import PWL, Candidate, Surrogate, make_mul
+from archnet_fx.surrogate import PWL, Candidate, Surrogate, make_mul, solve_hinges
 from archnet_fx.targets import Target
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,9 @@ def fit_rsqrt(lo: float, hi: float, eps: float, knots: int) -> PWL:
     b = torch.logspace(math.log10(lo), math.log10(hi), k + 1, dtype=torch.float64)[1:]
     v = torch.logspace(math.log10(lo), math.log10(hi), max(2048, 16 * k), dtype=torch.float64)
     y = (v + eps).rsqrt()
-    cols = torch.cat([torch.ones_like(v)[:, None], torch.relu(b[None, :] - v[:, None])], 1)
-    scale = cols.abs().amax(0).clamp_min(1e-300)
-    a = cols / scale / y[:, None]                     # relative-error weighting
-    sol = torch.linalg.lstsq(a, torch.ones_like(v)[:, None], driver="gelsy").solution[:, 0]
-    sol = sol / scale
-    pwl = PWL(b.float(), sol[1:].float(), float(sol[0]), 0.0)
+    # Mirrored (t = −v) these are left-pinned hinges relu(t − (−b_i)), flat left of −hi.
+    a, _, c = solve_hinges(-v, y, 1.0 / y, (-b).flip(0), -hi, -lo, pinned=True)
+    pwl = PWL(b.float(), c.flip(0).float(), a, 0.0)
     with torch.no_grad():  # right-hinges: relu(b − v) = relu(−1·v + b)
         pwl.inner.weight.fill_(-1.0)
         pwl.inner.bias.copy_(b.float())

@@ -65,7 +65,7 @@ from torch import nn
 from archnet_fx.hinge import hinge_sum, tracing
 from archnet_fx.opargs import call_kwargs
 from archnet_fx.surrogate import (PWL, Candidate, MatmulMul, Mul, RowSum, Surrogate, make_mul,
-                                  subsample)
+                                  solve_hinges, subsample)
 
 #: Logits at or below this (or non-finite) are treated as mask values when calibrating.
 MASK_THRESHOLD = -1e4
@@ -123,8 +123,7 @@ class ExpPWL(nn.Module):
             s = subsample(s, 4096, seed=0)
             grid.append(s)
         z = torch.cat(grid)
-        a = torch.relu(z.unsqueeze(1) - b.unsqueeze(0))
-        c = torch.linalg.lstsq(a, torch.exp(z).unsqueeze(1), driver="gelsy").solution
+        _, _, c = solve_hinges(z, torch.exp(z), None, b, lo, 0.0, pinned=True, first=0.0)
         self.register_buffer("w", torch.ones(k, 1))
         self.register_buffer("nb", (-b).float())
         self.coef = nn.Parameter(c.float().reshape(1, k))
