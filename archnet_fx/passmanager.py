@@ -96,6 +96,7 @@ class _GraphState:
     signatures: dict[str, tuple]
     attr_ids: dict[str, int]
     kinds: Counter
+    sig_cache: dict[str, tuple] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,6 +150,29 @@ def _target_key(t: Any) -> Any:
 def _signature(n: torch.fx.Node) -> tuple:
     return (n.op, _target_key(n.target), tuple(_key(a) for a in _leaves(n.args, [])),
             tuple(sorted((k, _key(v)) for k, v in n.kwargs.items())))
+
+
+def _signatures(graph: torch.fx.Graph, cache: dict[str, tuple] | None
+                ) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Every node's signature, and the cache for the next call.
+
+    fx never edits a node's ``args``/``kwargs`` containers in place (every rewiring installs
+    new, immutable ones), so a node whose op, target and containers are the very objects seen
+    last time has last time's signature: only the nodes a pass touched are walked again.
+    """
+    cache = cache or {}
+    sigs, fresh = {}, {}
+    for n in graph.nodes:
+        a, k, t = n.args, n.kwargs, n.target
+        c = cache.get(n.name)
+        if c is not None and c[0] is n and c[1] is a and c[2] is k and c[3] is t \
+                and c[4] == n.op:
+            sig = c[5]
+        else:
+            sig = _signature(n)
+        sigs[n.name] = sig
+        fresh[n.name] = (n, a, k, t, n.op, sig)
+    return sigs, fresh
 
 
 _NODE_TAG = "%node"  # marks a node reference inside a signature (vs. a constant's repr)
@@ -232,7 +256,7 @@ def _resolve(root: Any, target: str) -> Any:
 
 
 def refresh(gm: torch.fx.GraphModule, dirty: Iterable[torch.fx.Node] | None = None, *,
-            recompile: bool = True) -> None:
+            recompile: bool = True, lint: bool = True) -> None:
     """Lint, recompile, re-propagate shapes on the stored example, re-annotate kinds.
 
     With ``dirty`` (the nodes a pass created or rewired), shapes are re-derived for those nodes
@@ -240,7 +264,8 @@ def refresh(gm: torch.fx.GraphModule, dirty: Iterable[torch.fx.Node] | None = No
     whole graph is run on the example only when that is not possible, or when the graph's
     shapes come from another example (a fresh capture's full batch: once per pipeline).
     """
-    gm.graph.lint()
+    if lint:
+        gm.graph.lint()
     if recompile:
         gm.recompile()
     example = shape_example(gm)
@@ -285,23 +310,24 @@ class GraphPass:
         return self.run_inplace(copy_graph_module(gm), _t0=t0)
 
     def run_inplace(self, gm: torch.fx.GraphModule, *, recompile: bool = True,
-                    prior: "_GraphState | None" = None, _t0: float | None = None
-                    ) -> PassResult:
+                    prior: "_GraphState | None" = None, lint: bool = True,
+                    _t0: float | None = None) -> PassResult:
         """Run on ``gm`` itself: for a pass manager that owns ``gm`` (a copy it made).
 
         Does everything :meth:`__call__` does except the copy; with ``recompile=False`` the
         generated ``forward`` is left stale for the owner to recompile once (nothing between
         passes calls the module: analyses interpret the graph). ``prior`` is the previous
         pass's ``result.state`` when nothing touched ``gm`` since: its node signatures, weight
-        identities and kind histogram are this pass's "before" (not recomputed).
+        identities and kind histogram are this pass's "before" (not recomputed). ``lint=False``
+        skips the graph's structural lint, for an owner that lints once after its last pass.
         """
         t0 = time.perf_counter() if _t0 is None else _t0
         record = PassRecord(name=self.name, exact=self.exact)
         if prior is not None and prior.gm is gm:
-            before, old_ids = prior.signatures, prior.attr_ids
+            before, old_ids, cache = prior.signatures, prior.attr_ids, prior.sig_cache
             record.kinds_before = Counter(prior.kinds)
         else:
-            before = {n.name: _signature(n) for n in gm.graph.nodes}
+            before, cache = _signatures(gm.graph, None)
             old_ids = _attr_ids(gm)
             record.kinds_before = kind_histogram(gm)
         old_meta = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type"))
@@ -312,16 +338,17 @@ class GraphPass:
         # job, and its record should say so).
         _eliminate_new_dead_code(gm.graph, keep=already_dead)
         _drop_unused_attributes(gm)
-        after = {n.name: _signature(n) for n in gm.graph.nodes}
+        after, cache = _signatures(gm.graph, cache)
         record.created = [k for k in after if k not in before]
         record.erased = [k for k in before if k not in after]
         record.changed = [k for k in after if k in before and after[k] != before[k]]
         new_ids = _attr_ids(gm)
         if after != before or new_ids != old_ids:
             refresh(gm, _dirty_nodes(gm, record, before, after, old_meta, old_ids, new_ids),
-                    recompile=recompile)
+                    recompile=recompile, lint=lint)
         else:
-            gm.graph.lint()
+            if lint:
+                gm.graph.lint()
             annotate_kinds(gm)
         record.modified = bool(record.created or record.erased or record.changed)
         created = set(record.created)
@@ -333,7 +360,7 @@ class GraphPass:
                                      if k not in META_KINDS)
         record.seconds = time.perf_counter() - t0
         return PassResult(gm, record.modified, record,
-                          _GraphState(gm, after, new_ids, record.kinds_after))
+                          _GraphState(gm, after, new_ids, record.kinds_after, cache))
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
@@ -686,7 +713,9 @@ class PassManager:
                     res = p(cur)
                     state = None
                 else:
-                    res = p.run_inplace(cur, recompile=False, prior=state)
+                    # Linted per pass only when verifying (it names the pass that broke the
+                    # graph); otherwise once, after the last pass.
+                    res = p.run_inplace(cur, recompile=False, prior=state, lint=self.verify)
                     state = res.state
                     stale = stale or res.modified
                     if self.verify and stale:
@@ -713,6 +742,14 @@ class PassManager:
             cur = res.module
             if self.keep_stages:
                 stages.append(cur)
+        if not self.verify and self.passes:
+            try:
+                cur.graph.lint()
+            except Exception as e:  # noqa: BLE001
+                raise PipelineError(
+                    f"pipeline '{self.name}': the graph after passes "
+                    f"{[r.name for r in records]} is malformed: {e} (run with verify=True to "
+                    f"find the pass)") from e
         if stale and recompile:
             cur.recompile()
         return PipelineResult(cur, records, self.name, stages)

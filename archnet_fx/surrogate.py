@@ -133,7 +133,7 @@ class PWL(nn.Module):
             grid = torch.linspace(lo, hi, 4096, dtype=torch.float64)
             if spacing == "quantile" and samples is not None and samples.numel() > 4 * k:
                 s = inside
-                s = subsample(s, 200_000, seed=0)
+                s = subsample(s, 16_384, seed=0)  # knot positions, not tail estimates
                 nq = k // 2
                 q = quantiles(s, torch.linspace(0, 1, nq + 2, dtype=torch.float64)[1:-1])
                 u = hinges(torch.linspace(lo, hi, n - nq, dtype=torch.float64))
@@ -408,8 +408,9 @@ class NodeSamples:
             return self.lo[i], self.hi[i]
         v = self.values(i)
         v = v[torch.isfinite(v)]
-        v = subsample(v, 200_000, seed=0)
-        return float(torch.quantile(v.double(), q)), float(torch.quantile(v.double(), 1 - q))
+        v = subsample(v, 200_000, seed=0).double()
+        lo, hi = quantiles(v, torch.tensor([q, 1 - q], dtype=torch.float64)).tolist()
+        return lo, hi
 
 
 Ranges = dict  # node name -> NodeSamples
