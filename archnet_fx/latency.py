@@ -493,6 +493,17 @@ class LatencyReport:
     roofline_compute_s: float
     roofline_memory_s: float
     notes: list[str] = field(default_factory=list)
+    mac_kernels: int = 0          # conv/linear/matmul nodes (wherever they run)
+    mac_compute_s: float = 0.0    # their ops at the chip's peak
+    per_op_overhead_s: float = 0.0
+
+    @property
+    def rewrite_bound_s(self) -> float:
+        """A floor for any rewrite of this graph that keeps its MAC work as chip kernels: that
+        work at peak plus one kernel overhead per MAC op, everything else free (perfectly
+        fused, no fallback). ``total_s / rewrite_bound_s`` is the largest speed-up such a
+        rewrite can show under this target's cost parameters."""
+        return self.mac_compute_s + self.mac_kernels * self.per_op_overhead_s
 
     # -- totals
     def _sum(self, *wheres: str) -> float:
@@ -595,7 +606,10 @@ class LatencyReport:
                     roofline_bound="compute" if self.roofline_compute_s >= self.roofline_memory_s
                     else "memory",
                     ratio_to_roofline=(self.total_s / self.roofline_s if self.roofline_s > 0
-                                       else float("inf")))
+                                       else float("inf")),
+                    rewrite_bound_us=self.rewrite_bound_s * 1e6,
+                    max_rewrite_speedup=(self.total_s / self.rewrite_bound_s
+                                         if self.rewrite_bound_s > 0 else float("inf")))
 
     def table(self, *, nodes: bool = False, max_kinds: int = 20) -> str:
         """Summary, per-kind and per-block tables, fallback regions, optionally every node."""
@@ -981,10 +995,14 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
     io_bytes += sum(by_name[i].out_bytes for r in recs if r.is_output for i in r.inputs
                     if by_name[i].dependent)
     min_bytes = sum(consts.values()) + io_bytes
+    macs = [r for r in recs if r.kind in ANCHOR_KINDS and loc[r.name] in ("chip", "host")
+            and r.ops > 0]
 
     ordered = [rows[r.name] for r in recs if r.name in rows] + io_rows
     rep = LatencyReport(tgt.name, wbits, abits, ordered, regions, total_ops, min_bytes, comp_s,
-                        min_bytes / bw)
+                        min_bytes / bw, mac_kernels=len(macs),
+                        mac_compute_s=sum(r.ops / _peak(tgt, bits_of(r)) for r in macs),
+                        per_op_overhead_s=cost.per_op_overhead_s)
     log.info("latency on %s: %.1f us (%d regions)", tgt.name, rep.total_s * 1e6, len(regions))
     return rep
 

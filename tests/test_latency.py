@@ -129,6 +129,12 @@ def test_fallback_region_between_two_linears():
     rows = chip_rows(rep)
     assert rows["_0"].bytes == 16 * 32 + 4 * 16 + 4 * 32
     assert rows["_2"].bytes == 32 * 8 + 4 * 32 + 4 * 8
+    # The rewrite bound: both linears' MACs at peak plus one overhead each (GELU free).
+    macs = 2 * 4 * (16 * 32 + 32 * 8)
+    assert rep.mac_kernels == 2
+    assert rep.rewrite_bound_s == pytest.approx(macs / PEAK + 2 * OVH)
+    assert rep.summary()["max_rewrite_speedup"] == pytest.approx(
+        rep.total_s / (macs / PEAK + 2 * OVH))
 
 
 def test_sram_residency_between_chip_kernels():
