@@ -333,12 +333,14 @@ class GraphPass:
         old_meta = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type"))
                     for n in gm.graph.nodes}
         already_dead = _dead_names(gm.graph)
+        attrs = _attr_counts(gm)
         self.apply(gm, record)
         # Remove what this pass made dead, not dead code it was given (that is the dce pass's
         # job, and its record should say so).
         _eliminate_new_dead_code(gm.graph, keep=already_dead)
-        _drop_unused_attributes(gm)
         after, cache = _signatures(gm.graph, cache)
+        if after != before or _attr_counts(gm) != attrs:  # else nothing can have become unused
+            _drop_unused_attributes(gm)
         record.created = [k for k in after if k not in before]
         record.erased = [k for k in before if k not in after]
         record.changed = [k for k in after if k in before and after[k] != before[k]]
@@ -425,6 +427,10 @@ def _delete_unused_submodules(gm: torch.fx.GraphModule) -> None:
                 used.update(f"{n.target}.{name}" for name, _ in sub.named_modules() if name)
     for name in [name for name, _ in gm.named_modules() if name not in used]:
         gm.delete_submodule(name)
+
+
+def _attr_counts(gm: torch.fx.GraphModule) -> tuple[int, int, int]:
+    return len(gm._modules), len(gm._parameters), len(gm._buffers)
 
 
 def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
