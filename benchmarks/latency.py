@@ -18,8 +18,8 @@ made every other op free (perfect fusion, no fallback) would reach. It says how 
 speed-up target is reachable at all under the target's cost parameters.
 
 Prints a table, writes ``benchmarks/results/latency.json`` (atomically) and, when matplotlib
-imports, ``benchmarks/results/latency_<model>_<target>.png`` (per-kind time before/after) for
-MiniLM (``--plots all`` for every model).
+(the ``plot`` extra) imports, ``benchmarks/results/latency_<model>_<target>.png`` (per-kind
+time before/after) for MiniLM (``--plots all`` for every model).
 """
 from __future__ import annotations
 
@@ -159,6 +159,9 @@ def main(argv=None) -> int:
                                                  default=str))
     print(f"\nwrote {out}" + (f" and {len(plots)} plot(s)" if plots else "")
           + f" in {time.perf_counter() - t0:.1f} s")
+    if not plots and args.plots != "none":
+        print("no bar charts: matplotlib is not installed (pip install -c constraints.txt "
+              "-e '.[plot]')", file=sys.stderr)
     return 0
 
 
