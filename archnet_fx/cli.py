@@ -267,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from archnet_fx.legalize import legalize
 
-    res = legalize(gm, tgt, allow_host_fallback=True, verify=False)
+    res = legalize(gm, tgt, allow_host_fallback=True, verify=False, select=args.select)
     after = estimate_latency(res.module, tgt, **bits)
     print(f"\n# {name} on {tgt.name}: legalized\n")
     print(after.table(nodes=args.nodes))
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weight-bits", type=int, help="weight bits (default: the target's)")
     sp.add_argument("--act-bits", type=int, help="activation bits (default: the target's)")
     sp.add_argument("--nodes", action="store_true", help="also print every node's row")
+    sp.add_argument("--select", choices=["order", "latency"], default="order",
+                    help="with --legalize: lossless candidates by default order or by the "
+                    "latency estimate (e.g. embeddings looked up on the host)")
     sp.set_defaults(fn=cmd_bench)
     sp = sub.add_parser("transform", help="transform a model for a target and export ONNX")
     sp.add_argument("model", help="built-in model name or package.module:factory")

@@ -24,10 +24,11 @@ training), then any other offered candidate.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -46,6 +47,9 @@ from archnet_fx.targets import Target, load_target
 log = logging.getLogger(__name__)
 
 STYLES = ("emulation", "structural", "exact", "host")
+SELECTS = ("order", "latency")
+#: Styles whose surrogates compute the original values: choosing among them costs no fidelity.
+LOSSLESS = ("exact", "host")
 
 
 class SurrogateContext(RewriteContext):
@@ -186,6 +190,9 @@ class LegalizeResult(PipelineResult):
     before: LegalityReport | None = None
     after: LegalityReport | None = None
     choices: dict[str, str] = field(default_factory=dict)
+    #: With ``select="latency"``: one row per lossless alternative tried (node, candidate,
+    #: estimated µs of the whole graph with it, whether it was kept).
+    selection: list[dict] = field(default_factory=list)
 
 
 def calibration_batches(calib_data: Any, example_inputs: Any = None, *, limit: int = 16
@@ -268,7 +275,8 @@ def structural_passes(target: Target) -> list[GraphPass]:
 def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any = None,
              calib_data: Iterable | None = None, *, choices: Mapping[str, str] | None = None,
              prefer: str = "emulation", allow_host_fallback: bool = False, knots: int = 32,
-             verify: bool = True, threads: int | None = 1) -> LegalizeResult:
+             verify: bool = True, threads: int | None = 1, select: str = "order"
+             ) -> LegalizeResult:
     """Rewrite ``model`` so that ``check(result.module, target)`` has no unsupported node.
 
     ``threads``: torch intra-op threads while legalizing (restored afterwards; ``None`` leaves
@@ -277,7 +285,18 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
     region waits for a descheduled thread: all-MiniLM-L6-v2 took 11–17 s with torch's 2 threads
     on a loaded 2-core box, 1.2 s with 1. The results are the same (bit-identical on MiniLM:
     tensors this small mostly run on one thread either way).
+
+    ``select``: ``"order"`` (default) takes, per node, the first candidate in the order above.
+    ``"latency"`` then revisits every node whose candidate is lossless (style exact or host:
+    one-hot × linear, a host-prologue lookup, const rows, ...) and tries each other lossless
+    candidate the target offers, keeping it when :func:`archnet_fx.estimate_latency` of the
+    whole legalized graph drops — HANT's per-layer choice, where equal accuracy reduces its
+    integer program to a latency minimum per node. One extra legalization per alternative;
+    ``result.selection`` lists what was tried. Lossy styles (emulation, structural) are left
+    to ``choices`` and distillation.
     """
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     before = torch.get_num_threads()
@@ -288,15 +307,53 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
     # the cyclic collector's full passes over a large model's objects cost up to a third of the
     # time and free nothing; collect once, afterwards.
     gc.disable()
+    run = functools.partial(_legalize, model, target, example_inputs, calib_data, prefer=prefer,
+                            allow_host_fallback=allow_host_fallback, knots=knots, verify=verify)
     try:
-        return _legalize(model, target, example_inputs, calib_data, choices=choices,
-                         prefer=prefer, allow_host_fallback=allow_host_fallback, knots=knots,
-                         verify=verify)
+        res = run(choices=choices)
+        return _select_by_latency(res, run, choices) if select == "latency" else res
     finally:
         if gc_was_on:
             gc.enable()
         if threads is not None:
             torch.set_num_threads(before)
+
+
+def _select_by_latency(res: LegalizeResult, run: Callable[..., LegalizeResult],
+                       choices: Mapping[str, str] | None) -> LegalizeResult:
+    """Greedy per-node latency choice among lossless candidates (see :func:`legalize`)."""
+    from archnet_fx.latency import estimate_latency
+
+    tgt = load_target(res.target)
+    kind_of = {v.node: v.kind for v in res.before.unsupported} if res.before else {}
+    by_kind = default_candidates(tgt)
+    styles = {c.name: c.style for cands in by_kind.values() for c, _ in cands}
+    best, best_s = res, estimate_latency(res.module, tgt).total_s
+    user = dict(choices or {})
+    for node, chosen in res.choices.items():
+        if node in user or styles.get(chosen) not in LOSSLESS:
+            continue
+        alts = [c.name for c, why in by_kind.get(kind_of.get(node, ""), [])
+                if why is None and c.style in LOSSLESS and c.name != chosen]
+        for alt in dict.fromkeys(alts):
+            # Every other node pinned by name to its current candidate: a node may be named
+            # like a kind ("embedding"), and a choice under that key would move them all.
+            try:
+                trial = run(choices={**user, **best.choices, node: alt})
+            except UnsupportedOpError:  # the candidate refused this node (no fallback allowed)
+                continue
+            if trial.choices.get(node) != alt:  # refused, and the node went to the host
+                continue
+            t = estimate_latency(trial.module, tgt).total_s
+            keep = t < best_s
+            best.selection.append(dict(node=node, candidate=alt, was=chosen,
+                                       estimate_us=t * 1e6, best_us=best_s * 1e6, kept=keep))
+            log.info("select: %s %s → %s: %.1f us (best %.1f us)%s", node, chosen, alt,
+                     t * 1e6, best_s * 1e6, " kept" if keep else "")
+            if keep:
+                trial.selection = best.selection
+                best, best_s, chosen = trial, t, alt
+    return best
 
 
 def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,

@@ -279,12 +279,13 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               cut_nodes: Sequence[str] | None = None, prefer: str = "emulation",
               allow_host_fallback: bool = False, quantize_surrogates: str | bool = "structural",
               surrogate_weight_bits: int | None = None, verify: bool = True,
-              **distill_options: Any) -> TransformResult:
+              select: str = "order", **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
     Extra keyword arguments go to :class:`~archnet_fx.distill.DistillOptions` (``lr_surrogate``,
     ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``, ``memory_budget_mb``,
-    ``spill_dir``, ``stop_after``, ``progress``).
+    ``spill_dir``, ``stop_after``, ``progress``). ``select="latency"`` lets legalization pick
+    among lossless candidates by estimated latency (see :func:`archnet_fx.legalize`).
     """
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -331,7 +332,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         t0 = time.perf_counter()
         leg = legalize(teacher, tgt, example_inputs, [_as_call(b) for b in train],
                        choices=choices, prefer=prefer, allow_host_fallback=allow_host_fallback,
-                       verify=verify)
+                       verify=verify, select=select)
         seconds["legalize"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -4,10 +4,10 @@ Models (batch 1): the real all-MiniLM-L6-v2 (1 sentence × 128 tokens), the zoo'
 small CNN and LLaMA-style decoder (RMSNorm, SiLU/SwiGLU). For each target the original graph
 is estimated as captured (unsupported nodes run on the host: fallback regions), then the graph
 legalized with the default candidates (``allow_host_fallback=True, verify=False``), then —
-where the default picked ``onehot_linear`` for a token-embedding lookup — a *latency-driven*
-choice: each such node is re-legalized with ``host_lookup`` and kept there when the estimate
-drops (a one-hot of a 30522-word vocabulary is a 3 Gop matmul over a 11.7 MB table plus a
-``L × V`` upload; the host lookup sends ``L × D`` values instead).
+where it changes anything — with ``select="latency"``: every node with a lossless candidate
+(one-hot × linear, host-prologue lookup, const rows) tries the others and keeps the one with
+the lower whole-graph estimate (a one-hot of a 30522-word vocabulary is a 3 Gop matmul over a
+11.7 MB table plus a ``L × V`` upload; the host lookup sends ``L × D`` values instead).
 
     python benchmarks/latency.py                       # everything
     python benchmarks/latency.py --models minilm --targets npu_a
@@ -48,25 +48,15 @@ log = logging.getLogger("bench.latency")
 
 
 def legalized_variants(gm, target):
-    """[(label, LegalizeResult, LatencyReport)]: the default, then the latency-driven choice."""
+    """[(label, LegalizeResult, LatencyReport)]: the default order, then — where it differs —
+    ``legalize(..., select="latency")`` (lossless candidates chosen by the estimate)."""
     res = ax.legalize(gm, target, allow_host_fallback=True, verify=False)
-    rep = estimate_latency(res.module, target)
-    out = [("default", res, rep)]
-    best, best_rep, choices = res, rep, dict(res.choices)
-    flipped = []
-    for node, cand in res.choices.items():
-        if cand != "onehot_linear":
-            continue
-        trial = dict(choices, **{node: "host_lookup"})
-        r = ax.legalize(gm, target, allow_host_fallback=True, verify=False, choices=trial)
-        e = estimate_latency(r.module, target)
-        log.info("%s: %s host_lookup %.1f us vs %.1f us", target, node, e.total_s * 1e6,
-                 best_rep.total_s * 1e6)
-        if e.total_s < best_rep.total_s:
-            best, best_rep, choices = r, e, trial
-            flipped.append(node)
+    out = [("default", res, estimate_latency(res.module, target))]
+    sel = ax.legalize(gm, target, allow_host_fallback=True, verify=False, select="latency")
+    flipped = [f"{r['node']}→{r['candidate']}" for r in sel.selection if r["kept"]]
     if flipped:
-        out.append((f"latency choice (host_lookup: {', '.join(flipped)})", best, best_rep))
+        out.append((f"select=latency ({', '.join(flipped)})", sel,
+                    estimate_latency(sel.module, target)))
     return out
 
 
@@ -139,7 +129,7 @@ def main(argv=None) -> int:
                                     legalized=after.to_dict(nodes=False),
                                     choices=res.choices))
                 if args.plots == "all" or (args.plots == "minilm" and name == "minilm"):
-                    suffix = "" if label == "default" else "_latency_choice"
+                    suffix = "" if label == "default" else "_select_latency"
                     path = plot_kinds(before, after, f"{name} on {tname} ({label})",
                                       RESULTS / f"latency_{name}_{tname}{suffix}.png")
                     if path:

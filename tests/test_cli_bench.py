@@ -36,3 +36,13 @@ def test_bench_errors(capsys):
     assert code == 2 and err.startswith("error: ") and "unknown target" in err
     code, _, err = run(capsys, "bench", "mlp", "--target", "npu_b", "--weight-bits", "4")
     assert code == 2 and "weight_bits=4" in err
+
+
+def test_bench_select_latency_is_never_slower(capsys):
+    def legalized_total(*extra):
+        code, out, _ = run(capsys, "bench", "decoder", "--target", "npu_b", "--legalize", *extra)
+        assert code == 0
+        line = next(ln for ln in out.splitlines() if ln.startswith("| total us"))
+        return float(line.split("|")[3])
+    order, fast = legalized_total(), legalized_total("--select", "latency")
+    assert fast < order  # the decoder's embedding looked up on the host instead of one-hot

@@ -148,3 +148,44 @@ def test_minilm_legalizes_fully_on_chip(minilm_graph, target):
     got = call(res.module, ex).last_hidden_state
     cos = torch.nn.functional.cosine_similarity(ref.flatten(1), got.flatten(1), dim=-1)
     assert float(cos.min()) > 0.999
+
+
+class _BigVocab(torch.nn.Module):
+    """A token embedding whose one-hot form (16 × 20000 upload, a 20000-wide matmul) costs far
+    more on npu_a than looking the rows up on the host and uploading 16 × 64 values."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20000, 64)
+        self.fc = torch.nn.Linear(64, 8)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.emb(ids)))
+
+
+def test_select_latency_picks_the_cheaper_lossless_candidate():
+    torch.manual_seed(0)
+    model, ids = _BigVocab().eval(), torch.randint(0, 20000, (1, 16))
+    order = ax.legalize(model, "npu_a", (ids,), verify=False)
+    assert set(order.choices.values()) == {"onehot_linear"} and not order.selection
+    fast = ax.legalize(model, "npu_a", (ids,), verify=False, select="latency")
+    (node,) = fast.choices
+    assert fast.choices[node] == "host_lookup"
+    (row,) = fast.selection
+    assert row["node"] == node and row["was"] == "onehot_linear" and row["kept"]
+    t_order = ax.estimate_latency(order.module, "npu_a").total_s
+    t_fast = ax.estimate_latency(fast.module, "npu_a").total_s
+    assert row["estimate_us"] == pytest.approx(t_fast * 1e6)
+    assert row["best_us"] == pytest.approx(t_order * 1e6)
+    assert t_fast < t_order / 2
+    # Both are lossless: same outputs as the model.
+    with torch.no_grad():
+        ref = model(ids)
+        assert torch.allclose(fast.module(ids), ref, atol=1e-5)
+        assert torch.allclose(order.module(ids), ref, atol=1e-5)
+    # A user's choice is never second-guessed.
+    pinned = ax.legalize(model, "npu_a", (ids,), verify=False, select="latency",
+                         choices={node: "onehot_linear"})
+    assert pinned.choices[node] == "onehot_linear" and not pinned.selection
+    with pytest.raises(ValueError, match="select must be one of"):
+        ax.legalize(model, "npu_a", (ids,), select="fastest")
