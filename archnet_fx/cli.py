@@ -220,6 +220,7 @@ def _demo_transform(model: torch.nn.Module, gm: torch.fx.GraphModule,
     from archnet_fx import data, zoo
     from archnet_fx.export import export_onnx
     from archnet_fx.latency import estimate_latency
+    from archnet_fx.legalize import legalize
     from archnet_fx.transform import transform
 
     n, bs = args.sentences, 16
@@ -234,15 +235,19 @@ def _demo_transform(model: torch.nn.Module, gm: torch.fx.GraphModule,
     print(res.report)
     print(f"(transform took {time.perf_counter() - t1:.1f} s)")
     one = {k: v[:1] for k, v in batches[0].items()}
-    lat = [estimate_latency(m, "npu_a", one) for m in (gm, res.module)]
-    a, b = lat[0].summary(), lat[1].summary()
+    fast = legalize(gm, "npu_a", one, verify=False, select="latency")
+    lat = [estimate_latency(m, "npu_a", one) for m in (gm, res.module, fast.module)]
+    a, b, c = (r.summary() for r in lat)
     print("\n## estimated latency on npu_a, batch 1 × 128 tokens (archnet-fx bench for more)\n")
-    print(tabulate([(label, f"{d['total_us']:.0f}", d["fallback_regions"],
-                     f"{100 * d['fallback_share']:.1f}", f"{d['roofline_us']:.0f}")
-                    for label, d in (("original", a), ("transformed", b))],
-                   headers=["model", "estimate us", "host fallback regions", "fallback %",
-                            "roofline us"], tablefmt="github"))
-    print(f"speed-up {a['total_us'] / b['total_us']:.2f}x")
+    kept = ", ".join(f"{r['node']}→{r['candidate']}" for r in fast.selection if r["kept"])
+    print(tabulate([(label, f"{d['total_us']:.0f}", f"{a['total_us'] / d['total_us']:.2f}x",
+                     d["fallback_regions"], f"{100 * d['fallback_share']:.1f}",
+                     f"{d['roofline_us']:.0f}")
+                    for label, d in (("original", a), ("transformed", b),
+                                     (f"legalized with select='latency' ({kept or 'no change'})",
+                                      c))],
+                   headers=["model", "estimate us", "speed-up", "host fallback regions",
+                            "fallback %", "roofline us"], tablefmt="github"))
     out = Path(args.out_dir) / "minilm_npu_a_w8a8.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"\n## ONNX export (checked, run in onnxruntime)\n\n{export_onnx(res, out)}")
