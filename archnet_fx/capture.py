@@ -386,9 +386,32 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
     _insert_guard(gm, specs)
     gm.meta[CAPTURE_META_KEY] = info
     gm.meta[EXAMPLE_META_KEY] = (args, kwargs)
-    propagate_shapes(gm, args, kwargs)
+    # Shapes are recorded for one sample (batch 1 where the batch is dynamic): what passes
+    # decide from is then independent of the example's batch size, and every later refresh
+    # re-derives only what a pass changed (no full re-run at batch 1 first).
+    try:
+        propagate_shapes(gm, *shape_example(gm))
+    except Exception as e:  # noqa: BLE001 - e.g. a model that indexes past row 0 of the batch
+        log.info("shape propagation on one sample failed (%s: %s); using the whole example",
+                 type(e).__name__, _first_line(e))
+        propagate_shapes(gm, args, kwargs)
     annotate_kinds(gm)
     return gm
+
+
+def shape_example(gm: torch.fx.GraphModule, batch: int = 1) -> tuple[tuple, dict] | None:
+    """The stored example inputs cut to ``batch`` samples (1 is enough for shapes)."""
+    example = gm.meta.get(EXAMPLE_META_KEY)
+    info = gm.meta.get(CAPTURE_META_KEY)
+    if example is None or info is None:
+        return example
+    batched = {s.name for s in info.specs if s.batched}
+    names = list(info.input_names)
+
+    def cut(name: str, v: Any) -> Any:
+        return v[:batch] if isinstance(v, torch.Tensor) and name in batched else v
+    args = tuple(cut(names[i] if i < len(names) else "", v) for i, v in enumerate(example[0]))
+    return args, {k: cut(k, v) for k, v in example[1].items()}
 
 
 def _first_line(e: BaseException) -> str:

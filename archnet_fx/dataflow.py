@@ -30,8 +30,15 @@ def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     return dep
 
 
-def activations(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """Nodes whose values depend on input values (shape queries cut the dependence)."""
+def node_kinds(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
+    """Every node's kind, computed once for analyses that each need them all."""
+    return {n: node_kind(n, gm) for n in gm.graph.nodes}
+
+
+def activations(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Node, str] | None = None
+                ) -> set[torch.fx.Node]:
+    """Nodes whose values depend on input values (shape queries cut the dependence).
+    ``kinds`` (from :func:`node_kinds`) saves recomputing every node's kind."""
     act: set[torch.fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -39,7 +46,7 @@ def activations(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
             continue
         if n.op == "output":
             continue
-        kind = node_kind(n, gm)
+        kind = kinds[n] if kinds is not None else node_kind(n, gm)
         if kind in ("shape", "assert"):
             continue
         if any(a in act for a in _inputs(n)):
@@ -61,10 +68,10 @@ def is_float(n: torch.fx.Node) -> bool:
     return dt is not None and dt.is_floating_point
 
 
-def prologue_nodes(gm: torch.fx.GraphModule, act: set[torch.fx.Node] | None = None
-                   ) -> set[torch.fx.Node]:
+def prologue_nodes(gm: torch.fx.GraphModule, act: set[torch.fx.Node] | None = None,
+                   kinds: dict[torch.fx.Node, str] | None = None) -> set[torch.fx.Node]:
     """Activations whose activation inputs are all non-float and that are not weight lookups."""
-    act = activations(gm) if act is None else act
+    act = activations(gm, kinds) if act is None else act
     pro: set[torch.fx.Node] = set()
     for n in gm.graph.nodes:
         if n not in act or n.op in ("placeholder", "output"):
@@ -72,7 +79,7 @@ def prologue_nodes(gm: torch.fx.GraphModule, act: set[torch.fx.Node] | None = No
         if n.meta.get(PROLOGUE_KEY):  # a pass put it on the host explicitly
             pro.add(n)
             continue
-        kind = node_kind(n, gm)
+        kind = kinds[n] if kinds is not None else node_kind(n, gm)
         if kind in _LOOKUP_KINDS and is_float(n):
             continue  # a float table lookup (embedding) is real on-chip work
         ins = [a for a in _inputs(n) if a in act]

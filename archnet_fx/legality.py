@@ -38,7 +38,7 @@ import torch
 import torch.fx
 from tabulate import tabulate
 
-from archnet_fx.dataflow import activations, input_dependent, prologue_nodes
+from archnet_fx.dataflow import activations, input_dependent, node_kinds, prologue_nodes
 from archnet_fx.opargs import in_channels, out_channels, weighted_op
 from archnet_fx.opkinds import META_KINDS, node_kind, source_location
 from archnet_fx.targets import Target, load_target
@@ -152,12 +152,13 @@ def _verdicts(gm: torch.fx.GraphModule, target: Target, prefix: str = "",
               ) -> list[NodeVerdict]:
     """Verdicts of every node (of the given ``kinds`` only, when given: the dataflow facts are
     still global, but nodes of other kinds are not judged)."""
-    act = activations(gm) if act is None else act
-    pro = prologue_nodes(gm, act)
+    kind_of = node_kinds(gm)
+    act = activations(gm, kind_of) if act is None else act
+    pro = prologue_nodes(gm, act, kind_of)
     dep = input_dependent(gm)
     out: list[NodeVerdict] = []
     for n in gm.graph.nodes:
-        kind = node_kind(n, gm)
+        kind = kind_of[n]
         if kind in META_KINDS or (kinds is not None and kind not in kinds):
             continue
         name = prefix + n.name

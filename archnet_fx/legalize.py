@@ -39,7 +39,7 @@ from archnet_fx.legality import (HOST_FALLBACK_KEY, LegalityReport, _surrogate_v
                                  unsupported_nodes)
 from archnet_fx.opkinds import node_kind, source_location
 from archnet_fx.passmanager import (GraphPass, PassManager, PassRecord, PipelineResult,
-                                    Refusal, RewriteContext)
+                                    Refusal, RewriteContext, recompile_now)
 from archnet_fx.pipeline import as_graph_module
 from archnet_fx.surrogate import Candidate, NodeSamples, Ranges, Surrogate, observe
 from archnet_fx.targets import Target, load_target
@@ -390,7 +390,7 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
         canon.module, copy=False, recompile=False)
     records = canon.records + res.records
     module = res.module
-    module.recompile()
+    recompile_now(module)
     after = check(module, tgt)
     if after.unsupported:
         if not allow_host_fallback:

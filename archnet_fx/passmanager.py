@@ -43,10 +43,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from archnet_fx.capture import (CAPTURE_META_KEY, EXAMPLE_META_KEY, propagate_shapes,
-                                propagate_shapes_incremental, shapes_from)
+                                propagate_shapes_incremental, shape_example, shapes_from)
 from archnet_fx.errors import PipelineError, VerificationError
 from archnet_fx.opkinds import (KIND_META_KEY, META_KINDS, annotate_kinds, kind_histogram,
                                 node_kind)
@@ -107,16 +108,29 @@ class PassResult:
     state: _GraphState | None = field(default=None, repr=False, compare=False)
 
 
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule with a copied graph that shares ``gm``'s parameters and submodules."""
+def copy_graph_module(gm: torch.fx.GraphModule, *, lazy: bool = False) -> torch.fx.GraphModule:
+    """A new GraphModule with a copied graph that shares ``gm``'s parameters and submodules.
+
+    ``lazy=True`` returns a module whose Python code is generated on first use (a pipeline that
+    is about to rewrite the copy would throw the first generation away): its owner calls
+    :func:`recompile_now` when done.
+    """
     graph = copy.deepcopy(gm.graph)
-    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    cls = _LazyGraphModule if lazy else torch.fx.GraphModule
+    new = cls(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     # Extra attributes that torch.export's unlifted module keeps outside the graph.
     for name in ("_in_spec", "_out_spec"):
         if hasattr(gm, name) and not hasattr(new, name):
             setattr(new, name, getattr(gm, name))
     return new
+
+
+def recompile_now(gm: torch.fx.GraphModule) -> None:
+    """Regenerate ``gm``'s code now (a lazy module's ``recompile()`` only marks it stale)."""
+    gm.recompile()
+    if isinstance(gm, _LazyGraphModule):
+        gm.real_recompile()
 
 
 def _leaves(a: Any, out: list) -> list:
@@ -228,19 +242,29 @@ def _dirty_nodes(gm: torch.fx.GraphModule, record: PassRecord, before: dict[str,
 def _attr_ids(gm: torch.fx.GraphModule) -> dict[str, int]:
     """Identity of every module/tensor the graph reads (a swapped weight counts as a change)."""
     out = {}
+    parents: dict[str, Any] = {}  # owner paths resolved so far (targets share long prefixes)
     for n in gm.graph.nodes:
         if n.op in ("get_attr", "call_module"):
             t = str(n.target)
             if t not in out:
-                out[t] = id(_resolve(gm, t))
+                out[t] = id(_resolve(gm, t, parents))
     return out
 
 
-def _resolve(root: Any, target: str) -> Any:
+def _resolve(root: Any, target: str, parents: dict[str, Any] | None = None) -> Any:
     """``getattr`` along a dotted path (None where it breaks), reading a module's parameter,
-    buffer and submodule tables directly (``nn.Module.__getattr__`` is the slow path)."""
+    buffer and submodule tables directly (``nn.Module.__getattr__`` is the slow path).
+    ``parents`` memoizes the owner of each path resolved (for many targets in one graph)."""
     obj = root
-    for part in target.split("."):
+    head, _, last = target.rpartition(".")
+    parts = [last]
+    if head and parents is not None:
+        if head not in parents:
+            parents[head] = _resolve(root, head, parents)
+        obj = parents[head]
+    else:
+        parts = target.split(".")
+    for part in parts:
         if isinstance(obj, torch.nn.Module):
             d = obj.__dict__
             for table in ("_parameters", "_buffers", "_modules"):
@@ -262,7 +286,8 @@ def refresh(gm: torch.fx.GraphModule, dirty: Iterable[torch.fx.Node] | None = No
     With ``dirty`` (the nodes a pass created or rewired), shapes are re-derived for those nodes
     only, on meta tensors (:func:`~archnet_fx.capture.propagate_shapes_incremental`), and the
     whole graph is run on the example only when that is not possible, or when the graph's
-    shapes come from another example (a fresh capture's full batch: once per pipeline).
+    shapes come from another example (capture records one sample's shapes, so only a graph
+    whose one-sample propagation failed, or whose shapes were set by hand).
     """
     if lint:
         gm.graph.lint()
@@ -270,28 +295,12 @@ def refresh(gm: torch.fx.GraphModule, dirty: Iterable[torch.fx.Node] | None = No
         gm.recompile()
     example = shape_example(gm)
     if example is not None:
-        # Incremental only on top of shapes from this same (batch-1) example: a freshly
-        # captured graph carries the full example's shapes, and its first refresh re-derives
-        # all of them once (as every refresh used to), so passes see the same shapes as ever.
+        # Incremental only on top of shapes from this same (batch-1) example, so passes see
+        # the shapes a full run on it gives.
         if dirty is None or not shapes_from(gm, *example) or \
                 propagate_shapes_incremental(gm, dirty) is None:
             propagate_shapes(gm, *example)
     annotate_kinds(gm)
-
-
-def shape_example(gm: torch.fx.GraphModule, batch: int = 1) -> tuple[tuple, dict] | None:
-    """The stored example inputs cut to ``batch`` samples (1 is enough for shapes)."""
-    example = gm.meta.get(EXAMPLE_META_KEY)
-    info = gm.meta.get(CAPTURE_META_KEY)
-    if example is None or info is None:
-        return example
-    batched = {s.name for s in info.specs if s.batched}
-    names = list(info.input_names)
-
-    def cut(name: str, v: Any) -> Any:
-        return v[:batch] if isinstance(v, torch.Tensor) and name in batched else v
-    args = tuple(cut(names[i] if i < len(names) else "", v) for i, v in enumerate(example[0]))
-    return args, {k: cut(k, v) for k, v in example[1].items()}
 
 
 class GraphPass:
@@ -386,8 +395,25 @@ def is_inplace(node: torch.fx.Node) -> bool:
     return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
 
 
+# call_function targets' purity: for anything but a higher-order operator it depends on the
+# callable alone (schema mutability, side-effect and RNG registries), and torch's check walks
+# several registries per call — a large graph asks about the same few hundred targets often.
+_IMPURE_TARGETS: dict[Any, bool] = {}
+
+
 def is_impure(node: torch.fx.Node) -> bool:
     """torch's notion of impure, plus in-place Tensor methods (fx calls every method pure)."""
+    if node.op == "call_function" and not isinstance(node.target,
+                                                     torch._ops.HigherOrderOperator):
+        try:
+            hit = _IMPURE_TARGETS.get(node.target)
+        except TypeError:  # an unhashable callable
+            return node.is_impure() or is_inplace(node)
+        if hit is None:
+            if len(_IMPURE_TARGETS) >= 4096:  # bounded: targets can be per-trace callables
+                _IMPURE_TARGETS.clear()
+            hit = _IMPURE_TARGETS[node.target] = node.is_impure() or is_inplace(node)
+        return hit
     return node.is_impure() or is_inplace(node)
 
 
@@ -706,7 +732,7 @@ class PassManager:
         # Passes edit one private copy in place (one graph copy and one recompile per pipeline,
         # not per pass); kept stages need a module per pass, and a pass that wraps __call__
         # gets called as such.
-        cur = gm if self.keep_stages or not copy else copy_graph_module(gm)
+        cur = gm if self.keep_stages or not copy else copy_graph_module(gm, lazy=True)
         stale = False
         state = None
         for p in self.passes:
@@ -756,6 +782,6 @@ class PassManager:
                     f"pipeline '{self.name}': the graph after passes "
                     f"{[r.name for r in records]} is malformed: {e} (run with verify=True to "
                     f"find the pass)") from e
-        if stale and recompile:
-            cur.recompile()
+        if recompile and (stale or (cur is not gm and isinstance(cur, _LazyGraphModule))):
+            recompile_now(cur)
         return PipelineResult(cur, records, self.name, stages)

@@ -6,6 +6,9 @@ Each rule below is exact (up to float rounding): the pipeline verifies numerics 
 pass                   what it does
 =====================  =====================================================================
 drop_identity          dropout (eval), nn.Identity, clone/detach, same-dtype casts → x
+index_to_view          x[arange(n0)[:, None, …], …, arange(nk)[…, None, :]] indexing every
+                       element of x along its own axis → x with size-1 axes (no gather; the
+                       padding mask of transformers' attention)
 fold_constants         nodes that depend on no graph input (position-id slices, aranges on
                        buffers) are computed once and stored as buffers
 fold_batchnorm         conv/linear → eval BatchNorm becomes one conv/linear with scaled weights
@@ -236,6 +239,133 @@ DIV_RULES = (
          doc="x / c = x * (1/c) for a constant c != 0"),
 )
 
+# --------------------------------------------------------------------------- index_to_view
+
+
+def _aten_name(node: torch.fx.Node) -> str | None:
+    t = node.target
+    return t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else None
+
+
+def _const_arange_axis(t: Any, rank: int) -> tuple[int, int] | None:
+    """``(n, axis)`` when constant ``t`` holds ``0, 1, …, n−1`` along one axis (n > 1) of a
+    shape broadcasting to rank ``rank``; else None."""
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool \
+            or t.dim() > rank:
+        return None
+    long = [d for d, size in enumerate(t.shape) if size != 1]
+    if len(long) != 1:
+        return None
+    n = int(t.shape[long[0]])
+    if not torch.equal(t.reshape(-1).long(), torch.arange(n)):
+        return None
+    return n, long[0] + rank - t.dim()
+
+
+def _arange_axis(i: Any, rank: int, ctx: RewriteContext) -> tuple[Any, int] | None:
+    """``(end, axis)`` when index tensor ``i`` is ``arange(end)`` laid along one ``axis`` of a
+    rank-``rank`` tensor (unsqueezes, ``+ 0`` and integer casts on the way, or a folded
+    constant with those values); else None."""
+    if isinstance(i, torch.fx.Node) and i.op == "get_attr":
+        return _const_arange_axis(ctx.const(i), rank)
+    axis, r = 0, None
+    ups: list[int] = []
+    n = i
+    while isinstance(n, torch.fx.Node) and n.op == "call_function":
+        name = _aten_name(n)
+        if name == "unsqueeze" and len(n.args) >= 2 and isinstance(n.args[1], int):
+            ups.append(n.args[1])
+            n = n.args[0]
+        elif name in ("add", "sub") and len(n.args) == 2 and n.args[1] == 0 and \
+                not n.kwargs.get("alpha", 1) != 1:
+            n = n.args[0]
+        elif name in ("to", "_to_copy") and n.args and \
+                isinstance(n.meta.get("val"), torch.Tensor) and \
+                not n.meta["val"].dtype.is_floating_point and n.meta["val"].dtype != torch.bool:
+            n = n.args[0]
+        elif name == "arange":
+            a = list(n.args)
+            if len(a) == 1:
+                start, end, step = 0, a[0], 1
+            elif len(a) in (2, 3):
+                start, end, step = a[0], a[1], a[2] if len(a) == 3 else 1
+            else:
+                return None
+            if start != 0 or step != 1 or n.kwargs.get("start", 0) != 0:
+                return None
+            # unsqueezes were collected outermost first: replay them from the arange out
+            r = 1
+            for d in reversed(ups):
+                d = d + r + 1 if d < 0 else d
+                if d <= axis:
+                    axis += 1
+                r += 1
+            return (end, axis) if r == rank else None
+        else:
+            return None
+    return None
+
+
+def _match_index_arange(node: torch.fx.Node, ctx: RewriteContext) -> Any:
+    """``x[arange(n0)[:, None, ...], ..., arange(nk)[..., None, :]]`` with every ``n_d =
+    x.size(d)``: each index walks one dimension of ``x`` whole, along its own axis — the
+    result is ``x`` itself, with size-1 axes inserted (a view, no gather)."""
+    if _aten_name(node) != "index" or len(node.args) != 2:
+        return None
+    x, indices = node.args
+    if not isinstance(x, torch.fx.Node) or not isinstance(indices, (list, tuple)) or \
+            not indices or any(not isinstance(i, torch.fx.Node) for i in indices):
+        return None
+    out_val, x_val = node.meta.get("val"), x.meta.get("val")
+    if not isinstance(out_val, torch.Tensor) or not isinstance(x_val, torch.Tensor):
+        return "needs symbolic shapes (a torch.export capture) to prove the index is whole"
+    rank = out_val.dim()
+    k = len(indices)
+    lead = rank - (x_val.dim() - k)  # broadcast rank of the index tensors
+    axes = []
+    for d, i in enumerate(indices):
+        found = _arange_axis(i, lead, ctx)
+        if found is None:
+            return None
+        end, axis = found
+        size = x_val.shape[d]
+        end_v = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
+        if end_v is None or str(end_v) != str(size):
+            return f"index {d} is arange({end_v}), not the whole dimension {d} ({size})"
+        axes.append(axis)
+    if len(set(axes)) != k:
+        return "two indices share an axis (a diagonal, not a view)"
+    # x's indexed dims land on `axes`, its other dims follow the broadcast dims.
+    shape = [1] * lead
+    for d, a in enumerate(axes):
+        shape[a] = x_val.shape[d]
+    shape += list(x_val.shape[k:])
+    if [str(v) for v in shape] != [str(v) for v in out_val.shape]:
+        return "the view's shape differs from the index result's"
+    if _written_in_place(node) or _written_in_place(x):
+        return "the value or its source is written in place, so a view is not a copy"
+    return x, axes, lead, x_val.dim()
+
+
+def _build_index_view(m: Any, ctx: RewriteContext) -> torch.fx.Node:
+    x, axes, lead, xrank = m
+    k = len(axes)
+    order = sorted(range(k), key=lambda d: axes[d])
+    y = x
+    if order != list(range(k)):
+        y = ctx.call_function(torch.ops.aten.permute.default,
+                              (y, order + list(range(k, xrank))))
+    for q in range(lead):
+        if q not in axes:
+            y = ctx.call_function(torch.ops.aten.unsqueeze.default, (y, q))
+    return y
+
+
+INDEX_RULES = (
+    Rule("index_arange_to_view", frozenset({"gather"}), _match_index_arange, _build_index_view,
+         doc="x[arange(n0)[:, None], arange(n1)[None, :]] = x with size-1 axes (no gather)"),
+)
+
 # --------------------------------------------------------------------------- decompose_sdpa
 
 
@@ -376,11 +506,15 @@ def div_to_mul() -> RewritePass:
     return RewritePass(DIV_RULES, name="div_to_mul")
 
 
+def index_to_view() -> RewritePass:
+    return RewritePass(INDEX_RULES, name="index_to_view")
+
+
 def decompose_sdpa() -> RewritePass:
     return RewritePass(SDPA_RULES, name="decompose_sdpa")
 
 
 def canonicalize_passes() -> list[GraphPass]:
     """The canonicalization pipeline, in order."""
-    return [drop_identity(), FoldConstants(), fold_batchnorm(), div_to_mul(), decompose_sdpa(),
-            DeadCodeElimination()]
+    return [drop_identity(), index_to_view(), FoldConstants(), fold_batchnorm(), div_to_mul(),
+            decompose_sdpa(), DeadCodeElimination()]

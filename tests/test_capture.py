@@ -44,6 +44,22 @@ def test_fx_capture_of_zoo_models(name):
         torch.testing.assert_close(_run(gm, exb), _run(model, exb), **TOL)
 
 
+def test_capture_records_the_shapes_of_one_sample():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ex = (torch.randn(6, 8),)
+    gm = ax.capture(model, ex)
+    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+              if hasattr(n.meta.get("tensor_meta"), "shape")}
+    # Dynamic batch: every recorded shape is per sample (batch 1); the example keeps all 6.
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert shapes[ph.name] == (1, 8)
+    assert all(s[0] == 1 for s in shapes.values() if s), shapes
+    assert (1, 16) in shapes.values() and (1, 4) in shapes.values()
+    args, _ = gm.meta[EXAMPLE_META_KEY]
+    assert args[0].shape == (6, 8)
+    assert gm(torch.randn(6, 8)).shape == (6, 4)
+
+
 def test_transformer_encoder_layer_falls_back_to_export():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)

@@ -98,8 +98,8 @@ def test_pipeline_runs_records_and_keeps_input(mlp):
     res = PassManager("canon", canonicalize_passes(), verify=True, keep_stages=True).run(gm)
     assert_unchanged(gm, snap)
     names = [r.name for r in res.records]
-    assert names == ["drop_identity", "fold_constants", "fold_batchnorm", "div_to_mul",
-                     "decompose_sdpa", "dce"]
+    assert names == ["drop_identity", "index_to_view", "fold_constants", "fold_batchnorm",
+                     "div_to_mul", "decompose_sdpa", "dce"]
     assert res.pipeline == "canon"
     assert len(res.stages) == len(names) + 1 and res.stages[0] is gm
     assert res.stages[-1] is res.module

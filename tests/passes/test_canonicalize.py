@@ -17,7 +17,7 @@ from archnet_fx.capture import CAPTURE_META_KEY, EXAMPLE_META_KEY, CaptureInfo, 
 from archnet_fx.opkinds import annotate_kinds, kind_histogram
 from archnet_fx.passes.canonicalize import (DeadCodeElimination, FoldConstants,
                                             canonicalize_passes, decompose_sdpa, div_to_mul,
-                                            drop_identity, fold_batchnorm)
+                                            drop_identity, fold_batchnorm, index_to_view)
 from passtest import assert_idempotent, assert_pass, run_pass
 
 METHODS = ["fx", "export"]
@@ -317,6 +317,68 @@ def test_div_to_mul_random_constants(c, batch, width):
     assert_pass(res, before, fired={"div_const": 1}, hist={"mul": 1}, atol=1e-6, rtol=1e-6)
 
 
+# --------------------------------------------------------------------------- index_to_view
+
+
+class MaskIndex(nn.Module):
+    """transformers' padding mask: ``mask[b_idx, kv_idx]`` over aranges of the whole dims."""
+
+    def forward(self, x, mask):
+        b = torch.arange(x.shape[0])[:, None, None, None]
+        kv = torch.arange(mask.shape[1])[None, None, None, :] + 0
+        m = mask.to(torch.bool)[b, kv]                      # (B, 1, 1, L)
+        return x * m.to(x.dtype)
+
+
+class SwappedIndex(nn.Module):
+    """Indices along swapped axes: ``t[i, j]`` with i along axis 1, j along axis 0 = t.T."""
+
+    def forward(self, t):
+        i = torch.arange(t.shape[0])[None, :]
+        j = torch.arange(t.shape[1])[:, None]
+        return t[i, j] * 2.0
+
+
+class PrefixIndex(nn.Module):
+    """``t[:, arange(3)]`` (as two aranges): a prefix of dim 1, not all of it — a real gather,
+    kept."""
+
+    def forward(self, t):
+        return t[torch.arange(t.shape[0])[:, None], torch.arange(3)[None, :]] + 1.0
+
+
+def test_index_to_view_removes_the_padding_mask_gather():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 5, 7, generator=g)
+    mask = (torch.rand(3, 7, generator=g) > 0.3).long()
+    before, res = run_pass(index_to_view(), MaskIndex(), (x, mask), method="export")
+    assert kind_histogram(before)["gather"] == 1
+    assert_pass(res, before, fired={"index_arange_to_view": 1}, hist=None, **EXACT)
+    hist = kind_histogram(res.module)
+    assert hist["gather"] == 0 and hist["reshape"] >= 2  # two unsqueezes
+    # other batch sizes too (the batch arange is symbolic)
+    for b in (1, 5):
+        xb, mb = torch.randn(b, 2, 5, 7), (torch.rand(b, 7) > 0.5).long()
+        torch.testing.assert_close(res.module(xb, mb), MaskIndex()(xb, mb), atol=0, rtol=0)
+    assert_idempotent(index_to_view(), res)
+
+
+def test_index_to_view_permutes_swapped_axes():
+    t = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    before, res = run_pass(index_to_view(), SwappedIndex(), (t,), method="export")
+    assert_pass(res, before, fired={"index_arange_to_view": 1}, hist=None, **EXACT)
+    assert kind_histogram(res.module)["gather"] == 0
+    assert kind_histogram(res.module)["permute"] == 1
+
+
+def test_index_to_view_keeps_a_partial_index():
+    t = torch.randn(4, 6, generator=torch.Generator().manual_seed(4))
+    before, res = run_pass(index_to_view(), PrefixIndex(), (t,), method="export")
+    assert_pass(res, before, fired={}, hist=None, refused={"index_arange_to_view": "not the whole"},
+                **EXACT)
+    assert kind_histogram(res.module)["gather"] == 1
+
+
 # --------------------------------------------------------------------------- decompose_sdpa
 
 class Attn(nn.Module):
@@ -429,11 +491,15 @@ def test_canonicalize_bert_tiny(bert_tiny):
     res = ax.canonicalize(gm)  # verify=True: each pass checked numerically
     hits = {r.name: dict(r.rule_hits) for r in res.records}
     assert hits["drop_identity"] == {"dropout_eval": 7, "noop_cast": 2}
-    assert hits["fold_constants"] == {"fold_constant": 5}
+    # the padding mask's index over two aranges becomes a view (its constant key arange, no
+    # longer used, is not folded)
+    assert hits["index_to_view"] == {"index_arange_to_view": 1}
+    assert hits["fold_constants"] == {"fold_constant": 4}
     assert hits["dce"] == {"dead_node": 5}
     assert hits["fold_batchnorm"] == hits["div_to_mul"] == hits["decompose_sdpa"] == {}
     h = kind_histogram(res.module)
     assert h["dropout"] == 0 and h["layer_norm"] == 5 and h["softmax"] == 2 and h["linear"] == 13
+    assert h["gather"] == 0
     with torch.no_grad():
         want = model(**ex).last_hidden_state
         got = res.module(**ex).last_hidden_state
