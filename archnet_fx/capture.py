@@ -319,7 +319,9 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
 
     ``example_inputs`` is a tensor, a tuple of tensors or a dict of keyword tensors shaped like a
     real batch. ``method`` is ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
-    The caller's model is never modified.
+    The caller's model is never modified. ``node.meta["tensor_meta"]`` holds the shapes of one
+    sample (batch 1 along the dynamic batch dimension; the whole example if the model cannot
+    run on one sample); the example itself is kept whole in ``gm.meta``.
     """
     if isinstance(model, torch.fx.GraphModule) and CAPTURE_META_KEY in model.meta:
         return model
