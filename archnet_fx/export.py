@@ -30,10 +30,14 @@ Steps:
    emulations) on the example inputs vs the torch module: ``max|Δ| ≤ atol·max(1, max|y|)``, or,
    for networks that amplify rounding-boundary flips, per-sample cosine ≥ 0.98 (see
    :func:`_verify`); then once more at twice the batch (``ExportReport.dynamic_batch``);
-6. **runtime rewrites** (exact, after the legality check): ``Transpose(DequantizeLinear(W))``
-   becomes ``DequantizeLinear(Wᵀ)`` (:func:`fold_weight_transposes`, so onnxruntime sees the
-   ``DQ → MatMul`` pattern it fuses into integer kernels); with ``onehot_gather=True`` one-hot ×
-   table products become row gathers (:func:`onehot_to_gather`, a CPU-runtime form);
+6. **runtime rewrites** (exact; the ops they make are the ones they replace, or a ``Mul``
+   where the target has ``mul``): ``Transpose(DequantizeLinear(W))`` becomes
+   ``DequantizeLinear(Wᵀ)`` (:func:`fold_weight_transposes`, so onnxruntime sees the
+   ``DQ → MatMul`` pattern it fuses into integer kernels), 1 × 1 constant MatMuls become
+   multiplies (:func:`narrow_matmuls_to_mul`) and one-element constants against (…, 1)
+   tensors take shape (1, 1) (:func:`rank2_scalars`), both to avoid slow CPU paths; with
+   ``onehot_gather=True`` one-hot × table products become row gathers after the legality check
+   (:func:`onehot_to_gather`, a CPU-runtime form);
 7. **write atomically** — everything happens on a temporary file next to ``path``, moved into
    place with ``os.replace`` only when every check passed; a failed export leaves no file.
 """
@@ -381,6 +385,88 @@ def _const_array(model: Any, name: str) -> Any:
     return None
 
 
+def _static_shape(name: str, prod: dict[str, Any], inits: dict[str, Any]) -> list[int] | None:
+    """Shape of a constant operand: an initializer, seen through DequantizeLinear, Identity,
+    Cast and Transpose (what runtimes fold); None for anything computed from inputs."""
+    if name in inits:
+        return list(inits[name].dims)
+    node = prod.get(name)
+    if node is None:
+        return None
+    if node.op_type in ("DequantizeLinear", "Identity", "Cast"):
+        return _static_shape(node.input[0], prod, inits)
+    if node.op_type == "Transpose":
+        shape = _static_shape(node.input[0], prod, inits)
+        if shape is None:
+            return None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"),
+                    list(reversed(range(len(shape)))))
+        return [shape[p] for p in perm]
+    return None
+
+
+def narrow_matmuls_to_mul(model: Any) -> int:
+    """``MatMul(A, B)`` with a constant ``B`` of shape ``(1, 1)`` → ``Mul(A, B)`` (exact: each
+    output is the one product ``A[..., 0]·B[0, 0]``, the broadcast multiply is the same tensor).
+
+    These are the ``Linear(1, 1)`` layers of one-knot hinge forms (a structural GELU is
+    ``Linear(1, 1) → ReLU → Linear(1, 1)`` on an unsqueezed (…, 1) activation). A 1-wide linear
+    and a scalar multiply are the same work on a chip; a CPU runtime runs the MatMul as a GEMM
+    with K = N = 1 per element, tens of times slower than the multiply. (``Linear(1, K)`` with
+    K > 1 is left alone.) Returns the number of MatMuls rewritten."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    n_done = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and \
+                _static_shape(node.input[1], prod, inits) == [1, 1] and \
+                _static_shape(node.input[0], prod, inits) is None:
+            node.op_type = "Mul"
+            n_done += 1
+    return n_done
+
+
+def rank2_scalars(model: Any) -> int:
+    """A one-element constant of rank 0 or 1 in ``Add``/``Sub``/``Mul``/``Div`` against a tensor
+    of rank ≥ 2 whose last dimension is 1 → the same value shaped ``(1, 1)`` (the broadcast
+    result is identical, bit for bit).
+
+    onnxruntime's CPU broadcast has a slow path for ``X (…, 1) ⊕ b`` with ``b`` of shape ``(1,)``
+    or ``()`` (≈30× the time of ``b`` shaped ``(1, 1)`` on a 6 M-element MiniLM activation),
+    and the (…, 1) hinge outputs of the surrogates meet exactly that. Returns the number of
+    operands reshaped."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    # rank, and whether the last dimension is statically 1
+    shape = {vi.name: (len(vi.type.tensor_type.shape.dim),
+                       vi.type.tensor_type.shape.dim[-1].dim_value == 1
+                       if vi.type.tensor_type.shape.dim else False)
+             for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+             if vi.type.tensor_type.HasField("shape")}
+    made: dict[str, str] = {}
+    n_done = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Add", "Sub", "Mul", "Div") or len(node.input) != 2:
+            continue
+        for j, name in enumerate(node.input):
+            rank, last1 = shape.get(node.input[1 - j], (0, False))
+            if rank < 2 or not last1:
+                continue
+            value = _const_array(model, name)
+            if value is None or value.size != 1 or value.ndim >= 2:
+                continue
+            if name not in made:
+                made[name] = f"{name}__rank2"
+                model.graph.initializer.append(numpy_helper.from_array(
+                    np.asarray(value).reshape(1, 1), made[name]))
+            node.input[j] = made[name]
+            n_done += 1
+    return n_done
+
+
 def fold_weight_transposes(model: Any) -> int:
     """``Transpose(DequantizeLinear(W))`` of a 2-D integer initializer → ``DequantizeLinear(Wᵀ)``
     with the per-channel axis flipped (exact), so runtimes see ``DQ → MatMul`` — the pattern
@@ -704,8 +790,10 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                     o.version = opset
         report.rewrites["fold_weight_transposes"] = fold_weight_transposes(model)
         report.rewrites["constant_gathers"] = constant_gathers(model) if opset >= 15 else 0
-        if retyped or opset > 20 or report.rewrites["fold_weight_transposes"] \
-                or report.rewrites["constant_gathers"]:
+        report.rewrites["narrow_matmuls_to_mul"] = narrow_matmuls_to_mul(model) \
+            if tgt is None or tgt.supports("mul") else 0
+        report.rewrites["rank2_scalars"] = rank2_scalars(model)
+        if retyped or opset > 20 or any(report.rewrites.values()):
             onnx.save(model, tmp)
         if onehot_gather and not check:
             report.rewrites["onehot_to_gather"] = onehot_to_gather(model)

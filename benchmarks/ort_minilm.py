@@ -53,7 +53,8 @@ int8 2.0× (cos 0.959); archnet_fx W8A8 npu_a with the emulation surrogates 0.19
 the PWL GELU and softmax-exp take 47 % and 43 % of its onnxruntime time (a K-wide hinge
 expansion per element: MatMul, Add, Relu stay float; ORT has no fused kernel for it), the 42
 fused ``MatMulIntegerToFloat`` linears 6 %; structural GELU/softmax after 80 steps per block
-reach 1.69× with the exact CPU-runtime rewrites but only cos 0.895; the same Q/DQ linears with
+reach 1.69× with the exact CPU-runtime rewrites (1 × 1 MatMul → Mul, (1, 1) scalars; since
+then part of ``export_onnx`` itself) but only cos 0.895; the same Q/DQ linears with
 native LN/Softmax/GELU (ablation, not npu_a-legal) reach 2.34× at cos 0.994. No npu_a-legal
 configuration meets ≥ 1.6× with cos ≥ 0.98.
 """
@@ -239,7 +240,8 @@ def archnet_onnx(model, calib: list[dict], cfg: Config, steps: int, stem: Path, 
         logging.warning("export of %s failed its checks (%s); exporting unchecked", cfg.name, e)
         rep = export_onnx(res, chip, example_inputs=ex, target=tgt, check=False)
         info.update(export_verified=False, export_error=str(e))
-    info.update(export=str(rep), export_s=time.perf_counter() - t0)
+    info.update(export=str(rep), export_s=time.perf_counter() - t0,
+                export_rewrites=dict(rep.rewrites))
     atomic_write_text(meta, json.dumps(info, indent=2, default=str))
     info["onehot_to_gather"] = gather_form(chip, cpu)
     return {"chip": chip, "cpu": cpu}, info
@@ -295,132 +297,6 @@ def measure_all(paths: dict[str, Path], batches: list[dict], ref: torch.Tensor, 
         res[key] = {"sentences_per_s": n / sec, "seconds": sec, "mean_cos": float(cos.mean()),
                     "min_cos": float(cos.min()), "file_mb": path.stat().st_size / 2 ** 20}
     return res
-
-
-# --------------------------------------------------------------------------- K=1 matmuls
-
-
-def _const_shape(model, name: str, prod: dict, init: dict) -> list[int] | None:
-    """Static shape of a constant operand: an initializer, through DequantizeLinear, Transpose,
-    Identity or Cast (what onnxruntime constant-folds); ``None`` for anything else."""
-    if name in init:
-        return list(init[name].dims)
-    node = prod.get(name)
-    if node is None:
-        return None
-    if node.op_type in ("DequantizeLinear", "Identity", "Cast"):
-        return _const_shape(model, node.input[0], prod, init)
-    if node.op_type == "Transpose":
-        shape = _const_shape(model, node.input[0], prod, init)
-        if shape is None:
-            return None
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"),
-                    list(reversed(range(len(shape)))))
-        return [shape[p] for p in perm]
-    return None
-
-
-def narrow_matmuls_to_mul(model) -> int:
-    """``MatMul(A, B)`` with a constant ``B`` of shape ``(1, 1)`` → ``Mul(A, B)``.
-
-    With inner and outer dimension 1 each output is one product ``A[..., 0]·B[0, 0]``: the
-    broadcast ``Mul`` is the same tensor, bit for bit. These are the ``Linear(1, 1)`` layers of
-    one-knot hinge forms (:mod:`archnet_fx.hinge`): the ``relu_form`` GELU is
-    ``Linear(1, 1) → ReLU → Linear(1, 1)`` on an unsqueezed (…, 1) activation. On the chip a
-    1-wide linear is natural; onnxruntime runs it as a GEMM with K = N = 1 over every element
-    (with Q/DQ around it, as ``QLinearMatMul`` / ``MatMulIntegerToFloat``): 40–95 ms for the
-    6.3 M elements of one MiniLM GELU at batch 32 × 128, against ~1 ms for a multiply.
-    (``Linear(1, K)`` with K = 32, the emulation hinges, is *not* rewritten: there the broadcast
-    ``Mul`` (…, 1) × (1, K) is slower than the K = 1 GEMM.) A CPU-runtime rewrite of the
-    exported file, like ``onehot_to_gather``; the chip's file keeps the linear. Returns the
-    number of MatMuls rewritten."""
-    prod = {o: n for n in model.graph.node for o in n.output}
-    init = {i.name: i for i in model.graph.initializer}
-    n_done = 0
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        if _const_shape(model, node.input[1], prod, init) != [1, 1]:
-            continue
-        node.op_type = "Mul"  # same inputs, same output; A has rank ≥ 2 (it feeds a Linear)
-        n_done += 1
-    return n_done
-
-
-def rank2_scalars(model) -> int:
-    """A one-element constant of rank 0 or 1 in ``Add``/``Sub``/``Mul``/``Div`` against a tensor
-    of rank ≥ 2 whose last dimension is 1 → the same value with shape ``(1, 1)`` (same
-    broadcast result, bit for bit).
-
-    onnxruntime 1.32's CPU broadcast has a cliff: ``X (…, 1) + b`` with ``b`` of shape ``(1,)``
-    or ``()`` takes 30 ms for 6.3 M elements on this machine, with ``b`` of shape ``(1, 1)``
-    1 ms — and the hinge forms of the surrogates (``Linear(K, 1)``'s bias on a (…, 1) output;
-    for ``relu_form``, every op) are exactly that. Returns the number of operands reshaped."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    # rank, and whether the last dimension is statically 1 (where the cliff is; elsewhere a
-    # rank-0 constant is what onnxruntime's fusions — e.g. of the GELU's erf form — expect)
-    shape = {vi.name: (len(vi.type.tensor_type.shape.dim),
-                       vi.type.tensor_type.shape.dim[-1].dim_value == 1
-                       if vi.type.tensor_type.shape.dim else False)
-             for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
-             if vi.type.tensor_type.HasField("shape")}
-    init = {i.name: i for i in model.graph.initializer}
-    const = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"
-             and n.attribute and n.attribute[0].name == "value"}
-    made: dict[str, str] = {}
-    n_done = 0
-    for node in model.graph.node:
-        if node.op_type not in ("Add", "Sub", "Mul", "Div") or len(node.input) != 2:
-            continue
-        for j, name in enumerate(node.input):
-            if name in init:
-                value = numpy_helper.to_array(init[name])
-            elif name in const:
-                value = numpy_helper.to_array(const[name].attribute[0].t)
-            else:
-                continue
-            rank, last1 = shape.get(node.input[1 - j], (0, False))
-            if value.size != 1 or value.ndim >= 2 or rank < 2 or not last1:
-                continue
-            if name not in made:
-                made[name] = f"{name}__rank2"
-                model.graph.initializer.append(numpy_helper.from_array(
-                    np.asarray(value).reshape(1, 1), made[name]))
-            node.input[j] = made[name]
-            n_done += 1
-    return n_done
-
-
-#: The CPU-runtime rewrites of the (d+) rows, by name.
-RUNTIME_REWRITES = {"mul": narrow_matmuls_to_mul, "rank2": rank2_scalars}
-
-
-def narrow_form(src: Path, dst: Path, batch: dict, rewrites: list[str]) -> dict:
-    """Write ``src`` with the ``rewrites`` (:data:`RUNTIME_REWRITES`) applied to ``dst``
-    (atomically) and check it against ``src`` in onnxruntime at the basic level (Q/DQ as float
-    emulation, where both compute the model's reference semantics): max |Δ| of the first
-    output."""
-    import numpy as np
-    import onnx
-
-    model = onnx.load(src)
-    counts = {name: RUNTIME_REWRITES[name](model) for name in rewrites}
-    onnx.checker.check_model(model)
-    tmp = dst.with_suffix(".tmp")
-    onnx.save(model, tmp)
-    os.replace(tmp, dst)
-    outs = []
-    for path in (src, dst):
-        sess = ort_session(path, threads=2, level="basic")
-        names = [i.name for i in sess.get_inputs()]
-        outs.append(sess.run(None, {k: batch[k].numpy() for k in names})[0].copy())
-        del sess
-    return {"rewrites": counts, "changed": sum(counts.values()),
-            "max_abs_diff_vs_unrewritten": float(np.abs(outs[0] - outs[1]).max())}
 
 
 # --------------------------------------------------------------------------- legality census
@@ -712,9 +588,6 @@ def main(argv=None) -> int:
                     "present (<stem>.<config>.s<steps>.c<calib>.{chip,gather}.onnx, .info.json)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep onnxruntime's fp32/int8 models here (default: a temporary dir)")
-    ap.add_argument("--runtime-rewrites", default="mul,rank2",
-                    help="exact CPU-runtime rewrites for the (d+) rows, comma list of "
-                    f"{', '.join(RUNTIME_REWRITES)} ('' for no (d+) rows)")
     ap.add_argument("--fresh", action="store_true", help="redo the transforms (ignore --cache)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -725,11 +598,7 @@ def main(argv=None) -> int:
     for lv in levels:
         if lv not in ("disable", "basic", "extended"):
             raise SystemExit(f"unknown optimization level {lv!r} (disable, basic, extended, all)")
-    rewrites = [s for s in args.runtime_rewrites.split(",") if s]
     distill_opts = parse_distill(args.distill)
-    for name in rewrites:
-        if name not in RUNTIME_REWRITES:
-            raise SystemExit(f"unknown runtime rewrite {name!r}; known: {', '.join(RUNTIME_REWRITES)}")
 
     model, _ = zoo.get_model("minilm")
     model.eval()
@@ -768,17 +637,6 @@ def main(argv=None) -> int:
                                          "info": key}
             models[key] = {"label": f"(d) archnet_fx W8A8 {cfg.name}, {steps} steps{tags}",
                            "path": paths["cpu"], "cfg": cfg, "form": "gather", "info": key}
-            if rewrites:
-                narrow = stem.with_name(stem.name + ".runtime.onnx")
-                info["runtime_form"] = narrow_form(paths["cpu"], narrow, evals[0], rewrites)
-                info["runtime_form"]["npu_a_illegal"] = npu_a_census(narrow)["npu_a_illegal"]
-                if info["runtime_form"]["changed"]:
-                    what = ", ".join(f"{k} ×{n}" for k, n in
-                                     info["runtime_form"]["rewrites"].items())
-                    models[f"{key}+rt"] = {
-                        "label": f"(d+) the same + runtime rewrites ({what}; "
-                                 f"benchmark-local){tags}",
-                        "path": narrow, "cfg": cfg, "form": "narrow", "info": key}
 
         load_before = loadavg()
         logging.info("load average before timing: %s; timing %d models in %d interleaved rounds",
@@ -848,8 +706,8 @@ def main(argv=None) -> int:
                                       "torch cos (calib)", "transform s", "target"],
                    tablefmt="github"))
     for key, info in infos.items():
-        print(f"  {key}: surrogates {info.get('surrogates_chosen')}; runtime form "
-              f"{info.get('runtime_form')}")
+        print(f"  {key}: surrogates {info.get('surrogates_chosen')}; export rewrites "
+              f"{info.get('export_rewrites')}")
 
     if level_rows:
         print("\nsentences/s (vs fp32 at the same level) by onnxruntime graph optimization level;"

@@ -162,3 +162,60 @@ def test_constant_gathers_become_slices():
     assert not [n for n in model.graph.node if n.op_type == "Gather"]
     for a, b in zip(want, run(model)):
         assert a.shape == b.shape and np.array_equal(a, b)
+
+
+class _OneKnot(nn.Module):
+    """A structural-GELU-like hinge: Linear(1, 1) → ReLU → Linear(1, 1) on (…, 1), plus x."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(1, 1), nn.Linear(1, 1)
+        with torch.no_grad():
+            self.inner.weight.fill_(1.3)
+            self.inner.bias.fill_(-0.2)
+            self.outer.weight.fill_(0.7)
+            self.outer.bias.fill_(0.1)
+
+    def forward(self, x):
+        return self.outer(torch.relu(self.inner(x.unsqueeze(-1)))).squeeze(-1) + x
+
+
+def _const_matmuls(model):
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+
+    def shape(name):
+        n = prod.get(name)
+        while n is not None and n.op_type in ("DequantizeLinear", "Transpose", "Identity"):
+            name, n = n.input[0], prod.get(n.input[0])
+        return inits.get(name)
+    return [n for n in model.graph.node if n.op_type == "MatMul" and shape(n.input[1]) == [1, 1]]
+
+
+def test_one_wide_matmuls_and_scalar_operands_take_cpu_friendly_forms(tmp_path):
+    """Exact rewrites in the written file: the 1 × 1 MatMuls of one-knot hinges become Mul (the
+    target has mul), one-element constants against (…, 1) tensors become (1, 1); same values."""
+    x = torch.randn(4, 6, 5)
+    gm = torch.fx.symbolic_trace(_OneKnot())
+    fq = ax.quant.insert_fake_quant(gm, "npu_a").module
+    with torch.no_grad(), ax.quant.calibrating(fq):
+        fq(x)
+    rep = ax.export_onnx(fq, tmp_path / "k1.onnx", example_inputs=(x,), target="npu_a")
+    assert rep.checked and rep.max_abs_diff < 1e-3
+    assert rep.rewrites["narrow_matmuls_to_mul"] == 2
+    assert rep.rewrites["rank2_scalars"] >= 2  # the two biases
+    model = onnx.load(tmp_path / "k1.onnx")
+    assert not _const_matmuls(model)
+    # without the rewrites (the functions applied to nothing) the file would hold both MatMuls
+    from archnet_fx.export import narrow_matmuls_to_mul
+    assert narrow_matmuls_to_mul(model) == 0
+    # a target without mul keeps them as MatMuls (a Mul would be illegal there)
+    import dataclasses
+    npu_a = ax.load_target("npu_a")
+    cost = dataclasses.replace(npu_a.cost, fusable=[k for k in npu_a.cost.fusable if k != "mul"])
+    no_mul = dataclasses.replace(npu_a, name="npu_a_no_mul", cost=cost,
+                                 ops={k: v for k, v in npu_a.ops.items() if k != "mul"})
+    rep2 = ax.export_onnx(fq, tmp_path / "k2.onnx", example_inputs=(x,), target=no_mul,
+                          check=False)
+    assert rep2.rewrites["narrow_matmuls_to_mul"] == 0
+    assert len(_const_matmuls(onnx.load(tmp_path / "k2.onnx"))) == 2
