@@ -48,15 +48,15 @@ native:20 --levels basic,extended,all
 
 Prints tables and writes ``benchmarks/results/ort_minilm.json`` atomically.
 
-Findings (default run, load average 0.8–2.2; see the JSON): fp32 59 sentences/s; ORT dynamic
-int8 2.0× (cos 0.959); archnet_fx W8A8 npu_a with the emulation surrogates 0.19× (cos 0.992) —
-the PWL GELU and softmax-exp take 47 % and 43 % of its onnxruntime time (a K-wide hinge
+Findings (default run, load average 1.8–2.0; see the JSON): fp32 60 sentences/s; ORT dynamic
+int8 2.0× (cos 0.959); archnet_fx W8A8 npu_a with the emulation surrogates 0.22× (cos 0.993) —
+the PWL GELU and softmax-exp take 42 % and 48 % of its onnxruntime time (a K-wide hinge
 expansion per element: MatMul, Add, Relu stay float; ORT has no fused kernel for it), the 42
 fused ``MatMulIntegerToFloat`` linears 6 %; structural GELU/softmax after 80 steps per block
-reach 1.69× with the exact CPU-runtime rewrites (1 × 1 MatMul → Mul, (1, 1) scalars; since
-then part of ``export_onnx`` itself) but only cos 0.895; the same Q/DQ linears with
-native LN/Softmax/GELU (ablation, not npu_a-legal) reach 2.34× at cos 0.994. No npu_a-legal
-configuration meets ≥ 1.6× with cos ≥ 0.98.
+reach 1.69× (``export_onnx``'s exact 1 × 1 MatMul → Mul and (1, 1)-scalar rewrites included)
+but only cos 0.895; the same Q/DQ linears with native LN/Softmax/GELU (ablation, not
+npu_a-legal) reach 2.41× at cos 0.994. No npu_a-legal configuration meets ≥ 1.6× with
+cos ≥ 0.98.
 """
 from __future__ import annotations
 
