@@ -21,6 +21,8 @@ embedding products rewritten as row gathers (exact; ``onehot_gather=True``), one
   ReLU form, softmax → ReLU attention;
 * ``gelu_structural`` / ``softmax_structural`` / ``act_structural`` — npu_a, emulation LayerNorm
   with ``choices=`` making the GELUs, the softmaxes, or both structural;
+* ``act_pow`` — npu_a, emulation LayerNorm, structural GELU, and the normalized power-kernel
+  softmax ``softmax_pow`` (``relu(1 + a·z)^4`` for exp; a few elementwise passes);
 * ``native`` — the ablation target ``benchmarks/targets/npu_a_native.toml`` (npu_a plus native
   LayerNorm/Softmax/GELU/embedding): nothing to legalize, the linears quantized exactly as for
   npu_a; what the Q/DQ linears alone give (not a legal npu_a model).
@@ -113,6 +115,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
            choices={"softmax": "structural"}),
     Config("act_structural", "npu_a, emulation LN, structural GELU + softmax",
            choices={"gelu": "structural", "softmax": "structural"}),
+    Config("act_pow", "npu_a, emulation LN, structural GELU, power-kernel softmax (softmax_pow)",
+           choices={"gelu": "structural", "softmax": "softmax_pow"}),
     Config("native", "ablation npu_a_native.toml: native LN/Softmax/GELU, same Q/DQ linears",
            target="targets/npu_a_native.toml", legal_on_npu_a=False),
 ]}

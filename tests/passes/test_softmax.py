@@ -27,8 +27,9 @@ import archnet_fx as ax
 import archnet_fx.targets as targets_pkg
 from archnet_fx.legalize import legalize
 from archnet_fx.opkinds import kind_histogram
-from archnet_fx.passes.softmax import (CANDIDATES, MASK_THRESHOLD, ReluAttention, SoftmaxPWL,
-                                       exp_floor, relu_attention_init)
+from archnet_fx.passes.softmax import (CANDIDATES, MASK_THRESHOLD, ReluAttention, SoftmaxPow,
+                                       SoftmaxPWL, exp_floor, pow_kernel_init,
+                                       relu_attention_init)
 from passtest import captured_zoo
 from surrogate_check import assert_body_legal, assert_grads_flow, forms, surrogates
 
@@ -121,6 +122,42 @@ def test_emulation_error_on_calibrated_range(target):
         assert float((p - ref).abs().max()) <= 2e-3
         assert float((p.sum(-1) - 1).abs().max()) <= 1e-4
         assert float(p.min()) >= -1e-6
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pow_kernel_softmax_is_legal_normalized_and_close(target):
+    """softmax_pow: legal everywhere (npu_b squares by matmul), rows sum to 1, masked keys get
+    exactly 0, and rows are far closer to softmax than ReLU attention's, before training."""
+    res = _tiny(target, "softmax_pow")
+    assert res.choices["softmax"] == "softmax_pow"
+    assert ax.check(res.module, target).fully_on_chip
+    m = _sur(target, "softmax_pow")
+    assert isinstance(m, SoftmaxPow)
+    assert_body_legal(m, target)
+    relu = _sur(target, "relu_attention")
+    for seed in (10, 11):
+        x = _logits(seed)
+        with torch.no_grad():
+            p, q, ref = m(x), relu(x), torch.softmax(x, -1)
+        assert float((p.sum(-1) - 1).abs().max()) <= 1e-4
+        cos = F.cosine_similarity(p, ref, dim=-1)
+        assert float(cos.min()) >= 0.995
+        assert float(cos.mean()) > float(F.cosine_similarity(q, ref, dim=-1).mean()) + 0.05
+    x = _logits(7, masked=True)
+    with torch.no_grad():
+        assert _assert_masked_zero(x, m(x)) > 0
+
+
+def test_pow_kernel_init_fits_the_scale():
+    rows = _logits(5).reshape(-1, 16).double()
+    assert pow_kernel_init(None, 2) == 0.25  # τ = 2^k without samples
+    p = torch.softmax(rows, -1)
+
+    def err(a):
+        h = torch.relu(1 + a * (rows - rows.amax(-1, keepdim=True))) ** 4
+        return float(((h / h.sum(-1, keepdim=True) - p) ** 2).sum())
+    a = pow_kernel_init(rows, 2)
+    assert err(a) <= err(0.25) and err(a) < err(1.0) and err(a) < err(1 / 32)
 
 
 def test_log_softmax_error():
@@ -239,7 +276,7 @@ def test_zoo_masks_give_exact_zero(name, target):
 # --------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("choice", ("softmax_pwl", "relu_attention"))
+@pytest.mark.parametrize("choice", ("softmax_pwl", "relu_attention", "softmax_pow"))
 def test_grads_flow(choice):
     gm = copy.deepcopy(_tiny("npu_b", choice).module)
     assert_grads_flow(gm, (_logits(9),))  # (masked log-probs would make this loss inf)
