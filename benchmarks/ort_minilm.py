@@ -50,14 +50,15 @@ native:20 --levels basic,extended,all
 
 Prints tables and writes ``benchmarks/results/ort_minilm.json`` atomically.
 
-Findings (default run, load average 1.8–2.0; see the JSON): fp32 60 sentences/s; ORT dynamic
-int8 2.0× (cos 0.959); archnet_fx W8A8 npu_a with the emulation surrogates 0.22× (cos 0.993) —
-the PWL GELU and softmax-exp take 42 % and 48 % of its onnxruntime time (a K-wide hinge
-expansion per element: MatMul, Add, Relu stay float; ORT has no fused kernel for it), the 42
-fused ``MatMulIntegerToFloat`` linears 6 %; structural GELU/softmax after 80 steps per block
-reach 1.69× (``export_onnx``'s exact 1 × 1 MatMul → Mul and (1, 1)-scalar rewrites included)
-but only cos 0.895; the same Q/DQ linears with native LN/Softmax/GELU (ablation, not
-npu_a-legal) reach 2.41× at cos 0.994. No npu_a-legal configuration meets ≥ 1.6× with
+Findings (``--configs emulation:10,act_structural:80,act_pow:80,native:20``, load average ≈ 2;
+see the JSON): fp32 56 sentences/s; ORT dynamic int8 1.95× (cos 0.959); archnet_fx W8A8 npu_a
+with the emulation surrogates 0.20× (cos 0.993) — the PWL GELU and softmax-exp take about 40 %
+and 48 % of its onnxruntime time (a K-wide hinge expansion per element: MatMul, Add, Relu stay
+float; ORT has no fused kernel for it), the 42 fused ``MatMulIntegerToFloat`` linears 6 %;
+structural GELU with the power-kernel softmax reaches 1.35× at cos 0.971, with ReLU attention
+1.65× at cos 0.895 (80 steps per block; ``export_onnx``'s exact 1 × 1 MatMul → Mul and
+(1, 1)-scalar rewrites included); the same Q/DQ linears with native LN/Softmax/GELU (ablation,
+not npu_a-legal) reach 2.28× at cos 0.994. No npu_a-legal configuration meets ≥ 1.6× with
 cos ≥ 0.98.
 """
 from __future__ import annotations
