@@ -207,7 +207,11 @@ class ReluAttention(Surrogate):
 class PowKernel(nn.Module):
     """``h(z) = relu(1 + a·z)^(2^k)`` for ``z ≤ 0`` (``k`` squarings): a compact stand-in for
     ``exp`` — 1 at 0, smooth and convex, exactly 0 below ``−1/a`` (so masked logits vanish) —
-    built from a multiply, an add, a ReLU and ``k`` products. ``a`` is a trainable scalar."""
+    built from a multiply, an add, a ReLU and ``k`` products. ``a`` is a trainable scalar, used
+    clamped to ``≥ A_MIN`` (a constant expression on the chip) so that however training moves
+    it, masked logits (−1e9, ``finfo.min``, −inf) still give exactly 0."""
+
+    A_MIN = 1e-3
 
     def __init__(self, a: float, squarings: int, square: nn.Module) -> None:
         super().__init__()
@@ -216,7 +220,7 @@ class PowKernel(nn.Module):
         self.square = square
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(z * self.a + 1.0)
+        h = torch.relu(z * torch.clamp(self.a, min=self.A_MIN) + 1.0)
         for _ in range(self.squarings):
             h = self.square(h, h)
         return h
@@ -453,7 +457,7 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("relu_attention", "softmax", "structural", frozenset({"add", "relu", "mul"}),
               _build_relu_attention, "relu(x + b)·g with trainable b, g (Arch-Net)"),
     Candidate("softmax_pow", "softmax", "emulation",
-              frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "max_pool"}),
+              frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "max_pool", "clamp"}),
               _build_pow, "row max, relu(1 + a·z)^4 for exp (trainable a), ones-linear row sum, "
               "PWL 1/s + one Newton step, row scale; cheap on CPU runtimes", needs_mul=True),
     Candidate("softmax_pwl", "log_softmax", "emulation", _BASE, _build_pwl,

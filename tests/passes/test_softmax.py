@@ -146,6 +146,13 @@ def test_pow_kernel_softmax_is_legal_normalized_and_close(target):
     x = _logits(7, masked=True)
     with torch.no_grad():
         assert _assert_masked_zero(x, m(x)) > 0
+        # however training moves the kernel's scale (even through 0), masks stay exactly 0
+        m2 = copy.deepcopy(m)
+        for a in (-0.5, 0.0, 1e-6):
+            m2.exp.a.fill_(a)
+            p = m2(x)
+            assert _assert_masked_zero(x, p) > 0
+            assert torch.isfinite(p).all()
 
 
 def test_pow_kernel_init_fits_the_scale():
