@@ -145,7 +145,35 @@ class ExpPWL(nn.Module):
 # --------------------------------------------------------------------------- surrogates
 
 
-class SoftmaxPWL(Surrogate):
+class _RowSoftmax(Surrogate):
+    """Shared skeleton: ``z = x − rowmax(x)``, ``e = kernel(z)``, ``s = Σ e``, then ``e / s``
+    (PWL 1/s + one Newton step, row scale) or, with no ``scale``, ``z − log(s)``; over the last
+    axis, or ``dim`` through a transpose. Subclasses set the modules and :meth:`kernel`."""
+
+    dim: int | None        # set by subclasses (no class defaults: a class attribute would
+    scale: nn.Module | None  # shadow nn.Module's submodule lookup)
+
+    def kernel(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dim is not None:
+            x = x.transpose(self.dim, -1)
+        zr = x - self.rowmax(x)
+        e = self.kernel(zr)
+        s = self.rowsum(e)
+        if self.scale is None:
+            out = zr - self.log(s)
+        else:
+            r = self.recip(s)
+            r = self.scale(r, 2.0 - self.scale(s, r))  # Newton step for 1/s
+            out = self.scale(e, r)
+        if self.dim is not None:
+            out = out.transpose(self.dim, -1)
+        return out
+
+
+class SoftmaxPWL(_RowSoftmax):
     """Near-exact softmax / log_softmax over the last axis (see the module docstring)."""
 
     def __init__(self, kind: str, rank: int, n: int, lo: float, knots: int, mode: str | None,
@@ -174,21 +202,8 @@ class SoftmaxPWL(Surrogate):
             # x · r with r a per-row scalar [..., 1]: mul, or r[..., :, None] @ x[..., None, :]
             self.scale = MatmulMul("row_y") if mode == "matmul" else Mul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dim is not None:
-            x = x.transpose(self.dim, -1)
-        zr = x - self.rowmax(x)
-        e = self.exp(torch.clamp(zr, min=self.lo))
-        s = self.rowsum(e)
-        if self.scale is None:
-            out = zr - self.log(s)
-        else:
-            r = self.recip(s)
-            r = self.scale(r, 2.0 - self.scale(s, r))  # Newton step for 1/s
-            out = self.scale(e, r)
-        if self.dim is not None:
-            out = out.transpose(self.dim, -1)
-        return out
+    def kernel(self, z: torch.Tensor) -> torch.Tensor:
+        return self.exp(torch.clamp(z, min=self.lo))
 
 
 class ReluAttention(Surrogate):
@@ -226,7 +241,7 @@ class PowKernel(nn.Module):
         return h
 
 
-class SoftmaxPow(Surrogate):
+class SoftmaxPow(_RowSoftmax):
     """``p = h(x − rowmax) / Σ h`` with the power kernel ``h`` (:class:`PowKernel`): a
     normalized softmax whose exp is replaced by ``relu(1 + a·z)^(2^k)``.
 
@@ -250,17 +265,8 @@ class SoftmaxPow(Surrogate):
                              knots=2 * knots, spacing="geometric")
         self.scale = MatmulMul("row_y") if mode == "matmul" else Mul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dim is not None:
-            x = x.transpose(self.dim, -1)
-        e = self.exp(x - self.rowmax(x))
-        s = self.rowsum(e)
-        r = self.recip(s)
-        r = self.scale(r, 2.0 - self.scale(s, r))  # Newton step for 1/s
-        out = self.scale(e, r)
-        if self.dim is not None:
-            out = out.transpose(self.dim, -1)
-        return out
+    def kernel(self, z: torch.Tensor) -> torch.Tensor:
+        return self.exp(z)
 
 
 # --------------------------------------------------------------------------- matching
