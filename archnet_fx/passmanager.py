@@ -46,8 +46,8 @@ import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
-from archnet_fx.capture import (CAPTURE_META_KEY, EXAMPLE_META_KEY, propagate_shapes,
-                                propagate_shapes_incremental, shape_example, shapes_from)
+from archnet_fx.capture import (propagate_shapes, propagate_shapes_incremental, shape_example,
+                                shapes_from)
 from archnet_fx.errors import PipelineError, VerificationError
 from archnet_fx.opkinds import (KIND_META_KEY, META_KINDS, annotate_kinds, kind_histogram,
                                 node_kind)
@@ -255,15 +255,13 @@ def _resolve(root: Any, target: str, parents: dict[str, Any] | None = None) -> A
     """``getattr`` along a dotted path (None where it breaks), reading a module's parameter,
     buffer and submodule tables directly (``nn.Module.__getattr__`` is the slow path).
     ``parents`` memoizes the owner of each path resolved (for many targets in one graph)."""
-    obj = root
     head, _, last = target.rpartition(".")
-    parts = [last]
     if head and parents is not None:
         if head not in parents:
             parents[head] = _resolve(root, head, parents)
-        obj = parents[head]
+        obj, parts = parents[head], [last]
     else:
-        parts = target.split(".")
+        obj, parts = root, target.split(".")
     for part in parts:
         if isinstance(obj, torch.nn.Module):
             d = obj.__dict__
@@ -403,18 +401,17 @@ _IMPURE_TARGETS: dict[Any, bool] = {}
 
 def is_impure(node: torch.fx.Node) -> bool:
     """torch's notion of impure, plus in-place Tensor methods (fx calls every method pure)."""
-    if node.op == "call_function" and not isinstance(node.target,
-                                                     torch._ops.HigherOrderOperator):
-        try:
-            hit = _IMPURE_TARGETS.get(node.target)
-        except TypeError:  # an unhashable callable
-            return node.is_impure() or is_inplace(node)
-        if hit is None:
-            if len(_IMPURE_TARGETS) >= 4096:  # bounded: targets can be per-trace callables
-                _IMPURE_TARGETS.clear()
-            hit = _IMPURE_TARGETS[node.target] = node.is_impure() or is_inplace(node)
-        return hit
-    return node.is_impure() or is_inplace(node)
+    if node.op != "call_function" or isinstance(node.target, torch._ops.HigherOrderOperator):
+        return node.is_impure() or is_inplace(node)
+    try:
+        hit = _IMPURE_TARGETS.get(node.target)
+    except TypeError:  # an unhashable callable
+        return node.is_impure() or is_inplace(node)
+    if hit is None:
+        if len(_IMPURE_TARGETS) >= 4096:  # bounded: targets can be per-trace callables
+            _IMPURE_TARGETS.clear()
+        hit = _IMPURE_TARGETS[node.target] = node.is_impure() or is_inplace(node)
+    return hit
 
 
 def _dead_names(graph: torch.fx.Graph) -> set[str]:

@@ -156,6 +156,23 @@ class _RowSoftmax(Surrogate):
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _normalizer(self, kind: str, n: int, knots: int, mode: str | None) -> None:
+        """The row sum and what follows it: PWL ``log(s)`` (log_softmax), or PWL ``1/s`` and
+        the row scale in ``mode`` (``"mul"``/``None`` or ``"matmul"``)."""
+        self.rowsum = RowSum(n)
+        # s = Σ e over a row whose max gives e(0) ≈ 1: s ∈ [≈1, N] whatever the data.
+        s_lo, s_hi = 0.9, max(float(n), 1.0) * 1.05 + 0.1
+        if kind == "log_softmax":
+            self.log = PWL.fit(torch.log, None, s_lo, s_hi, knots=2 * knots, spacing="geometric")
+            self.scale = None
+        else:
+            self.recip = PWL.fit(torch.reciprocal, None, s_lo, s_hi, knots=2 * knots,
+                                 spacing="geometric")
+            if mode not in (None, "mul", "matmul"):
+                raise ValueError(f"mode must be 'mul' or 'matmul', got {mode!r}")
+            # x · r with r a per-row scalar [..., 1]: mul, or r[..., :, None] @ x[..., None, :]
+            self.scale = MatmulMul("row_y") if mode == "matmul" else Mul()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dim is not None:
             x = x.transpose(self.dim, -1)
@@ -188,19 +205,7 @@ class SoftmaxPWL(_RowSoftmax):
             z = (samples - _valid_max(samples)).clamp(min=self.lo)
             z = torch.where(torch.isfinite(z), z, torch.full_like(z, self.lo))
         self.exp = ExpPWL(self.lo, knots, z)
-        self.rowsum = RowSum(n)
-        # s = Σ e over a row whose max gives e(0) ≈ 1: s ∈ [≈1, N] whatever the data.
-        s_lo, s_hi = 0.9, max(float(n), 1.0) * 1.05 + 0.1
-        if kind == "log_softmax":
-            self.log = PWL.fit(torch.log, None, s_lo, s_hi, knots=2 * knots, spacing="geometric")
-            self.scale = None
-        else:
-            self.recip = PWL.fit(torch.reciprocal, None, s_lo, s_hi, knots=2 * knots,
-                                 spacing="geometric")
-            if mode not in (None, "mul", "matmul"):
-                raise ValueError(f"mode must be 'mul' or 'matmul', got {mode!r}")
-            # x · r with r a per-row scalar [..., 1]: mul, or r[..., :, None] @ x[..., None, :]
-            self.scale = MatmulMul("row_y") if mode == "matmul" else Mul()
+        self._normalizer(kind, n, knots, mode)
 
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         return self.exp(torch.clamp(z, min=self.lo))
@@ -259,11 +264,7 @@ class SoftmaxPow(_RowSoftmax):
         self.dim = dim
         self.rowmax = RowMax(rank, n)
         self.exp = PowKernel(a, squarings, square)
-        self.rowsum = RowSum(n)
-        # s = Σ h over a row whose max gives h(0) = 1: s ∈ [1, N].
-        self.recip = PWL.fit(torch.reciprocal, None, 0.9, max(float(n), 1.0) * 1.05 + 0.1,
-                             knots=2 * knots, spacing="geometric")
-        self.scale = MatmulMul("row_y") if mode == "matmul" else Mul()
+        self._normalizer("softmax", n, knots, mode)
 
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         return self.exp(z)
@@ -345,19 +346,31 @@ def exp_floor(rows: torch.Tensor | None) -> float:
 # --------------------------------------------------------------------------- builders
 
 
-def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
+def _row_prelude(node: torch.fx.Node, ctx: Any, scaled: bool
+                 ) -> tuple[SoftmaxMatch, str | None] | str:
+    """What every row-normalized candidate checks first: the match, the row scale's product
+    form (``scaled``: softmax, not log_softmax) and the transpose a non-last ``dim`` needs;
+    ``(match, mode)`` or why the candidate cannot be built."""
     m = match(node, ctx)
     if isinstance(m, str):
         return m
-    kind = ctx.kind(node)
     mode = None
-    if kind == "softmax":
+    if scaled:
         mul = make_mul(ctx.target, "row_y", exact=True)
         if isinstance(mul, str):
             return mul
         mode = mul.mode
     if m.dim is not None and not ctx.target.supports("permute"):
         return f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute"
+    return m, mode
+
+
+def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
+    kind = ctx.kind(node)
+    pre = _row_prelude(node, ctx, kind == "softmax")
+    if isinstance(pre, str):
+        return pre
+    m, mode = pre
     rows = _rows(node, ctx, m)
     mod = SoftmaxPWL(kind, m.rank, m.n, exp_floor(rows), ctx.options.knots, mode,
                      rows.float() if rows is not None else None, m.dim)
@@ -437,20 +450,16 @@ def pow_kernel_init(rows: torch.Tensor | None, squarings: int) -> float:
 
 
 def _build_pow(node: torch.fx.Node, ctx: Any) -> Any:
-    m = match(node, ctx)
-    if isinstance(m, str):
-        return m
-    mul = make_mul(ctx.target, "row_y", exact=True)
-    if isinstance(mul, str):
-        return mul
+    pre = _row_prelude(node, ctx, True)
+    if isinstance(pre, str):
+        return pre
+    m, mode = pre
     shape = ctx.shape(m.input)
     square = make_mul(ctx.target, shapes=(shape, shape), exact=True)
     if isinstance(square, str):
         return f"the power kernel squares activations: {square}"
-    if m.dim is not None and not ctx.target.supports("permute"):
-        return f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute"
     a = pow_kernel_init(_rows(node, ctx, m), POW_SQUARINGS)
-    return SoftmaxPow(m.rank, m.n, a, POW_SQUARINGS, ctx.options.knots, mul.mode, square,
+    return SoftmaxPow(m.rank, m.n, a, POW_SQUARINGS, ctx.options.knots, mode, square,
                       m.dim), (m.input,)
 
 
