@@ -635,8 +635,7 @@ def onehot_to_gather(model: Any) -> int:
         nodes[-1].input[1], nodes[-1].input[2] = c0.name, cm.name
         full = lo == 0 and hi == vocab.size
         out = name if full else f"{p}_rows"
-        nodes.append(helper.make_node("Gather", [mm.input[1], f"{p}_idx"], [out], axis=0,
-                                      name=f"{p}/gather"))
+        nodes += _gather_rows(model, prod, mm.input[1], f"{p}_idx", out, p)
         if not full:
             nodes += [
                 helper.make_node("GreaterOrEqual", [f"{p}_ids", c_lo.name], [f"{p}_ge"],
@@ -662,6 +661,29 @@ def onehot_to_gather(model: Any) -> int:
     model.graph.node.extend(out_nodes)
     _prune(model)
     return n_done
+
+
+def _gather_rows(model: Any, prod: dict[str, Any], table: str, idx: str, out: str,
+                 p: str) -> list[Any]:
+    """Nodes gathering rows ``idx`` of ``table`` into ``out``. A table that is
+    ``DequantizeLinear(integer constant)`` per tensor or per column is gathered as integers and
+    dequantized after (exact: row selection commutes with a per-column scale), so the runtime
+    reads the selected rows instead of dequantizing the whole table on every run."""
+    from onnx import helper
+
+    dq = prod.get(table)
+    inits = {i.name: i for i in model.graph.initializer}
+    if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits \
+            and len(inits[dq.input[0]].dims) == 2:
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        scale = _const_array(model, dq.input[1])
+        if scale is not None and (scale.size == 1 or axis in (1, -1)):
+            attrs = {} if scale.size == 1 else {"axis": -1}
+            return [helper.make_node("Gather", [dq.input[0], idx], [f"{p}_qrows"], axis=0,
+                                     name=f"{p}/gather"),
+                    helper.make_node("DequantizeLinear", [f"{p}_qrows", *dq.input[1:]], [out],
+                                     name=f"{p}/dequantize", **attrs)]
+    return [helper.make_node("Gather", [table, idx], [out], axis=0, name=f"{p}/gather")]
 
 
 def _prune(model: Any) -> None:

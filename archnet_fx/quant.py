@@ -496,11 +496,19 @@ class FakeQuantPass(GraphPass):
         return cls.wrap(m, self.weight_fq(m.weight, bits), self.act_fq())
 
     def wrap_tree(self, m: nn.Module, record: PassRecord) -> nn.Module | None:
-        """A clone of ``m`` whose conv/linear descendants are quantized (None if it has none)."""
+        """A clone of ``m`` whose conv/linear descendants are quantized (None if it has none).
+
+        A ``Linear(1, 1)`` inside a surrogate body (the single hinge of a ReLU form:
+        ``c·relu(w·x − b) + a``) is a scalar multiply-add, not a multiply-accumulate: the chip
+        runs it as an elementwise epilogue at accumulator precision, so it gets no weight or
+        input quantizer (no int8 round trip of the tensor it scales)."""
         changed = False
         new = _shallow_clone(m)
         for name, child in m._modules.items():
             if child is None:
+                continue
+            if _scalar_affine(child):
+                record.rule_hits["surrogate_scalar_affine_float"] += 1
                 continue
             q = self.wrap_layer(child, self.surrogate_weight_bits)
             if q is None:
@@ -648,6 +656,11 @@ class FakeQuantPass(GraphPass):
 #: vs 0.22) — the chip evaluates them at accumulator precision; ``"none"``. ``True``/``False``
 #: mean ``"all"``/``"none"``.
 SURROGATE_MODES = ("all", "structural", "none")
+
+
+def _scalar_affine(m: nn.Module) -> bool:
+    """``nn.Linear(1, 1)``: ``y = w·x + b`` elementwise (one product per output, no sum)."""
+    return type(m) is nn.Linear and m.in_features == 1 and m.out_features == 1
 
 
 def _surrogate_mode(mode: str | bool) -> str:

@@ -379,14 +379,37 @@ def make_mul(target: Target, layout: str = "elem", *,
 
 
 class RowSum(nn.Module):
-    """Sum over the last axis as a matmul with a ones vector (a ``linear`` with constant weight)."""
+    """Sum over the last axis (kept, size 1), times ``scale``.
 
-    def __init__(self, n: int, scale: float = 1.0):
+    ``reduce=None``: a matmul with a constant vector (a ``linear``, legal wherever linears
+    are); ``"sum"``: the target's sum reduction; ``"mean"``: its mean reduction times ``n``
+    (exact up to float rounding). A reduction reads the row once, where a CPU runtime runs the
+    ones-linear as a one-column matrix product (MiniLM's attention rows: ~2 ms against ~0.3 ms
+    per 6.3 M-element tensor in onnxruntime)."""
+
+    REDUCTIONS = (None, "sum", "mean")
+
+    def __init__(self, n: int, scale: float = 1.0, reduce: str | None = None):
         super().__init__()
-        self.register_buffer("w", torch.full((1, n), float(scale)))
+        if reduce not in self.REDUCTIONS:
+            raise ValueError(f"reduce must be one of {self.REDUCTIONS}, got {reduce!r}")
+        self.reduce, self.n, self.scale = reduce, int(n), float(scale)
+        if reduce is None:
+            self.register_buffer("w", torch.full((1, n), float(scale)))
+
+    @staticmethod
+    def best_for(target: Any) -> str | None:
+        """The cheapest row-sum form ``target`` runs: ``"sum"``, ``"mean"`` or the linear."""
+        return next((k for k in ("sum", "mean") if target is not None and target.supports(k)),
+                    None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.w)
+        if self.reduce is None:
+            return torch.nn.functional.linear(x, self.w)
+        if self.reduce == "sum":
+            s = x.sum(-1, keepdim=True)
+            return s if self.scale == 1.0 else s * self.scale
+        return x.mean(-1, keepdim=True) * (self.n * self.scale)
 
 
 # --------------------------------------------------------------------------- observation

@@ -35,7 +35,8 @@ matmul with inner dimension 1 on npu_b). Three candidates for ``softmax``, one f
 
 * ``softmax_pow`` (approximate emulation, chosen with ``choices``): as ``softmax_pwl`` with
   the exp replaced by the power kernel ``relu(1 + a·z)^4`` (``a`` trainable, fitted on the
-  calibrated rows): a few elementwise passes instead of a K-wide hinge expansion — the form to
+  calibrated rows), and the row sum as the target's ``sum`` (or ``mean`` × N) reduction where
+  it has one: a few elementwise passes instead of a K-wide hinge expansion — the form to
   pick when the model must also run fast on a CPU runtime. Row cosine to softmax on MiniLM's
   attention logits before training: 0.9975 (ReLU attention: 0.83).
 
@@ -156,10 +157,12 @@ class _RowSoftmax(Surrogate):
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _normalizer(self, kind: str, n: int, knots: int, mode: str | None) -> None:
-        """The row sum and what follows it: PWL ``log(s)`` (log_softmax), or PWL ``1/s`` and
-        the row scale in ``mode`` (``"mul"``/``None`` or ``"matmul"``)."""
-        self.rowsum = RowSum(n)
+    def _normalizer(self, kind: str, n: int, knots: int, mode: str | None,
+                    reduce: str | None = None) -> None:
+        """The row sum (:class:`RowSum` form ``reduce``) and what follows it: PWL ``log(s)``
+        (log_softmax), or PWL ``1/s`` and the row scale in ``mode`` (``"mul"``/``None`` or
+        ``"matmul"``)."""
+        self.rowsum = RowSum(n, reduce=reduce)
         # s = Σ e over a row whose max gives e(0) ≈ 1: s ∈ [≈1, N] whatever the data.
         s_lo, s_hi = 0.9, max(float(n), 1.0) * 1.05 + 0.1
         if kind == "log_softmax":
@@ -258,13 +261,14 @@ class SoftmaxPow(_RowSoftmax):
     """
 
     def __init__(self, rank: int, n: int, a: float, squarings: int, knots: int,
-                 mode: str | None, square: nn.Module, dim: int | None = None) -> None:
+                 mode: str | None, square: nn.Module, dim: int | None = None,
+                 reduce: str | None = None) -> None:
         super().__init__()
         self.replaces, self.style = "softmax", "emulation"
         self.dim = dim
         self.rowmax = RowMax(rank, n)
         self.exp = PowKernel(a, squarings, square)
-        self._normalizer("softmax", n, knots, mode)
+        self._normalizer("softmax", n, knots, mode, reduce)
 
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         return self.exp(z)
@@ -460,7 +464,7 @@ def _build_pow(node: torch.fx.Node, ctx: Any) -> Any:
         return f"the power kernel squares activations: {square}"
     a = pow_kernel_init(_rows(node, ctx, m), POW_SQUARINGS)
     return SoftmaxPow(m.rank, m.n, a, POW_SQUARINGS, ctx.options.knots, mode, square,
-                      m.dim), (m.input,)
+                      m.dim, RowSum.best_for(ctx.target)), (m.input,)
 
 
 _BASE = frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "clamp", "max_pool"})
@@ -473,8 +477,9 @@ CANDIDATES: tuple[Candidate, ...] = (
               _build_relu_attention, "relu(x + b)·g with trainable b, g (Arch-Net)"),
     Candidate("softmax_pow", "softmax", "emulation",
               frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "max_pool", "clamp"}),
-              _build_pow, "row max, relu(1 + a·z)^4 for exp (trainable a), ones-linear row sum, "
-              "PWL 1/s + one Newton step, row scale; cheap on CPU runtimes", needs_mul=True),
+              _build_pow, "row max, relu(1 + a·z)^4 for exp (trainable a), row sum (the "
+              "target's sum or mean reduction, else a ones-linear), PWL 1/s + one Newton step, "
+              "row scale; cheap on CPU runtimes", needs_mul=True),
     Candidate("softmax_pwl", "log_softmax", "emulation", _BASE, _build_pwl,
               "(x − rowmax) − PWL log(Σ PWL exp(x − rowmax))"),
 )

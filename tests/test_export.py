@@ -97,6 +97,12 @@ def test_bert_tiny_export_names_and_dynamic_batch(tmp_path):
     model = onnx.load(tmp_path / "bert_g.onnx")
     assert not [n for n in model.graph.node if n.op_type == "Equal"
                 and "vocab" in "".join(n.input)]
+    # the integer table is gathered first and only the selected rows are dequantized
+    int8 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    table_gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in int8]
+    assert len(table_gathers) == 2
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    assert {consumers[n.output[0]] for n in table_gathers} == {"DequantizeLinear"}
 
 
 def test_illegal_op_rejected_and_no_file_left(tmp_path):

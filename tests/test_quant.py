@@ -279,3 +279,31 @@ def test_fused_lsq_matches_autograd_composition(symmetric):
     assert (results[0][0] - results[0][0].round()).abs().max() > 0  # x really is clipped/rounded
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+
+
+def test_single_hinge_relu_form_is_a_float_epilogue():
+    """A one-hinge ReLU form (GELU → c·relu(w·x − b) + a) is scalar multiply-adds, not MACs:
+    its Linear(1, 1) layers get no quantizers, so the FFN's hidden tensor is quantized once (at
+    the second linear's input), not three times; the two real linears are still quantized."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(16, 8)
+    leg = ax.legalize(m, "npu_a", (x,), verify=False, choices={"gelu": "relu_form"})
+    res = insert_fake_quant(leg.module, "npu_a")
+    hits = res.record.rule_hits
+    assert hits["surrogate_scalar_affine_float"] == 2            # inner and outer hinge layers
+    assert "surrogate_layer" not in hits
+    layers = [m for m in res.module.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2 and all(m.in_features in (8, 32) for m in layers)
+    assert hits["act"] == 0 and hits["weight_module"] == 2       # module linears: own act fq
+    hinge = [m for m in res.module.modules() if type(m) is nn.Linear]
+    assert len(hinge) == 2 and all(m.in_features == m.out_features == 1 for m in hinge)
+    with calibrating(res.module):
+        res.module(x)
+    assert len(quantizers(res.module)) == 4                      # 2 weights + 2 inputs
+    # a K-hinge structural form (hard tanh: two hinges) keeps quantized hinge layers
+    m2 = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 8))
+    leg2 = ax.legalize(m2, "npu_a", (x,), verify=False, choices={"tanh": "relu_form"})
+    res2 = insert_fake_quant(leg2.module, "npu_a")
+    assert res2.record.rule_hits["surrogate_layer"] == 2
+    assert "surrogate_scalar_affine_float" not in res2.record.rule_hits

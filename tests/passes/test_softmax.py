@@ -30,6 +30,7 @@ from archnet_fx.opkinds import kind_histogram
 from archnet_fx.passes.softmax import (CANDIDATES, MASK_THRESHOLD, ReluAttention, SoftmaxPow,
                                        SoftmaxPWL, exp_floor, pow_kernel_init,
                                        relu_attention_init)
+from archnet_fx.surrogate import RowSum
 from passtest import captured_zoo
 from surrogate_check import assert_body_legal, assert_grads_flow, forms, surrogates
 
@@ -153,6 +154,22 @@ def test_pow_kernel_softmax_is_legal_normalized_and_close(target):
             p = m2(x)
             assert _assert_masked_zero(x, p) > 0
             assert torch.isfinite(p).all()
+
+
+def test_pow_kernel_row_sum_uses_the_targets_reduction():
+    """softmax_pow sums rows with the target's own reduction (dsp_c: sum, npu_a: mean × N) and
+    falls back to the ones-linear (npu_b has neither); all three forms give the same rows."""
+    forms = {t: _sur(t, "softmax_pow").rowsum.reduce for t in TARGETS}
+    assert forms == {"npu_a": "mean", "npu_b": None, "dsp_c": "sum"}
+    assert _sur("npu_a", "softmax_pwl").rowsum.reduce is None   # the default keeps the linear
+    x = torch.rand(3, 5, 128)
+    ref = x.sum(-1, keepdim=True)
+    for reduce in RowSum.REDUCTIONS:
+        got = RowSum(128, reduce=reduce)(x)
+        assert got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-5)
+    assert torch.allclose(RowSum(128, 0.5, "mean")(x), ref * 0.5, rtol=1e-5)
+    with pytest.raises(ValueError, match="reduce"):
+        RowSum(4, reduce="max")
 
 
 def test_pow_kernel_init_fits_the_scale():
