@@ -49,7 +49,12 @@ fused     an elementwise kind in the target's ``cost.fusable`` list whose activa
           it joins that kernel. The kernel pays one overhead; the intermediate is neither
           written nor read back (its other operand, e.g. a residual, is read). The kernel's
           time is split over its members in proportion to ``ops/peak + bytes/bandwidth``;
-          rows show ``fused_into``.
+          rows show ``fused_into``. Elementwise work that forks after the kernel and joins
+          again (``c·relu(w·x − b) + s·x``: ``x`` has two readers) fuses too when every
+          operand comes from the kernel's group and the group still writes one tensor
+          (:func:`_fuse_epilogue_dags`). A ``linear`` with a 1 × 1 weight (``w·x + b`` per
+          element, a one-hinge ReLU form's layer) is costed as kind ``mul``: a multiply-add
+          epilogue, not a GEMM.
 free      layout and no-op kinds (:data:`FREE_KINDS`: reshape, permute, expand, slice,
           concat, pad, cast, identity, dropout, creation) and meta kinds (placeholder, output,
           get_attr, getitem, shape queries, ``_guard_inputs`` guards) cost nothing: the
@@ -271,6 +276,19 @@ def _node_ops(kind: str, node: torch.fx.Node, mod: torch.nn.Module | None, args:
     return float(n_out)  # unknown kinds: one op per output element
 
 
+def _scalar_affine(node: torch.fx.Node, mod: torch.nn.Module | None, args: tuple,
+                   kwargs: dict) -> bool:
+    """A linear whose weight is 1 × 1 (``y = w·x + b`` elementwise, e.g. a one-hinge ReLU
+    form's layers): one product per output element, no accumulation."""
+    if mod is not None:
+        w = getattr(mod, "weight", None)
+    elif target_name(node) == "addmm":
+        w = args[2] if len(args) > 2 else None
+    else:
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+    return isinstance(w, torch.Tensor) and tuple(w.shape) == (1, 1)
+
+
 def _tensor_bytes(t: torch.Tensor, act_bits: int) -> float:
     if t.is_floating_point():
         return t.numel() * act_bits / 8.0
@@ -417,6 +435,8 @@ class CostInterpreter(torch.fx.Interpreter):
                             name, kind, e)
                 rec.ops = float(o.numel()) if o is not None else 0.0
             self._operand_bytes(rec, n, ins, in_recs, mod, kind, out)
+            if kind == "linear" and _scalar_affine(n, mod, args, kwargs):
+                rec.kind = "mul"  # w·x + b per element: an epilogue multiply-add, not a GEMM
         v = self.verdicts.get(name)
         rec.status = None if v is None else v.status
         self.records.append(rec)
@@ -789,6 +809,70 @@ def _where(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target) -> dict[str,
     return loc
 
 
+def _fuse_epilogue_dags(recs: list[_Rec], by_name: dict[str, _Rec], loc: dict[str, str],
+                       users: Mapping[str, list[str]], fusable: set[str],
+                       leader: dict[str, str], dropped_out: set[str],
+                       dropped_in: dict[str, set[str]], consumers: Any) -> None:
+    """Grow each kernel's epilogue over elementwise work that forks and re-joins.
+
+    After chain fusion a kernel ``K`` (with its fused chain) absorbs every fusable chip node
+    whose activation operands all come from the kernel (through free nodes) and that has the
+    kernel's element count — ``c·relu(w·x − b) + s·x`` after a linear reads ``x`` twice, so no
+    single-user chain covers it. Kept only if the grown group still writes exactly one tensor
+    (every other member is read only inside the group): a single-output epilogue, as an NPU
+    computes it from the accumulator. Updates ``leader``/``dropped_*`` in place."""
+    order = {r.name: k for k, r in enumerate(recs)}
+
+    def source(name: str) -> str | None:
+        cur = name
+        while loc.get(cur) == "free":
+            if len(by_name[cur].inputs) != 1:
+                return None
+            cur = by_name[cur].inputs[0]
+        return cur
+
+    members: dict[str, set[str]] = defaultdict(set)
+    for m, h in leader.items():
+        members[h].add(m)
+    for r in recs:
+        if loc[r.name] != "chip" or r.kind not in ANCHOR_KINDS or r.name in leader:
+            continue
+        group = {r.name} | members[r.name]
+        added: list[str] = []
+        frontier = sorted(group, key=order.__getitem__)
+        seen: set[str] = set()
+        while frontier:
+            cur = frontier.pop(0)
+            stack = list(users[cur])
+            while stack:
+                u = stack.pop()
+                if loc.get(u) == "free":
+                    stack.extend(users[u])
+                    continue
+                if u in seen or u in group or u in leader or loc.get(u) != "chip" \
+                        or by_name[u].kind not in fusable:
+                    continue
+                srcs = [source(i) for i in by_name[u].inputs if loc.get(i) != "const"]
+                if not srcs or any(x not in group for x in srcs):
+                    continue  # an operand still to come may join later: revisit then
+                seen.add(u)
+                if abs(by_name[u].out_bytes - r.out_bytes) > 1e-9:
+                    continue
+                group.add(u)
+                added.append(u)
+                frontier.append(u)
+        if not added:
+            continue
+        outputs = [m for m in group if (c := consumers(m)) is None or any(x not in group
+                                                                          for x in c)]
+        if len(outputs) != 1:
+            continue  # several tensors leave the group: keep the chains
+        for m in added:
+            leader[m] = r.name
+            dropped_in[m].update(i for i in by_name[m].inputs if source(i) in group)
+        dropped_out.update(m for m in group if m not in outputs)
+
+
 _CHIP_SIDE = ("chip", "free")
 _HOST_SIDE = ("input", "prologue", "prologuefree")
 
@@ -808,6 +892,23 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
 
     def bits_of(r: _Rec) -> int:
         return max(wbits, abits) if (r.kind in MAC_KINDS and r.consts) else abits
+
+    def consumers(name: str) -> list[str] | None:
+        """Compute nodes reading ``name`` (through free nodes); None if the host or the graph
+        output reads it."""
+        out: list[str] = []
+        stack = [name]
+        while stack:
+            cur = stack.pop()
+            for u in users[cur]:
+                ur = by_name[u]
+                if ur.is_output or loc.get(u) not in _CHIP_SIDE:
+                    return None
+                if loc[u] == "free":
+                    stack.append(u)
+                else:
+                    out.append(u)
+        return out
 
     # ---- fusion: follow single-user chains through free chip nodes.
     leader: dict[str, str] = {}
@@ -851,25 +952,11 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
             dropped_in[r.name].add(inp)
             break
 
+    _fuse_epilogue_dags(recs, by_name, loc, users, fusable, leader, dropped_out, dropped_in,
+                        consumers)
+
     # ---- SRAM residency: chip -> chip activations that never touch DRAM.
     budget = cost.sram_bytes / 2.0
-
-    def consumers(name: str) -> list[str] | None:
-        """Compute nodes reading ``name`` (through free nodes); None if the host or the graph
-        output reads it."""
-        out: list[str] = []
-        stack = [name]
-        while stack:
-            cur = stack.pop()
-            for u in users[cur]:
-                ur = by_name[u]
-                if ur.is_output or loc.get(u) not in _CHIP_SIDE:
-                    return None
-                if loc[u] == "free":
-                    stack.append(u)
-                else:
-                    out.append(u)
-        return out
 
     resident: set[str] = set()
     for r in recs:

@@ -7,7 +7,10 @@ legalized with the default candidates (``allow_host_fallback=True, verify=False`
 where it changes anything — with ``select="latency"``: every node with a lossless candidate
 (one-hot × linear, host-prologue lookup, const rows) tries the others and keeps the one with
 the lower whole-graph estimate (a one-hot of a 30522-word vocabulary is a 3 Gop matmul over a
-11.7 MB table plus a ``L × V`` upload; the host lookup sends ``L × D`` values instead).
+11.7 MB table plus a ``L × V`` upload; the host lookup sends ``L × D`` values instead), and
+with Arch-Net's structural surrogates (``prefer="structural", select="latency"``: affine
+LayerNorm, ReLU-form GELU, ReLU attention — all elementwise work that fuses into the
+preceding kernel's epilogue, at a fidelity cost distillation has to win back).
 
     python benchmarks/latency.py                       # everything
     python benchmarks/latency.py --models minilm --targets npu_a
@@ -49,7 +52,10 @@ log = logging.getLogger("bench.latency")
 
 def legalized_variants(gm, target):
     """[(label, LegalizeResult, LatencyReport)]: the default order, then — where it differs —
-    ``legalize(..., select="latency")`` (lossless candidates chosen by the estimate)."""
+    ``legalize(..., select="latency")`` (lossless candidates chosen by the estimate), then
+    Arch-Net's structural surrogates (``prefer="structural"``, with ``select="latency"``):
+    per-channel affine LayerNorm, ReLU-form GELU, ReLU attention — coarse starts that
+    distillation must refine, so they trade fidelity for speed (see ort_minilm.py)."""
     res = ax.legalize(gm, target, allow_host_fallback=True, verify=False)
     out = [("default", res, estimate_latency(res.module, target))]
     sel = ax.legalize(gm, target, allow_host_fallback=True, verify=False, select="latency")
@@ -57,6 +63,10 @@ def legalized_variants(gm, target):
     if flipped:
         out.append((f"select=latency ({', '.join(flipped)})", sel,
                     estimate_latency(sel.module, target)))
+    st = ax.legalize(gm, target, allow_host_fallback=True, verify=False, prefer="structural",
+                     select="latency")
+    if st.choices != sel.choices:
+        out.append(("structural+select=latency", st, estimate_latency(st.module, target)))
     return out
 
 
@@ -129,7 +139,8 @@ def main(argv=None) -> int:
                                     legalized=after.to_dict(nodes=False),
                                     choices=res.choices))
                 if args.plots == "all" or (args.plots == "minilm" and name == "minilm"):
-                    suffix = "" if label == "default" else "_select_latency"
+                    suffix = "" if label == "default" else \
+                        "_structural" if label.startswith("structural") else "_select_latency"
                     path = plot_kinds(before, after, f"{name} on {tname} ({label})",
                                       RESULTS / f"latency_{name}_{tname}{suffix}.png")
                     if path:

@@ -107,6 +107,65 @@ def test_fusion_linear_relu_is_one_kernel():
     assert not any(r.fused_into for r in rep2.rows)
 
 
+class ForkJoin(nn.Module):
+    """linear → {relu·2, x·0.5} → add: elementwise work that forks after the kernel and joins."""
+
+    def __init__(self, outputs: int = 1) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64, bias=False)
+        self.outputs = outputs
+
+    def forward(self, x):
+        h = self.fc(x)
+        a, b = torch.relu(h) * 2.0, h * 0.5
+        return a + b if self.outputs == 1 else (a + b, b)
+
+
+def test_fork_join_epilogue_is_one_kernel():
+    x = torch.randn(32, 64)
+    rep = estimate_latency(seeded(ForkJoin()), "npu_a", (x,))
+    rows = chip_rows(rep)
+    assert rep.n_kernels == 1
+    assert {r.fused_into for n, r in rows.items() if n != "fc"} == {"fc"}
+    # one kernel: weight + input read, only the add's result written; 4 elementwise ops/elem
+    ops = 2 * 32 * 64 * 64 + 4 * 32 * 64
+    nbytes = 64 * 64 + 32 * 64 + 32 * 64
+    assert sum(r.ops for r in rows.values()) == ops
+    assert sum(r.bytes for r in rows.values()) == nbytes
+    assert sum(r.time_s for r in rows.values()) == pytest.approx(
+        max(ops / PEAK, nbytes / BW) + OVH)
+    # a branch that is also returned: two tensors would leave the group, so no fork-join
+    # fusion, and the linear's output has two readers, so no chain either: the linear plus
+    # four elementwise kernels
+    rep2 = estimate_latency(seeded(ForkJoin(outputs=2)), "npu_a", (x,))
+    assert rep2.n_kernels == 1 + 4
+
+
+def test_scalar_affine_linear_is_an_epilogue_multiply_add():
+    """A Linear(1, 1) per element (a one-hinge ReLU form's layer) is costed as an elementwise
+    multiply-add that fuses, not as a GEMM kernel of its own."""
+    class Hinge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64, bias=False)
+            self.inner, self.outer = nn.Linear(1, 1), nn.Linear(1, 1)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.outer(torch.relu(self.inner(h.unsqueeze(-1)))).squeeze(-1) + h * 0.1
+
+    x = torch.randn(32, 64)
+    rep = estimate_latency(seeded(Hinge()), "npu_a", (x,))
+    rows = chip_rows(rep)
+    assert rows["inner"].kind == rows["outer"].kind == "mul"
+    assert rows["inner"].ops == 2 * 32 * 64                       # w·x + b per element
+    assert rep.n_kernels == 1 and rows["add"].fused_into == "fc"
+    # a wider hinge layer stays a MAC kernel
+    m = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Unflatten(1, (64, 1)), nn.Linear(1, 4))
+    rep4 = estimate_latency(seeded(m), "npu_a", (x,))
+    assert chip_rows(rep4)["_2"].kind == "linear" and rep4.n_kernels == 2
+
+
 def test_fallback_region_between_two_linears():
     m = seeded(nn.Sequential(nn.Linear(16, 32, bias=False), nn.GELU(),
                              nn.Linear(32, 8, bias=False)))
