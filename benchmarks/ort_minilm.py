@@ -23,6 +23,8 @@ embedding products rewritten as row gathers (exact; ``onehot_gather=True``), one
   with ``choices=`` making the GELUs, the softmaxes, or both structural;
 * ``act_pow`` — npu_a, emulation LayerNorm, structural GELU, and the normalized power-kernel
   softmax ``softmax_pow`` (``relu(1 + a·z)^4`` for exp; a few elementwise passes);
+* ``act_gate`` — as ``act_pow`` with the hard-gate GELU ``x·clamp(a·x + b, 0, 1)``
+  (``hard_gate``: four elementwise ops, max error 0.08 against the ReLU form's 0.17);
 * ``native`` — the ablation target ``benchmarks/targets/npu_a_native.toml`` (npu_a plus native
   LayerNorm/Softmax/GELU/embedding): nothing to legalize, the linears quantized exactly as for
   npu_a; what the Q/DQ linears alone give (not a legal npu_a model).
@@ -118,6 +120,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
            choices={"gelu": "structural", "softmax": "structural"}),
     Config("act_pow", "npu_a, emulation LN, structural GELU, power-kernel softmax (softmax_pow)",
            choices={"gelu": "structural", "softmax": "softmax_pow"}),
+    Config("act_gate", "npu_a, emulation LN, hard-gate GELU x·clamp(a·x + b, 0, 1), "
+           "power-kernel softmax", choices={"gelu": "hard_gate", "softmax": "softmax_pow"}),
     Config("native", "ablation npu_a_native.toml: native LN/Softmax/GELU, same Q/DQ linears",
            target="targets/npu_a_native.toml", legal_on_npu_a=False),
 ]}

@@ -14,6 +14,12 @@ multiply by a (trainable) constant, so they are legal on every built-in target:
 * ``relu_form`` (structural, Arch-Net): the hard counterpart of the function written as a
   few-knot sum of ReLUs — GELU/SiLU/Mish/softplus/ELU → ReLU, sigmoid → hard sigmoid,
   tanh/erf → hard tanh — trainable like the PWL, a coarse start that distillation refines.
+* ``hard_gate`` (structural, GELU and SiLU, chosen with ``choices``): ``x · clamp(a·x + b, 0,
+  1)`` — the self-gated form ``x·σ(kx)`` with its gate made hard, as hardswish is for SiLU;
+  ``a, b`` trainable, fitted by least squares on the calibrated inputs. Max error on [−6, 6]
+  without calibration data 0.08 for GELU against ReLU's 0.17 (SiLU: 0.19 against 0.28), in
+  four elementwise ops (a multiply, an add, a clamp, a product of two activations) where
+  ``relu_form``'s trainable hinge takes seven.
 
 The pass fires only where the target lacks the kind (on ``dsp_c`` GELU, SiLU, sigmoid and tanh
 are native lookup tables and stay).
@@ -26,9 +32,10 @@ from typing import Any, Callable
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch import nn
 
 from archnet_fx.opargs import call_kwargs
-from archnet_fx.surrogate import PWL, Candidate, Surrogate
+from archnet_fx.surrogate import PWL, Candidate, Surrogate, make_mul, subsample
 
 KINDS = ("gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "elu", "softplus", "mish",
          "erf", "leaky_relu", "relu6", "clamp", "prelu")
@@ -170,6 +177,59 @@ def _build_relu_form(node: torch.fx.Node, ctx: Any) -> Any:
     return PointwiseSurrogate(kind, pwl, "structural"), (node.args[0],)
 
 
+class HardGate(Surrogate):
+    """``y = x · clamp(a·x + b, 0, 1)`` elementwise (``a``, ``b`` trainable scalars)."""
+
+    def __init__(self, kind: str, a: float, b: float, mul: nn.Module) -> None:
+        super().__init__()
+        self.replaces, self.style = kind, "structural"
+        self.a = nn.Parameter(torch.tensor(float(a)))
+        self.b = nn.Parameter(torch.tensor(float(b)))
+        self.mul = mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mul(x, torch.clamp(x * self.a + self.b, 0.0, 1.0))
+
+
+#: The gates' scale grid (a), tried with every offset on _GATE_B; the best pair is kept.
+_GATE_A = tuple(0.05 * k for k in range(1, 41))
+_GATE_B = (0.4, 0.45, 0.5, 0.55, 0.6)
+
+
+def hard_gate_init(fn: Callable[[torch.Tensor], torch.Tensor], samples: torch.Tensor | None,
+                   lo: float, hi: float) -> tuple[float, float]:
+    """``(a, b)`` minimising the squared error of ``x·clamp(a·x + b, 0, 1)`` against ``fn`` on
+    the calibrated inputs plus a uniform grid over ``[lo, hi]`` (equal weight)."""
+    a = torch.tensor(_GATE_A, dtype=torch.float64)[:, None, None]
+    b = torch.tensor(_GATE_B, dtype=torch.float64)[None, :, None]
+
+    def err(x: torch.Tensor) -> torch.Tensor:  # [len(A), len(B)] mean squared errors
+        return ((x * torch.clamp(a * x + b, 0.0, 1.0) - fn(x)) ** 2).mean(-1)
+
+    total = err(torch.linspace(lo, hi, 2048, dtype=torch.float64))
+    if samples is not None and samples.numel():
+        v = samples.double().flatten()
+        v = v[torch.isfinite(v)]
+        if v.numel():
+            total = total + err(subsample(v, 4096, seed=0))
+    i, j = divmod(int(torch.argmin(total)), len(_GATE_B))
+    return _GATE_A[i], _GATE_B[j]
+
+
+def _build_hard_gate(node: torch.fx.Node, ctx: Any) -> Any:
+    kind = ctx.kind(node)
+    fn = reference(kind, node, ctx.gm)
+    if isinstance(fn, str):
+        return fn
+    shape = ctx.shape(node.args[0])
+    mul = make_mul(ctx.target, shapes=(shape, shape), exact=True)
+    if isinstance(mul, str):
+        return f"the gate multiplies two activations: {mul}"
+    lo, hi, samples = _range(node, ctx)
+    a, b = hard_gate_init(fn, samples, lo, hi)
+    return HardGate(kind, a, b, mul), (node.args[0],)
+
+
 CANDIDATES = tuple(
     Candidate(name, kind, style, _PWL_NEEDS, build, doc)
     for kind in KINDS
@@ -212,4 +272,8 @@ def _build_exact(node: torch.fx.Node, ctx: Any) -> Any:
 CANDIDATES = CANDIDATES + tuple(
     Candidate("relu_exact", kind, "exact", _PWL_NEEDS, _build_exact,
               "exact piecewise-linear function as a sum of ReLUs")
-    for kind in ("relu6", "hardsigmoid", "leaky_relu", "prelu", "clamp"))
+    for kind in ("relu6", "hardsigmoid", "leaky_relu", "prelu", "clamp")) + tuple(
+    Candidate("hard_gate", kind, "structural", frozenset({"mul", "add", "clamp"}),
+              _build_hard_gate, "x · clamp(a·x + b, 0, 1) (the gate of x·σ(kx) made hard), a, b "
+              "trainable", needs_mul=True)
+    for kind in ("gelu", "silu"))
