@@ -102,7 +102,52 @@ def test_bert_tiny_export_names_and_dynamic_batch(tmp_path):
     table_gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in int8]
     assert len(table_gathers) == 2
     consumers = {i: n.op_type for n in model.graph.node for i in n.input}
-    assert {consumers[n.output[0]] for n in table_gathers} == {"DequantizeLinear"}
+    assert {consumers[n.output[0]] for n in table_gathers} == {"Cast"}   # then · column scales
+
+
+@pytest.mark.parametrize("zero_point", [0, 3])
+def test_onehot_to_gather_dequantizes_the_gathered_rows(zero_point):
+    """A one-hot × DequantizeLinear(int8 table, per column, any zero point) product becomes an
+    integer row gather, then (q − z)·s on those rows only: the same values as the product."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from archnet_fx.export import onehot_to_gather
+
+    rng = np.random.default_rng(0)
+    vocab, dim = 50, 6
+    table = rng.integers(-100, 100, (vocab, dim)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, dim).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (table, "w_int"), (scale, "w_scale"), (np.full(dim, zero_point, np.int8), "w_zp"),
+        (np.arange(vocab, dtype=np.int64), "vocab"), (np.array([-1], np.int64), "axes"),
+        (np.array(1.0, np.float32), "one"), (np.array(0, np.uint8), "zero")]]
+    nodes = [helper.make_node("Unsqueeze", ["ids", "axes"], ["ids_u"]),
+             helper.make_node("Equal", ["ids_u", "vocab"], ["hot"]),
+             helper.make_node("Cast", ["hot"], ["hot_f"], to=TensorProto.FLOAT),
+             helper.make_node("QuantizeLinear", ["hot_f", "one", "zero"], ["hot_q"]),
+             helper.make_node("DequantizeLinear", ["hot_q", "one", "zero"], ["hot_dq"]),
+             helper.make_node("DequantizeLinear", ["w_int", "w_scale", "w_zp"], ["w"], axis=1),
+             helper.make_node("MatMul", ["hot_dq", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "onehot", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, dim])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ids = rng.integers(0, vocab, (2, 7)).astype(np.int64)
+    import onnxruntime as ort
+
+    def run(m):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"ids": ids})[0]
+    ref = run(model)
+    assert onehot_to_gather(model) == 1
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMul" not in ops and "Equal" not in ops and "DequantizeLinear" not in ops
+    assert len([n for n in model.graph.node if n.name.endswith("sub_zero_point")]) == \
+        (1 if zero_point else 0)
+    np.testing.assert_allclose(run(model), ref, rtol=1e-6, atol=1e-7)
+    expected = (table[ids].astype(np.float32) - zero_point) * scale
+    np.testing.assert_allclose(ref, expected, rtol=1e-6)
 
 
 def test_illegal_op_rejected_and_no_file_left(tmp_path):

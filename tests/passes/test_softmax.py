@@ -162,6 +162,9 @@ def test_pow_kernel_row_sum_uses_the_targets_reduction():
     forms = {t: _sur(t, "softmax_pow").rowsum.reduce for t in TARGETS}
     assert forms == {"npu_a": "mean", "npu_b": None, "dsp_c": "sum"}
     assert _sur("npu_a", "softmax_pwl").rowsum.reduce is None   # the default keeps the linear
+    # its 1/s: 16 breakpoints (softmax_pwl: 64); row-scale error after the Newton step 2e-4
+    assert _sur("npu_a", "softmax_pow").recip.outer.weight.shape[1] == 16
+    assert _sur("npu_a", "softmax_pwl").recip.outer.weight.shape[1] == 64
     x = torch.rand(3, 5, 128)
     ref = x.sum(-1, keepdim=True)
     for reduce in RowSum.REDUCTIONS:
