@@ -59,7 +59,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from archnet_fx.dataflow import input_dependent
-from archnet_fx.partition import Block, bind_inputs, output_structure
+from archnet_fx.partition import Block, bind_inputs
 from archnet_fx.passmanager import PassRecord
 from archnet_fx.quant import FakeQuant, calibrating
 from archnet_fx.surrogate import Surrogate

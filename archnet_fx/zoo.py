@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Union

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 

@@ -7,14 +7,13 @@ from the float path by at most one step at every Q node when fed the float path'
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from archnet_fx.convert import Dequantize, Quantize, convert, qdq_counts, qdq_nodes
+from archnet_fx.convert import convert, qdq_counts, qdq_nodes
 from archnet_fx.intref import compare_integer, fixed_point_multiplier, run_integer
 from archnet_fx.passmanager import FROM_PASS_KEY
 from archnet_fx.quant import FakeQuant, calibrating, insert_fake_quant, quantizers

@@ -13,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import archnet_fx as ax
 from archnet_fx.dataflow import input_dependent
 from archnet_fx.partition import (block_table, layer_key, live_profile, partition,
                                   run_blocks)

@@ -7,7 +7,6 @@ is reached).
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import pytest
 import torch
