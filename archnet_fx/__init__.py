@@ -16,7 +16,7 @@ The public API (design.md §4)::
 from archnet_fx.capture import capture
 from archnet_fx.convert import convert
 from archnet_fx.errors import (ArchnetError, BitWidthError, CalibrationError, CaptureError,
-                               ExportError, InputError, PipelineError, TargetError,
+                               ChoiceError, ExportError, InputError, PipelineError, TargetError,
                                UnsupportedOpError, VerificationError)
 from archnet_fx.export import export_onnx
 from archnet_fx.legality import LegalityReport, check
@@ -31,7 +31,8 @@ from archnet_fx.transform import TransformReport, TransformResult, transform
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchnetError", "BitWidthError", "CalibrationError", "CaptureError", "GraphPass",
+    "ArchnetError", "BitWidthError", "CalibrationError", "CaptureError", "ChoiceError",
+    "GraphPass",
     "InputError", "LegalityReport", "PassManager", "PassRecord", "PassResult", "PipelineError",
     "PipelineResult", "Target", "TargetError", "UnsupportedOpError", "VerificationError",
     "LegalizeResult", "canonicalize", "capture", "check", "kind_histogram", "legalize",

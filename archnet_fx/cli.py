@@ -9,6 +9,7 @@
     archnet-fx demo                            # all-MiniLM-L6-v2 on every built-in target
     archnet-fx bench MODEL --target npu_a      # latency estimate (--legalize: before/after)
     archnet-fx transform MODEL --target npu_a --out model.onnx   # distilled W/A-bit QDQ ONNX
+    archnet-fx transform MODEL -t npu_a -o m.onnx --choice gelu=hard_gate --choice softmax=softmax_pow
 
 MODEL is a built-in name (``archnet-fx models``) or ``package.module:factory``, where
 ``factory()`` returns ``(model, example_inputs)`` or a model (then give ``--input-shape``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections import Counter
 import logging
 import sys
 import time
@@ -272,9 +274,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from archnet_fx.legalize import legalize
 
-    res = legalize(gm, tgt, allow_host_fallback=True, verify=False, select=args.select)
+    res = legalize(gm, tgt, allow_host_fallback=True, verify=False, select=args.select,
+                   prefer=args.prefer, choices=args.choice or None)
     after = estimate_latency(res.module, tgt, **bits)
     print(f"\n# {name} on {tgt.name}: legalized\n")
+    if res.choices:
+        used = Counter(res.choices.values())
+        print("candidates: " + ", ".join(f"{c} ×{k}" for c, k in sorted(used.items())) + "\n")
     print(after.table(nodes=args.nodes))
     a, b = before.summary(), after.summary()
     keys = [("total_us", "total us"), ("chip_us", "chip us"), ("fallback_us", "fallback us"),
@@ -300,11 +306,42 @@ def cmd_transform(args: argparse.Namespace) -> int:
     model, ex, name = resolve_model(args.model, args.input_shape, args.batch)
     # Calibration: the example batch (built-in models build it from real or seeded data).
     res = transform(model, tgt, ex, [ex], weight_bits=args.weight_bits, act_bits=args.act_bits,
-                    steps=args.steps, holdout=0, progress=False)
+                    steps=args.steps, holdout=0, progress=False, prefer=args.prefer,
+                    choices=args.choice or None, select=args.select)
     print(res.report)
     rep = export_onnx(res, args.out, target=tgt)
     print(f"\nwrote {rep}")
     return 0
+
+
+def _choice(text: str) -> tuple[str, str]:
+    """``KIND_OR_NODE=CANDIDATE`` (e.g. ``gelu=hard_gate``) for ``--choice``."""
+    key, sep, cand = text.partition("=")
+    if not sep or not key.strip() or not cand.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected KIND_OR_NODE=CANDIDATE (e.g. gelu=hard_gate), got {text!r}; "
+            "'archnet-fx candidates' lists the candidates")
+    return key.strip(), cand.strip()
+
+
+class _Choices(argparse.Action):
+    """Collects repeated ``--choice`` pairs into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102
+        d = dict(getattr(namespace, self.dest) or {})
+        key, cand = values
+        d[key] = cand
+        setattr(namespace, self.dest, d)
+
+
+def _surrogate_options(sp: argparse.ArgumentParser, select_help: str) -> None:
+    sp.add_argument("--prefer", default="emulation", choices=["emulation", "structural"],
+                    help="preferred surrogate style (default emulation)")
+    sp.add_argument("--choice", action=_Choices, type=_choice, default=None,
+                    metavar="KIND_OR_NODE=CANDIDATE",
+                    help="pick a candidate for an op kind or one node (repeatable), e.g. "
+                    "--choice gelu=hard_gate --choice softmax=softmax_pow")
+    sp.add_argument("--select", choices=["order", "latency"], default="order", help=select_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,9 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weight-bits", type=int, help="weight bits (default: the target's)")
     sp.add_argument("--act-bits", type=int, help="activation bits (default: the target's)")
     sp.add_argument("--nodes", action="store_true", help="also print every node's row")
-    sp.add_argument("--select", choices=["order", "latency"], default="order",
-                    help="with --legalize: lossless candidates by default order or by the "
-                    "latency estimate (e.g. embeddings looked up on the host)")
+    _surrogate_options(sp, "with --legalize: lossless candidates by default order or by the "
+                       "latency estimate (e.g. embeddings looked up on the host)")
     sp.set_defaults(fn=cmd_bench)
     sp = sub.add_parser("transform", help="transform a model for a target and export ONNX")
     sp.add_argument("model", help="built-in model name or package.module:factory")
@@ -361,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=int, default=8, help="batch size of built-in examples")
     sp.add_argument("--input-shape", action="append", default=[],
                     help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
+    _surrogate_options(sp, "lossless candidates by default order or by the latency estimate")
     sp.set_defaults(fn=cmd_transform)
     return p
 

@@ -26,6 +26,10 @@ class InputError(ArchnetError, ValueError):
     """Example inputs or runtime inputs of the wrong kind or shape."""
 
 
+class ChoiceError(ArchnetError, ValueError):
+    """A surrogate choice (``choices={kind or node: candidate or style}``) that names nothing."""
+
+
 class CalibrationError(ArchnetError, ValueError):
     """Calibration data that is empty, mis-shaped or non-finite."""
 

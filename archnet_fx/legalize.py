@@ -34,7 +34,7 @@ import torch
 import torch.fx
 
 from archnet_fx.capture import EXAMPLE_META_KEY, normalize_inputs
-from archnet_fx.errors import CalibrationError, UnsupportedOpError
+from archnet_fx.errors import CalibrationError, ChoiceError, UnsupportedOpError
 from archnet_fx.legality import (HOST_FALLBACK_KEY, LegalityReport, _surrogate_verdicts, check,
                                  unsupported_nodes)
 from archnet_fx.opkinds import node_kind, source_location
@@ -262,8 +262,8 @@ def _validate_choices(choices: Mapping[str, str]) -> None:
             if key in kinds:
                 hint = "; candidates for " + key + ": " + ", ".join(
                     sorted({f"{c.name} ({c.style})" for c in cands if c.kind == key}))
-            raise ValueError(f"choices[{key!r}] = {value!r} names no candidate or style "
-                             f"(styles: {', '.join(STYLES)}){hint}")
+            raise ChoiceError(f"choices[{key!r}] = {value!r} names no candidate or style "
+                              f"(styles: {', '.join(STYLES)}){hint}")
 
 
 def structural_passes(target: Target) -> list[GraphPass]:

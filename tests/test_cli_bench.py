@@ -46,3 +46,25 @@ def test_bench_select_latency_is_never_slower(capsys):
         return float(line.split("|")[3])
     order, fast = legalized_total(), legalized_total("--select", "latency")
     assert fast < order  # the decoder's embedding looked up on the host instead of one-hot
+
+
+def test_bench_choices_and_prefer(capsys):
+    """--choice KIND=CANDIDATE and --prefer reach legalize: the chosen candidates are listed,
+    and the structural forms (fused epilogues) estimate below the default emulation."""
+    def legalized(*extra):
+        code, out, _ = run(capsys, "bench", "vit", "--target", "npu_a", "--legalize", *extra)
+        assert code == 0
+        line = next(ln for ln in out.splitlines() if ln.startswith("| total us"))
+        return out, float(line.split("|")[3])
+    out, default = legalized()
+    assert "hard_gate" not in out
+    out, gated = legalized("--choice", "gelu=hard_gate", "--choice", "softmax=softmax_pow")
+    assert "hard_gate ×" in out and "softmax_pow ×" in out
+    _, structural = legalized("--prefer", "structural")
+    assert structural < default and gated < default
+    code, _, err = run(capsys, "bench", "vit", "--target", "npu_a", "--legalize", "--choice",
+                       "gelu=nope")
+    assert code == 2 and err.startswith("error: ") and "hard_gate (structural)" in err
+    with pytest.raises(SystemExit) as ei:   # argparse: usage line, exit status 2
+        main(["bench", "vit", "--target", "npu_a", "--legalize", "--choice", "gelu"])
+    assert ei.value.code == 2 and "KIND_OR_NODE=CANDIDATE" in capsys.readouterr().err

@@ -177,6 +177,12 @@ def test_transform_result_and_cli(tmp_path):
     assert main(["transform", "mlp", "--target", "npu_b", "--out", str(tmp_path / "y.onnx"),
                  "--weight-bits", "4"]) == 2           # npu_b has no int4
     assert not (tmp_path / "y.onnx").exists()
+    # surrogate choices from the command line: the ViT's GELUs as hard gates
+    out = tmp_path / "vit.onnx"
+    assert main(["transform", "vit", "--target", "npu_a", "--out", str(out), "--steps", "1",
+                 "--batch", "2", "--choice", "gelu=hard_gate"]) == 0
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "Erf" not in ops and "Clip" in ops
 
 
 def test_constant_gathers_become_slices():
