@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections import Counter
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -812,7 +812,7 @@ def _where(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target) -> dict[str,
 def _fuse_epilogue_dags(recs: list[_Rec], by_name: dict[str, _Rec], loc: dict[str, str],
                        users: Mapping[str, list[str]], fusable: set[str],
                        leader: dict[str, str], dropped_out: set[str],
-                       dropped_in: dict[str, set[str]], consumers: Any) -> None:
+                       dropped_in: dict[str, set[str]], consumers: Any, source: Any) -> None:
     """Grow each kernel's epilogue over elementwise work that forks and re-joins.
 
     After chain fusion a kernel ``K`` (with its fused chain) absorbs every fusable chip node
@@ -820,17 +820,10 @@ def _fuse_epilogue_dags(recs: list[_Rec], by_name: dict[str, _Rec], loc: dict[st
     kernel's element count — ``c·relu(w·x − b) + s·x`` after a linear reads ``x`` twice, so no
     single-user chain covers it. Kept only if the grown group still writes exactly one tensor
     (every other member is read only inside the group): a single-output epilogue, as an NPU
-    computes it from the accumulator. Updates ``leader``/``dropped_*`` in place."""
+    computes it from the accumulator. ``consumers``/``source`` are :func:`_assemble`'s (compute
+    readers through free nodes; the producer behind single-input free nodes). Updates
+    ``leader``/``dropped_*`` in place."""
     order = {r.name: k for k, r in enumerate(recs)}
-
-    def source(name: str) -> str | None:
-        cur = name
-        while loc.get(cur) == "free":
-            if len(by_name[cur].inputs) != 1:
-                return None
-            cur = by_name[cur].inputs[0]
-        return cur
-
     members: dict[str, set[str]] = defaultdict(set)
     for m, h in leader.items():
         members[h].add(m)
@@ -910,6 +903,14 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
                     out.append(u)
         return out
 
+    def source(name: str) -> str:
+        """The node behind ``name``'s single-input free nodes (a free node with several
+        inputs, or a compute node)."""
+        cur = name
+        while loc.get(cur) == "free" and len(by_name[cur].inputs) == 1:
+            cur = by_name[cur].inputs[0]
+        return cur
+
     # ---- fusion: follow single-user chains through free chip nodes.
     leader: dict[str, str] = {}
     dropped_out: set[str] = set()        # nodes whose output write is elided
@@ -953,7 +954,7 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
             break
 
     _fuse_epilogue_dags(recs, by_name, loc, users, fusable, leader, dropped_out, dropped_in,
-                        consumers)
+                        consumers, source)
 
     # ---- SRAM residency: chip -> chip activations that never touch DRAM.
     budget = cost.sram_bytes / 2.0
@@ -968,12 +969,6 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
         if r.out_bytes <= budget or (len(set(cons)) == 1 and r.kind in ROW_LOCAL_KINDS
                                      and by_name[cons[0]].kind in ROW_LOCAL_KINDS):
             resident.add(r.name)
-
-    def source(name: str) -> str:
-        cur = name
-        while loc.get(cur) == "free" and len(by_name[cur].inputs) == 1:
-            cur = by_name[cur].inputs[0]
-        return cur
 
     # ---- chip kernels.
     rows: dict[str, NodeCost] = {}
