@@ -13,20 +13,38 @@ The public API (design.md §4)::
     ax.estimate_latency(res.module, "npu_a")     # LatencyReport
     ax.export_onnx(res, "model.onnx")            # QDQ ONNX, checked in onnxruntime
 """
+import importlib
+from typing import Any
+
 from archnet_fx.capture import capture
-from archnet_fx.convert import convert
+from archnet_fx.cost.latency import LatencyReport, estimate_latency, fit_cost_params
 from archnet_fx.errors import (ArchnetError, BitWidthError, CalibrationError, CaptureError,
                                ChoiceError, ExportError, InputError, PipelineError, TargetError,
                                UnsupportedOpError, VerificationError)
-from archnet_fx.export import export_onnx
+from archnet_fx.export.onnx import export_onnx
+from archnet_fx.infra.graphpass import GraphPass
+from archnet_fx.infra.manager import PassManager, PipelineResult
+from archnet_fx.infra.records import PassRecord, PassResult
+from archnet_fx.ir.opkinds import kind_histogram, node_kind
 from archnet_fx.legality import LegalityReport, check
-from archnet_fx.latency import LatencyReport, estimate_latency, fit_cost_params
 from archnet_fx.legalize import LegalizeResult, legalize
-from archnet_fx.opkinds import kind_histogram, node_kind
-from archnet_fx.passmanager import GraphPass, PassManager, PassRecord, PassResult, PipelineResult
-from archnet_fx.pipeline import canonicalize
+from archnet_fx.pipelines import canonicalize
+from archnet_fx.quant.convert import convert
 from archnet_fx.targets import Target, list_targets, load_target
 from archnet_fx.transform import TransformReport, TransformResult, transform
+
+#: Subpackages and modules reachable as attributes (``ax.quant``, ``from archnet_fx import zoo``).
+_MODULES = {"zoo": "archnet_fx.demo.zoo", "data": "archnet_fx.demo.data"}
+
+
+def __getattr__(name: str) -> Any:
+    """The demo modules under their old names (``from archnet_fx import zoo``)."""
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'archnet_fx' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

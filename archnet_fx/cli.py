@@ -50,7 +50,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def resolve_model(spec: str, input_shapes: Sequence[str] = (), batch: int = 2
                   ) -> tuple[torch.nn.Module, Any, str]:
     """(model, example_inputs, display name) for a built-in name or ``pkg.module:factory``."""
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
 
     if ":" not in spec:
         if spec not in zoo.MODELS:
@@ -92,7 +92,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
 
     print(tabulate([(s.name, s.description) for s in zoo.MODELS.values()],
                    headers=["model", "description"], tablefmt="github"))
@@ -131,7 +131,7 @@ def cmd_candidates(args: argparse.Namespace) -> int:
 def _inspect(model: torch.nn.Module, ex: Any, name: str, target: str, *, dot: str | None,
              detail: Sequence[str], verify: bool) -> None:
     import archnet_fx as ax
-    from archnet_fx.inspect import write_dot
+    from archnet_fx.infra.instruments import write_dot
 
     t0 = time.perf_counter()
     gm = ax.capture(model, ex)
@@ -177,7 +177,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import archnet_fx as ax
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
 
     t0 = time.perf_counter()
     model, ex = zoo.get_model("minilm", batch_size=2)
@@ -219,9 +219,9 @@ def _demo_transform(model: torch.nn.Module, gm: torch.fx.GraphModule,
     sentences, the latency estimate before/after, and the checked ONNX QDQ export."""
     from tabulate import tabulate
 
-    from archnet_fx import data, zoo
-    from archnet_fx.export import export_onnx
-    from archnet_fx.latency import estimate_latency
+    from archnet_fx.demo import data, zoo
+    from archnet_fx.export.onnx import export_onnx
+    from archnet_fx.cost.latency import estimate_latency
     from archnet_fx.legalize import legalize
     from archnet_fx.transform import transform
 
@@ -259,7 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from archnet_fx.capture import capture
-    from archnet_fx.latency import estimate_latency
+    from archnet_fx.cost.latency import estimate_latency
     from archnet_fx.targets import load_target
 
     tgt = load_target(args.target)
@@ -297,7 +297,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_transform(args: argparse.Namespace) -> int:
     """Legalize, fake-quantize, distill, convert to Q/DQ and export ONNX."""
-    from archnet_fx.export import export_onnx
+    from archnet_fx.export.onnx import export_onnx
     from archnet_fx.targets import load_target
     from archnet_fx.transform import transform
 

@@ -38,12 +38,11 @@ import torch
 import torch.fx
 from tabulate import tabulate
 
-from archnet_fx.dataflow import activations, input_dependent, node_kinds, prologue_nodes
-from archnet_fx.opargs import in_channels, out_channels, weighted_op
-from archnet_fx.opkinds import META_KINDS, node_kind, source_location
+from archnet_fx.ir.dataflow import activations, input_dependent, node_kinds, prologue_nodes
+from archnet_fx.ir.opargs import in_channels, out_channels, weighted_op
+from archnet_fx.ir.opkinds import META_KINDS, node_kind, source_location
 from archnet_fx.targets import Target, load_target
-
-HOST_FALLBACK_KEY = "archnet.host_fallback"
+from archnet_fx.ir.meta import HOST_FALLBACK_KEY
 _BINARY = frozenset({"matmul", "mul", "add", "sub", "maximum", "minimum", "div"})
 _CHANNEL_KINDS = frozenset({"conv", "linear", "conv_transpose"})
 
@@ -165,7 +164,7 @@ def _verdicts(gm: torch.fx.GraphModule, target: Target, prefix: str = "",
         loc = source_location(n)
         if n.op == "call_module" and getattr(gm.get_submodule(n.target), "archnet_surrogate",
                                              False):
-            out.extend(_surrogate_verdicts(gm.get_submodule(n.target), target, name + "/", loc,
+            out.extend(surrogate_verdicts(gm.get_submodule(n.target), target, name + "/", loc,
                                            n, act))
             continue
         if n.meta.get(HOST_FALLBACK_KEY):
@@ -269,7 +268,13 @@ _BODY_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.Wea
 _STRUCT_VERDICTS: dict[tuple, tuple] = {}  # (structure_key, (id(target), pattern)) -> as above
 
 
-def _surrogate_verdicts(mod: torch.nn.Module, target: Target, prefix: str, loc: str,
+def clear_body_cache() -> None:
+    """Forget traced surrogate bodies and their verdicts by structure (cold starts, tests)."""
+    _GRAPHS.clear()
+    _STRUCT_VERDICTS.clear()
+
+
+def surrogate_verdicts(mod: torch.nn.Module, target: Target, prefix: str, loc: str,
                         outer: torch.fx.Node, outer_act: set[torch.fx.Node]) -> list[NodeVerdict]:
     pattern = tuple(isinstance(a, torch.fx.Node) and a in outer_act for a in outer.args)
     per_mod = _BODY_VERDICTS.setdefault(mod, {})

@@ -33,15 +33,19 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.fx
 
-from archnet_fx.capture import EXAMPLE_META_KEY, normalize_inputs
+from archnet_fx.ir.meta import EXAMPLE_META_KEY
+from archnet_fx.capture import normalize_inputs
 from archnet_fx.errors import CalibrationError, ChoiceError, UnsupportedOpError
-from archnet_fx.legality import (HOST_FALLBACK_KEY, LegalityReport, _surrogate_verdicts, check,
-                                 unsupported_nodes)
-from archnet_fx.opkinds import node_kind, source_location
-from archnet_fx.passmanager import (GraphPass, PassManager, PassRecord, PipelineResult,
-                                    Refusal, RewriteContext, recompile_now)
-from archnet_fx.pipeline import as_graph_module
-from archnet_fx.surrogate import Candidate, NodeSamples, Ranges, Surrogate, observe
+from archnet_fx.ir.meta import HOST_FALLBACK_KEY
+from archnet_fx.legality import LegalityReport, surrogate_verdicts, check, unsupported_nodes
+from archnet_fx.ir.opkinds import node_kind
+from archnet_fx.infra.graphpass import GraphPass, recompile_now
+from archnet_fx.infra.manager import PassManager, PipelineResult
+from archnet_fx.infra.records import PassRecord, Refusal
+from archnet_fx.infra.rules import RewriteContext
+from archnet_fx.pipelines import as_graph_module
+from archnet_fx.surrogate.base import Candidate, Surrogate
+from archnet_fx.surrogate.observe import NodeSamples, Ranges, observe
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -132,7 +136,7 @@ class SurrogatePass(GraphPass):
                     # Every tensor argument counts as an activation unless it is a stored
                     # constant: conservative for the two-activation limits.
                     act = {a for a in args if isinstance(a, torch.fx.Node) and a.op != "get_attr"}
-                    bad = [v for v in _surrogate_verdicts(mod, self.target, "", "",
+                    bad = [v for v in surrogate_verdicts(mod, self.target, "", "",
                                                           _FakeOuter(args), act)
                            if v.status in ("unsupported", "limit")]
                     if bad:
@@ -322,7 +326,7 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
 def _select_by_latency(res: LegalizeResult, run: Callable[..., LegalizeResult],
                        choices: Mapping[str, str] | None) -> LegalizeResult:
     """Greedy per-node latency choice among lossless candidates (see :func:`legalize`)."""
-    from archnet_fx.latency import estimate_latency
+    from archnet_fx.cost.latency import estimate_latency
 
     tgt = load_target(res.target)
     kind_of = {v.node: v.kind for v in res.before.unsupported} if res.before else {}
@@ -414,13 +418,8 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
 def clear_caches() -> None:
     """Forget the process-wide memo tables legalization fills (traced surrogate bodies and
     their verdicts by structure, sample-free PWL fits): for cold-start timings and tests."""
-    from archnet_fx import legality, surrogate
+    from archnet_fx.legality import clear_body_cache
+    from archnet_fx.surrogate.pwl import clear_fit_cache
 
-    legality._GRAPHS.clear()
-    legality._STRUCT_VERDICTS.clear()
-    surrogate._FIT_CACHE.clear()
-
-
-def host_fallback_nodes(gm: torch.fx.GraphModule) -> list[str]:
-    return [f"{n.name} ({source_location(n)})" for n in gm.graph.nodes
-            if n.meta.get(HOST_FALLBACK_KEY)]
+    clear_body_cache()
+    clear_fit_cache()

@@ -19,8 +19,8 @@ Steps (design.md §2):
 4. deep-copy the legalized module (passes share parameters with their input) and insert LSQ
    fake quantizers at the requested widths (:func:`archnet_fx.quant.insert_fake_quant`);
 5. partition it into blocks whose boundaries the teacher also computes
-   (:func:`archnet_fx.partition.partition` with :func:`archnet_fx.distill.boundary_check`);
-6. distill block by block (:func:`archnet_fx.distill.distill`), progressive or independent;
+   (:func:`archnet_fx.train.partition.partition` with :func:`archnet_fx.train.distill.boundary_check`);
+6. distill block by block (:func:`archnet_fx.train.distill.distill`), progressive or independent;
 7. measure fidelity on the held-out batches: the legalized float student before training and
    the fake-quantized one after, against the teacher (mean per-sample cosine, normalised MSE).
 
@@ -40,15 +40,16 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from archnet_fx.capture import CAPTURE_META_KEY, normalize_inputs
-from archnet_fx.distill import (DistillOptions, DistillReport, boundary_check, distill,
-                                match_values)
+from archnet_fx.ir.meta import CAPTURE_META_KEY
+from archnet_fx.capture import normalize_inputs
+from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_check, distill,
+                                      match_values)
 from archnet_fx.errors import CalibrationError, InputError
 from archnet_fx.legality import LegalityReport
-from archnet_fx.partition import Block, block_table, partition
-from archnet_fx.passmanager import PassRecord
-from archnet_fx.pipeline import as_graph_module
-from archnet_fx.quant import _surrogate_mode, fake_quant_enabled, insert_fake_quant
+from archnet_fx.train.partition import Block, block_table, partition
+from archnet_fx.infra.records import PassRecord
+from archnet_fx.pipelines import as_graph_module
+from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled, insert_fake_quant
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class TransformResult:
     blocks: list[Block] = field(default_factory=list, repr=False)
 
     def diff(self, name: str | None = None) -> str:
-        from archnet_fx.inspect import pass_diff, records_table
+        from archnet_fx.infra.instruments import pass_diff, records_table
 
         if name is None:
             return records_table(self.records)
@@ -282,7 +283,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               select: str = "order", **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
-    Extra keyword arguments go to :class:`~archnet_fx.distill.DistillOptions` (``lr_surrogate``,
+    Extra keyword arguments go to :class:`~archnet_fx.train.distill.DistillOptions` (``lr_surrogate``,
     ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``, ``memory_budget_mb``,
     ``spill_dir``, ``stop_after``, ``progress``). ``select="latency"`` lets legalization pick
     among lossless candidates by estimated latency (see :func:`archnet_fx.legalize`).
@@ -301,7 +302,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         known = ", ".join(f for f in DistillOptions.__dataclass_fields__)
         raise ValueError(f"transform: unknown option ({e}); distillation options: {known}"
                          ) from None
-    _surrogate_mode(quantize_surrogates)
+    surrogate_mode(quantize_surrogates)
     _split_holdout([], holdout)  # validates holdout
     if granularity is not None and (isinstance(granularity, bool)
                                     or not isinstance(granularity, int) or granularity < 1):

@@ -39,8 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import archnet_fx as ax  # noqa: E402,F401
-from archnet_fx import data, zoo  # noqa: E402
-from archnet_fx.inspect import atomic_write_text  # noqa: E402
+from archnet_fx.demo import data, zoo
+from archnet_fx.infra.instruments import atomic_write_text
 from archnet_fx.transform import transform  # noqa: E402
 
 

@@ -48,9 +48,9 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
-from archnet_fx import data, zoo
+from archnet_fx.demo import data, zoo
 from archnet_fx.errors import BitWidthError
-from archnet_fx.inspect import atomic_write_text
+from archnet_fx.infra.instruments import atomic_write_text
 from archnet_fx.targets import load_target
 from archnet_fx.transform import transform
 

@@ -41,9 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import archnet_fx as ax  # noqa: E402
-from archnet_fx import zoo  # noqa: E402
-from archnet_fx.inspect import atomic_write_text  # noqa: E402
-from archnet_fx.latency import estimate_latency  # noqa: E402
+from archnet_fx.demo import zoo
+from archnet_fx.infra.instruments import atomic_write_text
+from archnet_fx.cost.latency import estimate_latency
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["minilm", "vit", "cnn", "decoder"]

@@ -27,8 +27,8 @@ from tabulate import tabulate
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import archnet_fx as ax  # noqa: E402
-from archnet_fx import data, zoo  # noqa: E402
-from archnet_fx.inspect import atomic_write_text  # noqa: E402
+from archnet_fx.demo import data, zoo
+from archnet_fx.infra.instruments import atomic_write_text
 
 CHOICES = {
     "emulation (default)": dict(prefer="emulation"),

@@ -47,7 +47,7 @@ from tabulate import tabulate
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import archnet_fx as ax  # noqa: E402
-from archnet_fx.inspect import atomic_write_text  # noqa: E402
+from archnet_fx.infra.instruments import atomic_write_text
 from archnet_fx.legalize import clear_caches, legalize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "legalize_scaling.json"

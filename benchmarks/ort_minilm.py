@@ -83,9 +83,9 @@ from tabulate import tabulate
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from archnet_fx import data, zoo  # noqa: E402
-from archnet_fx.export import export_onnx, onehot_to_gather, ort_session  # noqa: E402
-from archnet_fx.inspect import atomic_write_text  # noqa: E402
+from archnet_fx.demo import data, zoo
+from archnet_fx.export.onnx import export_onnx, onehot_to_gather, ort_session
+from archnet_fx.infra.instruments import atomic_write_text
 
 NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 HERE = Path(__file__).parent
@@ -342,7 +342,7 @@ def npu_a_census(path: Path) -> dict:
     nodes whose kind npu_a lacks."""
     import onnx
 
-    from archnet_fx.export import onnx_legality
+    from archnet_fx.export.onnx import onnx_legality
     from archnet_fx.targets import load_target
 
     model = onnx.load(str(path), load_external_data=False)

@@ -34,8 +34,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from archnet_fx.opargs import call_kwargs
-from archnet_fx.surrogate import PWL, Candidate, Surrogate, make_mul, subsample
+from archnet_fx.ir.opargs import call_kwargs
+from archnet_fx.surrogate.pwl import PWL, subsample
+from archnet_fx.surrogate.base import Candidate, Surrogate
+from archnet_fx.surrogate.products import make_mul
 
 KINDS = ("gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "elu", "softplus", "mish",
          "erf", "leaky_relu", "relu6", "clamp", "prelu")

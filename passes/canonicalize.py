@@ -28,11 +28,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from archnet_fx.dataflow import input_dependent
-from archnet_fx.opargs import call_kwargs, weighted_op
-from archnet_fx.opkinds import _produces_sequence
-from archnet_fx.passmanager import (GraphPass, PassRecord, RewriteContext, RewritePass, Rule,
-                                    is_impure, is_inplace)
+from archnet_fx.ir.dataflow import input_dependent
+from archnet_fx.ir.opargs import call_kwargs, weighted_op
+from archnet_fx.ir.opkinds import produces_sequence
+from archnet_fx.infra.graphpass import GraphPass, is_impure, is_inplace
+from archnet_fx.infra.records import PassRecord
+from archnet_fx.infra.rules import RewriteContext, RewritePass, Rule
 
 # --------------------------------------------------------------------------- drop_identity
 
@@ -132,7 +133,7 @@ def _bn_stats(node: torch.fx.Node, ctx: RewriteContext):
 
 
 def _match_bn(node: torch.fx.Node, ctx: RewriteContext) -> Any:
-    if _produces_sequence(node):
+    if produces_sequence(node):
         return None  # ATen's (out, mean, invstd) form: folded at getitem(bn, 0) by fold_bn_tuple
     return _fold_bn(node, ctx)
 

@@ -62,12 +62,15 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from archnet_fx.capture import EXAMPLE_META_KEY, propagate_shapes
-from archnet_fx.dataflow import PROLOGUE_KEY, activations, is_float, prologue_nodes, tensor_dtype
-from archnet_fx.opargs import call_kwargs
-from archnet_fx.opkinds import target_name
-from archnet_fx.surrogate import (PWL, Candidate, Mul, QuarterSquareMul, RowSum, Surrogate,
-                                  make_mul)
+from archnet_fx.ir.meta import EXAMPLE_META_KEY
+from archnet_fx.ir.shapes import propagate_shapes
+from archnet_fx.ir.meta import PROLOGUE_KEY
+from archnet_fx.ir.dataflow import activations, is_float, prologue_nodes, tensor_dtype
+from archnet_fx.ir.opargs import call_kwargs
+from archnet_fx.ir.opkinds import target_name
+from archnet_fx.surrogate.pwl import PWL
+from archnet_fx.surrogate.base import Candidate, Surrogate
+from archnet_fx.surrogate.products import Mul, QuarterSquareMul, RowSum, make_mul
 
 KINDS = ("exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "div", "mul", "abs", "neg",
          "maximum", "minimum", "mean", "sum", "masked_fill", "where", "expand", "pad",

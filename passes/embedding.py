@@ -57,10 +57,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from archnet_fx.dataflow import PROLOGUE_KEY, input_dependent
-from archnet_fx.opargs import call_kwargs
-from archnet_fx.passmanager import FROM_PASS_KEY, RULE_KEY
-from archnet_fx.surrogate import Candidate, Surrogate
+from archnet_fx.ir.meta import PROLOGUE_KEY
+from archnet_fx.ir.dataflow import input_dependent
+from archnet_fx.ir.opargs import call_kwargs
+from archnet_fx.ir.meta import FROM_PASS_KEY, RULE_KEY
+from archnet_fx.surrogate.base import Candidate, Surrogate
 
 KINDS = ("embedding", "gather")
 

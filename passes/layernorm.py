@@ -6,7 +6,7 @@ What is replaced
 
 * ``layer_norm`` — ``nn.LayerNorm``, ``F.layer_norm``, ``aten.layer_norm``; ``rms_norm`` —
   ``nn.RMSNorm``, ``F.rms_norm``, ``aten.rms_norm``. Arguments are read with
-  :func:`~archnet_fx.opargs.call_kwargs` (or the module's attributes). Only normalization over
+  :func:`~archnet_fx.ir.opargs.call_kwargs` (or the module's attributes). Only normalization over
   the last axis (``len(normalized_shape) == 1``) is supported; others are refused with a reason.
 * Hand-written chains, anchored on whichever chain node the target cannot run first (the
   candidates have that node's kind: ``pow``, ``mul``, ``mean``, ``var``, ``sub``, ``sqrt``,
@@ -60,9 +60,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from archnet_fx.opargs import call_kwargs
-from archnet_fx.opkinds import _produces_sequence, target_name
-from archnet_fx.surrogate import PWL, Candidate, Surrogate, make_mul, solve_hinges
+from archnet_fx.ir.opargs import call_kwargs
+from archnet_fx.ir.opkinds import produces_sequence, target_name
+from archnet_fx.surrogate.pwl import PWL, solve_hinges
+from archnet_fx.surrogate.base import Candidate, Surrogate
+from archnet_fx.surrogate.products import make_mul
 from archnet_fx.targets import Target
 
 log = logging.getLogger(__name__)
@@ -256,7 +258,7 @@ def _mean_last(n: Any, ctx: Any) -> torch.fx.Node | None:
 
 def _var_last(n: Any, ctx: Any) -> torch.fx.Node | None:
     """``t`` if ``n`` is the biased ``t.var(-1, keepdim=True)``."""
-    if not _is(n, "var", ctx) or _produces_sequence(n):
+    if not _is(n, "var", ctx) or produces_sequence(n):
         return None
     kw = _kw(n, ctx)
     t = kw.get("input")
@@ -422,7 +424,7 @@ def match_op(node: torch.fx.Node, ctx: Any) -> NormMatch | str:
         shape, eps = tuple(m.normalized_shape), m.eps
         w, b = getattr(m, "weight", None), getattr(m, "bias", None)
     else:
-        if _produces_sequence(node):
+        if produces_sequence(node):
             return f"{target_name(node)} returns (out, mean, rstd); only the plain op is handled"
         kw = call_kwargs(node, ctx.gm)
         if kw is None:

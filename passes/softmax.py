@@ -69,10 +69,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from archnet_fx.hinge import hinge_sum, tracing
-from archnet_fx.opargs import call_kwargs
-from archnet_fx.surrogate import (PWL, Candidate, MatmulMul, Mul, RowSum, Surrogate, make_mul,
-                                  solve_hinges, subsample)
+from archnet_fx.surrogate.hinge import hinge_sum, tracing
+from archnet_fx.ir.opargs import call_kwargs
+from archnet_fx.surrogate.pwl import PWL, solve_hinges, subsample
+from archnet_fx.surrogate.base import Candidate, Surrogate
+from archnet_fx.surrogate.products import MatmulMul, Mul, RowSum, make_mul
 
 #: Logits at or below this (or non-finite) are treated as mask values when calibrating.
 MASK_THRESHOLD = -1e4
@@ -139,7 +140,7 @@ class ExpPWL(nn.Module):
         if tracing(z):  # the chip's form
             h = torch.relu(F.linear(z.unsqueeze(-1), self.w, self.nb))
             return F.linear(h, self.coef).squeeze(-1)
-        # the same function by intervals, without the N×K hidden tensor (archnet_fx.hinge)
+        # the same function by intervals, without the N×K hidden tensor (archnet_fx.surrogate.hinge)
         return hinge_sum(z, self.w, self.nb, self.coef, fast=True)
 
 

@@ -35,8 +35,8 @@ see convs and linears the surrogates created. Two passes, each a table of rules:
 
 All rules are exact up to float re-association (max abs error ~1e-6 on unit-scale data; the tests
 state 1e-5). New weights are trainable parameters (``archnet.from_pass`` provenance on each node);
-every form of the op is read through :func:`~archnet_fx.opargs.weighted_op` and
-:func:`~archnet_fx.opargs.call_kwargs`, so module calls, ``F.conv2d`` and ATen ops all work.
+every form of the op is read through :func:`~archnet_fx.ir.opargs.weighted_op` and
+:func:`~archnet_fx.ir.opargs.call_kwargs`, so module calls, ``F.conv2d`` and ATen ops all work.
 Dilated convs, transposed convs and non-zero padding modes are refused with the reason.
 """
 from __future__ import annotations
@@ -50,8 +50,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from archnet_fx.opargs import WeightedOp, call_kwargs, in_channels, out_channels, weighted_op
-from archnet_fx.passmanager import GraphPass, RewriteContext, RewritePass, Rule
+from archnet_fx.ir.opargs import WeightedOp, call_kwargs, in_channels, out_channels, weighted_op
+from archnet_fx.infra.graphpass import GraphPass
+from archnet_fx.infra.rules import RewriteContext, RewritePass, Rule
 from archnet_fx.targets import Target
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

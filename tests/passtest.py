@@ -34,9 +34,12 @@ import torch
 import torch.fx
 
 import archnet_fx as ax
-from archnet_fx.capture import CAPTURE_META_KEY, EXAMPLE_META_KEY
-from archnet_fx.opkinds import kind_histogram
-from archnet_fx.passmanager import FROM_PASS_KEY, GraphPass, PassResult, flat_outputs
+from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
+from archnet_fx.ir.opkinds import kind_histogram
+from archnet_fx.ir.meta import FROM_PASS_KEY
+from archnet_fx.infra.graphpass import GraphPass
+from archnet_fx.infra.records import PassResult
+from archnet_fx.infra.manager import flat_outputs
 
 SEED = 1234
 
@@ -231,6 +234,6 @@ def captured_zoo(name: str, method: str = "auto"):
     Shared between test modules: callers must not edit the model or the GraphModule (passes
     never do; tests that need a private copy build their own).
     """
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
     model, ex = zoo.get_model(name)
     return model, ex, ax.capture(model, ex, method=method)

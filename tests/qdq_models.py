@@ -6,9 +6,9 @@ import functools
 
 import torch
 
-from archnet_fx import zoo
+from archnet_fx.demo import zoo
 from archnet_fx.legalize import legalize
-from archnet_fx.quant import calibrating, insert_fake_quant
+from archnet_fx.quant.fakequant import calibrating, insert_fake_quant
 
 
 def call(m, ex):

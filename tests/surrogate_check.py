@@ -19,8 +19,8 @@ import archnet_fx as ax
 from archnet_fx.capture import LeafTracer
 from archnet_fx.legality import _verdicts
 from archnet_fx.legalize import legalize
-from archnet_fx.passmanager import flat_outputs
-from archnet_fx.surrogate import Surrogate
+from archnet_fx.infra.manager import flat_outputs
+from archnet_fx.surrogate.base import Surrogate
 
 
 def call(m: Any, ex: Any) -> Any:

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import archnet_fx as ax
-from archnet_fx import zoo
-from archnet_fx.capture import CAPTURE_META_KEY, EXAMPLE_META_KEY
-from archnet_fx.opkinds import KIND_META_KEY, kind_histogram
+from archnet_fx.demo import zoo
+from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
+from archnet_fx.ir.meta import KIND_META_KEY
+from archnet_fx.ir.opkinds import kind_histogram
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # captured graph vs eager model, float32
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from archnet_fx import zoo
+from archnet_fx.demo import zoo
 from archnet_fx.cli import main
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import archnet_fx as ax
-from archnet_fx import zoo
+from archnet_fx.demo import zoo
 from passtest import captured_zoo
 
 

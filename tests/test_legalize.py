@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import archnet_fx as ax
-from archnet_fx import zoo
-from archnet_fx.legality import HOST_FALLBACK_KEY
+from archnet_fx.demo import zoo
+from archnet_fx.ir.meta import HOST_FALLBACK_KEY
 from surrogate_check import call, legalize_ok, max_rel_error, surrogates
 
 MODELS = ["cnn_gelu", "vit", "transformer", "decoder", "bert_tiny", "mlp", "cnn"]

@@ -14,16 +14,18 @@ import torch
 from torch import nn
 
 import archnet_fx as ax
-from archnet_fx import passmanager as pm
-from archnet_fx.capture import propagate_shapes, propagate_shapes_incremental
+from archnet_fx.infra import graphpass as pm
+from archnet_fx.infra import manager as mgr
+from archnet_fx.ir.shapes import propagate_shapes, propagate_shapes_incremental
 from archnet_fx.passes.layernorm import NormEmulation, fit_rsqrt
 from archnet_fx.passes.softmax import SoftmaxPWL
-from archnet_fx.surrogate import PWL, Mul
+from archnet_fx.surrogate.pwl import PWL
+from archnet_fx.surrogate.products import Mul
 
-capture_mod = importlib.import_module("archnet_fx.capture")  # the package exports capture()
+shapes_mod = importlib.import_module("archnet_fx.ir.shapes")
 legalize_mod = importlib.import_module("archnet_fx.legalize")
 legality_mod = importlib.import_module("archnet_fx.legality")
-surrogate_mod = importlib.import_module("archnet_fx.surrogate")
+pwl_mod = importlib.import_module("archnet_fx.surrogate.pwl")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +56,7 @@ def test_legalize_copies_once_and_never_reruns_the_graph_for_shapes(bert_tiny, m
     copies = _Counter(pm.copy_graph_module)
     full = _Counter(propagate_shapes)
     monkeypatch.setattr(pm, "copy_graph_module", copies)
+    monkeypatch.setattr(mgr, "copy_graph_module", copies)
     monkeypatch.setattr(pm, "propagate_shapes", full)
     legalize_mod.clear_caches()
     res = legalize_mod.legalize(gm, "npu_a", ex, verify=False)
@@ -104,9 +107,9 @@ def test_replacement_takes_the_replaced_nodes_shape_without_evaluation(monkeypat
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     ex = (torch.randn(1, 8),)  # batch 1: the capture's shapes are the shape example's
     gm = ax.capture(model, ex)
-    evaluated = _Counter(capture_mod._run_on_meta)
+    evaluated = _Counter(shapes_mod._run_on_meta)
     full = _Counter(propagate_shapes)
-    monkeypatch.setattr(capture_mod, "_run_on_meta", evaluated)
+    monkeypatch.setattr(shapes_mod, "_run_on_meta", evaluated)
     monkeypatch.setattr(pm, "propagate_shapes", full)
     res = legalize_mod.legalize(gm, "npu_a", ex, verify=False)
     sur = [n for n in res.module.graph.nodes if n.op == "call_module"
@@ -117,8 +120,8 @@ def test_replacement_takes_the_replaced_nodes_shape_without_evaluation(monkeypat
 
 def test_identical_sample_free_fits_are_solved_once(monkeypatch):
     legalize_mod.clear_caches()
-    solves = _Counter(surrogate_mod.solve_hinges)
-    monkeypatch.setattr(surrogate_mod, "solve_hinges", solves)
+    solves = _Counter(pwl_mod.solve_hinges)
+    monkeypatch.setattr(pwl_mod, "solve_hinges", solves)
     monkeypatch.setattr(importlib.import_module("archnet_fx.passes.softmax"), "solve_hinges",
                         solves)
     a = PWL.fit(torch.reciprocal, None, 0.9, 135.0, knots=64, spacing="geometric")
@@ -144,7 +147,7 @@ def test_fast_quantiles_match_torch():
     for n in (5, 1000, 250_001):
         v = torch.randn(n, generator=g, dtype=torch.float64) ** 3
         q = torch.linspace(0, 1, 18, dtype=torch.float64)[1:-1]
-        assert torch.equal(surrogate_mod.quantiles(v, q), torch.quantile(v, q))
+        assert torch.equal(pwl_mod.quantiles(v, q), torch.quantile(v, q))
 
 
 def _norm(lo: float) -> NormEmulation:

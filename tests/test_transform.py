@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import archnet_fx as ax
-from archnet_fx import zoo
+from archnet_fx.demo import zoo
 from archnet_fx.transform import TransformResult, transform
 
 tr = importlib.import_module("archnet_fx.transform")  # the module (ax.transform is the function)

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import archnet_fx as ax
-from archnet_fx.capture import CAPTURE_META_KEY, EXAMPLE_META_KEY, CaptureInfo, propagate_shapes
-from archnet_fx.opkinds import annotate_kinds, kind_histogram
+from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
+from archnet_fx.capture import CaptureInfo
+from archnet_fx.ir.shapes import propagate_shapes
+from archnet_fx.ir.opkinds import annotate_kinds, kind_histogram
 from archnet_fx.passes.canonicalize import (DeadCodeElimination, FoldConstants,
                                             canonicalize_passes, decompose_sdpa, div_to_mul,
                                             drop_identity, fold_batchnorm, index_to_view)
@@ -102,7 +104,7 @@ def test_drop_identity_must_not_fire(method):
 
 
 def test_drop_identity_train_mode_model_captured_as_eval():
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
     model, ex = zoo.get_model("mlp")
     model.train()
     before, res = run_pass(drop_identity(), model, ex)
@@ -473,7 +475,7 @@ def test_other_passes_leave_dead_code_to_dce():
 # --------------------------------------------------------------------------- the pipeline
 
 def test_canonicalize_pipeline_on_cnn():
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
     model, ex = zoo.get_model("cnn")
     res = ax.canonicalize(model, ex)
     assert [r.name for r in res.records] == [p.name for p in canonicalize_passes()]

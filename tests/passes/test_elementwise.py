@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import archnet_fx as ax
-from archnet_fx.dataflow import PROLOGUE_KEY
+from archnet_fx.ir.meta import PROLOGUE_KEY
 from archnet_fx.legalize import LegalizeOptions, SurrogatePass, calibration_batches
 from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.passes.elementwise import CANDIDATES, KINDS
-from archnet_fx.passmanager import PassManager
-from archnet_fx.surrogate import observe
+from archnet_fx.infra.manager import PassManager
+from archnet_fx.surrogate.observe import observe
 from archnet_fx.targets import load_target
 from surrogate_check import assert_body_legal, assert_grads_flow, max_rel_error, surrogates
 
@@ -371,7 +371,7 @@ def test_dynamic_expand_is_refused() -> None:
 def test_decoder_rmsnorm_op_by_op_on_npu_b() -> None:
     # without the layernorm family: x * rsqrt(mean(x**2) + eps) * w and SwiGLU's product,
     # op by op (pow exact, mean rowsum, rsqrt pwl, mul product)
-    from archnet_fx.zoo import get_model
+    from archnet_fx.demo.zoo import get_model
 
     model, ex = get_model("decoder")
     gm = PassManager("canonicalize", canonicalize_passes()).run(ax.capture(model, ex)).module

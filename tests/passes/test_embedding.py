@@ -16,12 +16,12 @@ from surrogate_check import (assert_body_legal, assert_grads_flow, forms, legali
 from torch import nn
 
 import archnet_fx as ax
-from archnet_fx.dataflow import PROLOGUE_KEY
+from archnet_fx.ir.meta import PROLOGUE_KEY
 from archnet_fx.errors import UnsupportedOpError
 from archnet_fx.legalize import LegalizeOptions, SurrogatePass, legalize
 from archnet_fx.passes.embedding import CANDIDATES, OneHotLinear
 from archnet_fx.passes.canonicalize import canonicalize_passes
-from archnet_fx.passmanager import PassManager
+from archnet_fx.infra.manager import PassManager
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 V, D, L = 5000, 8, 6
@@ -172,7 +172,7 @@ def test_idempotent(graphs):
 
 @pytest.fixture(scope="module")
 def bert_tiny():
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
     model, ex = zoo.get_model("bert_tiny", 2)
     return model, ex, ax.capture(model, ex)
 
@@ -184,7 +184,7 @@ def test_bert_tiny_embeddings_exact(bert_tiny):
     assert +res.record.rule_hits == {"onehot_linear": 2, "const_rows": 1}  # word, type; position
     rep = ax.check(res.module, "npu_b")
     assert not {"embedding", "gather"} & (set(rep.unsupported_counts) | set(rep.on_chip_counts))
-    from archnet_fx import zoo
+    from archnet_fx.demo import zoo
     for b in (1, 3):
         x = zoo._bert_tiny_inputs(b)
         with torch.no_grad():

@@ -21,12 +21,12 @@ from torch import nn
 
 import archnet_fx as ax
 import archnet_fx.targets as targets_pkg
-from archnet_fx import zoo
+from archnet_fx.demo import zoo
 from archnet_fx.legalize import (LegalizeOptions, SurrogatePass, calibration_batches, legalize)
 from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.passes.layernorm import CANDIDATES, NormMatch, affine_init, fit_rsqrt
-from archnet_fx.passmanager import PassManager
-from archnet_fx.surrogate import observe
+from archnet_fx.infra.manager import PassManager
+from archnet_fx.surrogate.observe import observe
 from surrogate_check import (assert_body_legal, assert_grads_flow, forms, max_rel_error,
                              surrogates)
 

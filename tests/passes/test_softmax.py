@@ -26,11 +26,11 @@ from torch import nn
 import archnet_fx as ax
 import archnet_fx.targets as targets_pkg
 from archnet_fx.legalize import legalize
-from archnet_fx.opkinds import kind_histogram
+from archnet_fx.ir.opkinds import kind_histogram
 from archnet_fx.passes.softmax import (CANDIDATES, MASK_THRESHOLD, ReluAttention, SoftmaxPow,
                                        SoftmaxPWL, exp_floor, pow_kernel_init,
                                        relu_attention_init)
-from archnet_fx.surrogate import RowSum
+from archnet_fx.surrogate.products import RowSum
 from passtest import captured_zoo
 from surrogate_check import assert_body_legal, assert_grads_flow, forms, surrogates
 

@@ -20,9 +20,9 @@ import archnet_fx as ax
 from archnet_fx.legalize import legalize
 from archnet_fx.passes.elementwise import KINDS as ELEMENTWISE_KINDS
 from archnet_fx.passes.tiling import tile_channels, tile_kernels, tiling_passes
-from archnet_fx.passmanager import PassManager
+from archnet_fx.infra.manager import PassManager
 from archnet_fx.targets import load_target
-from archnet_fx.zoo import get_model
+from archnet_fx.demo.zoo import get_model
 from passtest import assert_idempotent, assert_pass, run_pass
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -118,7 +118,7 @@ def test_builtins_differ_as_designed():
 
 
 def test_known_kinds_cover_the_classifier():
-    opkinds = pytest.importorskip("archnet_fx.opkinds")
+    opkinds = pytest.importorskip("archnet_fx.ir.opkinds")
     emitted = set(opkinds.NAME_KINDS.values()) | {k for _, k in opkinds.MODULE_KINDS}
     emitted = {k for k in emitted if not k.startswith("unknown:")} - set(opkinds.META_KINDS)
     assert emitted <= KNOWN_KINDS

@@ -1,0 +1,1 @@
+"""archnet_fx.surrogate."""

@@ -1,0 +1,102 @@
+"""Samples of the inputs of the nodes a target cannot run, on calibration data.
+
+:func:`observe` interprets the graph (a ``torch.fx.Interpreter``) on calibration batches and
+keeps, per watched node, a bounded subsample of each input (:class:`NodeSamples`: values,
+range, quantiles). Emulation candidates fit their breakpoints to these ranges.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+from archnet_fx.surrogate.pwl import quantiles, subsample
+
+
+# --------------------------------------------------------------------------- observation
+
+
+@dataclass
+class NodeSamples:
+    """Samples of one node's tensor inputs (rows of the last axis) and their extremes."""
+    inputs: list[torch.Tensor] = field(default_factory=list)  # per tensor input: [rows, last]
+    lo: list[float] = field(default_factory=list)
+    hi: list[float] = field(default_factory=list)
+
+    def values(self, i: int = 0) -> torch.Tensor:
+        return self.inputs[i].flatten()
+
+    def range(self, i: int = 0, q: float = 0.0) -> tuple[float, float]:
+        """(low, high) of input ``i``; with ``q`` > 0 the q / 1-q quantiles of finite values."""
+        if q <= 0:
+            return self.lo[i], self.hi[i]
+        v = self.values(i)
+        v = v[torch.isfinite(v)]
+        v = subsample(v, 200_000, seed=0).double()
+        lo, hi = quantiles(v, torch.tensor([q, 1 - q], dtype=torch.float64)).tolist()
+        return lo, hi
+
+
+Ranges = dict  # node name -> NodeSamples
+
+
+class _Observer(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, watch: set[str], rows: int, store: Ranges,
+                 gen: torch.Generator):
+        super().__init__(gm)
+        self.watch, self.rows, self.store, self.gen = watch, rows, store, gen
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name in self.watch:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            tensors = [a for a in list(args) + list(kwargs.values())
+                       if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            rec = self.store.setdefault(n.name, NodeSamples())
+            for i, t in enumerate(tensors):
+                t = t.detach().float()
+                rows = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+                if rows.shape[0] > self.rows:
+                    idx = torch.randperm(rows.shape[0], generator=self.gen)[:self.rows]
+                    rows = rows[idx]
+                lo = hi = 0.0
+                if t.numel():
+                    t_lo, t_hi = torch.aminmax(t)
+                    lo, hi = float(t_lo), float(t_hi)
+                if not (math.isfinite(lo) and math.isfinite(hi)):  # some inf/NaN: skip those
+                    fin = t[torch.isfinite(t)]
+                    lo = float(fin.min()) if fin.numel() else 0.0
+                    hi = float(fin.max()) if fin.numel() else 0.0
+                if i < len(rec.inputs):
+                    if rec.inputs[i].shape[-1] == rows.shape[-1]:
+                        merged = torch.cat([rec.inputs[i], rows])
+                        if merged.shape[0] > 4 * self.rows:
+                            keep = torch.randperm(merged.shape[0], generator=self.gen)
+                            merged = merged[keep[:4 * self.rows]]
+                        rec.inputs[i] = merged
+                    rec.lo[i], rec.hi[i] = min(rec.lo[i], lo), max(rec.hi[i], hi)
+                else:
+                    rec.inputs.append(rows)
+                    rec.lo.append(lo)
+                    rec.hi.append(hi)
+        return super().run_node(n)
+
+
+def observe(gm: torch.fx.GraphModule, batches: Iterable[tuple[tuple, dict]], watch: set[str],
+            rows: int = 2048, max_batches: int = 16) -> Ranges:
+    """Run ``gm`` on (args, kwargs) batches and keep samples of the watched nodes' inputs."""
+    store: Ranges = {}
+    gen = torch.Generator().manual_seed(0)
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(batches):
+            if i >= max_batches:
+                break
+            bound = list(args)
+            for n in phs[len(args):]:
+                bound.append(kwargs.get(n.target, kwargs.get(n.name, n.args[0] if n.args
+                                                             else None)))
+            _Observer(gm, watch, rows, store, gen).run(*bound)
+    return store

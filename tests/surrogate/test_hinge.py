@@ -1,0 +1,62 @@
+"""archnet_fx.surrogate.hinge: the interval form equals the hinge form, values and gradients."""
+import torch
+import torch.fx
+import pytest
+
+from archnet_fx.surrogate.hinge import hinge_sum, tracing
+from archnet_fx.surrogate.pwl import PWL
+
+
+def _params(k, seed, with_neg):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(k, 1, generator=g) + 0.5
+    if with_neg:
+        w[::3] *= -1
+        w[1] = 0.0
+    beta = torch.randn(k, generator=g) * 2
+    c = torch.randn(1, k, generator=g)
+    a, s = torch.randn(1, generator=g), torch.randn((), generator=g)
+    return [t.requires_grad_() for t in (w, beta, c, a, s)]
+
+
+@pytest.mark.parametrize("with_neg", [False, True])
+def test_interval_form_matches_hinges(with_neg):
+    x = (torch.randn(7, 33, generator=torch.Generator().manual_seed(3)) * 3).requires_grad_()
+    ps = _params(16, 1, with_neg)
+    outs, grads = [], []
+    for fast in (False, True):
+        y = hinge_sum(x, *ps, fast=fast)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs.append(y.detach())
+        grads.append([t.grad.clone() for t in [x, *ps]])
+        for t in [x, *ps]:
+            t.grad = None
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for g_fast, g_ref, name in zip(grads[1], grads[0], ["x", "w", "beta", "c", "a", "s"]):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_pwl_traces_to_hinges_and_runs_fast_eagerly():
+    pwl = PWL.fit(torch.tanh, None, -4.0, 4.0, knots=12)
+    x = torch.linspace(-6, 6, 101)
+    gm = torch.fx.symbolic_trace(pwl)
+    kinds = {n.target for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+    assert torch.relu in kinds and "inner" in kinds and "outer" in kinds  # the chip's form
+    assert not any("bucketize" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(pwl(x), gm(x), rtol=1e-5, atol=1e-5)
+    assert not tracing(x)
+    assert (pwl(x) - torch.tanh(x)).abs()[25:76].max() < 0.05
+
+
+def test_decreasing_hinges_over_a_wide_range():
+    """LayerNorm's 1/sqrt PWL: all hinges decreasing, breakpoints spanning 6 decades — the
+    interval tables must not lose the value to cancellation."""
+    from archnet_fx.passes.layernorm import fit_rsqrt
+
+    pwl = fit_rsqrt(1e-3, 1e3, 1e-12, 24)
+    v = torch.logspace(-3, 3, 2001)
+    fast = pwl(v)
+    with torch.no_grad():
+        ref = hinge_sum(v, pwl.inner.weight, pwl.inner.bias, pwl.outer.weight,
+                        pwl.outer.bias, pwl.slope, fast=False)
+    assert ((fast - ref).abs() / ref.abs()).max() < 1e-4
