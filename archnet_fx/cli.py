@@ -108,7 +108,7 @@ def cmd_candidates(args: argparse.Namespace) -> int:
     rows = []
     for t in args.target or ["npu_a", "npu_b", "dsp_c"]:
         tgt = load_target(t)
-        for kind, cands in default_candidates(tgt, prefer=args.prefer).items():
+        for kind, cands in default_candidates(tgt, prefer=_prefer(args)).items():
             offered = [c for c, why in cands if why is None]
             if tgt.supports(kind):
                 over = ", ".join(c.name for c in offered)
@@ -275,7 +275,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from archnet_fx.legalize import legalize
 
     res = legalize(gm, tgt, allow_host_fallback=True, verify=False, select=args.select,
-                   prefer=args.prefer, choices=args.choice or None)
+                   prefer=_prefer(args), choices=args.choice or None)
     after = estimate_latency(res.module, tgt, **bits)
     print(f"\n# {name} on {tgt.name}: legalized\n")
     if res.choices:
@@ -306,12 +306,19 @@ def cmd_transform(args: argparse.Namespace) -> int:
     model, ex, name = resolve_model(args.model, args.input_shape, args.batch)
     # Calibration: the example batch (built-in models build it from real or seeded data).
     res = transform(model, tgt, ex, [ex], weight_bits=args.weight_bits, act_bits=args.act_bits,
-                    steps=args.steps, holdout=0, progress=False, prefer=args.prefer,
+                    steps=args.steps, holdout=0, progress=False, prefer=_prefer(args),
                     choices=args.choice or None, select=args.select)
     print(res.report)
     rep = export_onnx(res, args.out, target=tgt)
     print(f"\nwrote {rep}")
     return 0
+
+
+def _prefer(args: argparse.Namespace) -> str:
+    """``--prefer``, or the library's default style (one place: surrogate.base.DEFAULT_STYLE)."""
+    from archnet_fx.surrogate.base import DEFAULT_STYLE
+
+    return args.prefer or DEFAULT_STYLE
 
 
 def _choice(text: str) -> tuple[str, str]:
@@ -335,7 +342,7 @@ class _Choices(argparse.Action):
 
 
 def _surrogate_options(sp: argparse.ArgumentParser, select_help: str) -> None:
-    sp.add_argument("--prefer", default="emulation", choices=["emulation", "structural"],
+    sp.add_argument("--prefer", default=None, choices=["emulation", "structural"],
                     help="preferred surrogate style (default emulation)")
     sp.add_argument("--choice", action=_Choices, type=_choice, default=None,
                     metavar="KIND_OR_NODE=CANDIDATE",
@@ -364,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_inspect)
     sp = sub.add_parser("candidates", help="surrogate candidates per op kind and target")
     sp.add_argument("--target", "-t", action="append", help="target (repeatable; default all)")
-    sp.add_argument("--prefer", default="emulation", help="preferred style (default emulation)")
+    sp.add_argument("--prefer", default=None, help="preferred style (default emulation)")
     sp.set_defaults(fn=cmd_candidates)
     sp = sub.add_parser("demo", help="all-MiniLM-L6-v2: legality and legalization on every "
                         "target, then transform, latency and ONNX export for npu_a")

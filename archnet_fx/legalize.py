@@ -37,138 +37,19 @@ from archnet_fx.ir.meta import EXAMPLE_META_KEY
 from archnet_fx.capture import normalize_inputs
 from archnet_fx.errors import CalibrationError, ChoiceError, UnsupportedOpError
 from archnet_fx.ir.meta import HOST_FALLBACK_KEY
-from archnet_fx.legality import LegalityReport, surrogate_verdicts, check, unsupported_nodes
-from archnet_fx.ir.opkinds import node_kind
+from archnet_fx.legality import LegalityReport, check
 from archnet_fx.infra.graphpass import GraphPass, recompile_now
 from archnet_fx.infra.manager import PassManager, PipelineResult
-from archnet_fx.infra.records import PassRecord, Refusal
-from archnet_fx.infra.rules import RewriteContext
+from archnet_fx.infra.records import PassRecord
 from archnet_fx.pipelines import as_graph_module
-from archnet_fx.surrogate.base import Candidate, Surrogate
-from archnet_fx.surrogate.observe import NodeSamples, Ranges, observe
+from archnet_fx.surrogate.base import DEFAULT_STYLE, LOSSLESS, STYLES, Candidate, default_order
+from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
+from archnet_fx.surrogate.observe import observe
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
 
-STYLES = ("emulation", "structural", "exact", "host")
 SELECTS = ("order", "latency")
-#: Styles whose surrogates compute the original values: choosing among them costs no fidelity.
-LOSSLESS = ("exact", "host")
-
-
-class SurrogateContext(RewriteContext):
-    """RewriteContext plus what surrogate builders need: target, input samples, choices."""
-
-    def __init__(self, gm: torch.fx.GraphModule, pass_name: str, target: Target,
-                 ranges: Ranges, options: "LegalizeOptions") -> None:
-        super().__init__(gm, pass_name, options)
-        self.target = target
-        self.ranges = ranges
-
-    def samples(self, node: torch.fx.Node) -> NodeSamples | None:
-        return self.ranges.get(node.name)
-
-
-@dataclass
-class LegalizeOptions:
-    choices: Mapping[str, str] = field(default_factory=dict)
-    prefer: str = "emulation"
-    allow_host_fallback: bool = False
-    knots: int = 32
-
-    def __post_init__(self) -> None:
-        if self.prefer not in STYLES:
-            raise ValueError(f"prefer must be one of {STYLES}, got {self.prefer!r}")
-        if not isinstance(self.knots, int) or self.knots < 2:
-            raise ValueError(f"knots must be an integer >= 2, got {self.knots!r}")
-
-
-class SurrogatePass(GraphPass):
-    """Replace every node the target cannot run, of the given kinds, by a chosen surrogate."""
-
-    exact = False
-
-    def __init__(self, name: str, candidates: Sequence[Candidate], target: Target,
-                 ranges: Ranges, options: LegalizeOptions) -> None:
-        self.name = name
-        self.candidates = tuple(candidates)
-        self.kinds = frozenset(c.kind for c in candidates)
-        self.target, self.ranges, self.options = target, ranges, options
-        self.chosen: dict[str, str] = {}
-
-    def order(self, node: torch.fx.Node, kind: str) -> list[Candidate]:
-        """Candidates for ``node`` in the order they are tried (choice first)."""
-        cands = [c for c in self.candidates if c.kind == kind]
-        choice = self.options.choices.get(node.name) or self.options.choices.get(kind)
-        if choice is not None:
-            # A choice this family does not know is left to a later family (several families
-            # look at generic kinds like mul or pow); legalize() validated it exists somewhere.
-            return [c for c in cands if c.name == choice or c.style == choice]
-        return default_order(cands, self.options.prefer)
-
-    def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
-        illegal = unsupported_nodes(gm, self.target, self.kinds)
-        ctx = SurrogateContext(gm, self.name, self.target, self.ranges, self.options)
-        for node in list(gm.graph.nodes):
-            if node.name not in illegal or getattr(node, "_erased", False):
-                continue  # legal, or erased with a chain replaced earlier
-            kind = node_kind(node, gm)
-            if kind not in self.kinds:
-                continue
-            for cand in self.order(node, kind):
-                why = cand.offered(self.target)
-                if why is not None:
-                    record.refusals.append(Refusal(node.name, cand.name, why))
-                    continue
-                ctx.rule, ctx.anchor = cand.name, node
-                built = cand.build(node, ctx)
-                if isinstance(built, str):
-                    record.refusals.append(Refusal(node.name, cand.name, built))
-                    continue
-                # build() returns (module, args) replacing ``node``, or (module, args, out)
-                # replacing a chain that ends at ``out`` (hand-written norms); the chain's
-                # interior dies by dead-code elimination.
-                mod, args = built[0], built[1]
-                out = built[2] if len(built) > 2 else node
-                if isinstance(mod, Surrogate):
-                    mod.candidate = cand.name
-                    mod.style = mod.style or cand.style
-                    # Every tensor argument counts as an activation unless it is a stored
-                    # constant: conservative for the two-activation limits.
-                    act = {a for a in args if isinstance(a, torch.fx.Node) and a.op != "get_attr"}
-                    bad = [v for v in surrogate_verdicts(mod, self.target, "", "",
-                                                          _FakeOuter(args), act)
-                           if v.status in ("unsupported", "limit")]
-                    if bad:
-                        record.refusals.append(Refusal(
-                            node.name, cand.name, "body not legal: " + "; ".join(
-                                f"{v.kind} ({v.reason})" for v in bad[:3])))
-                        continue
-                with gm.graph.inserting_before(out):
-                    if isinstance(mod, torch.nn.Module):
-                        new = ctx.call_module(f"{node.name}_{cand.name}", mod, tuple(args))
-                    else:  # a ready node (e.g. a constant get_attr)
-                        new = mod
-                out.replace_all_uses_with(new)
-                record.replaced[out.name] = new.name
-                record.rule_hits[cand.name] += 1
-                self.chosen[node.name] = cand.name
-                if not out.users:
-                    gm.graph.erase_node(out)
-                if out is not node:
-                    gm.graph.eliminate_dead_code()
-                break
-        ctx.anchor = None
-        if self.chosen:
-            record.notes.append("chosen: " + ", ".join(f"{n}→{c}" for n, c in
-                                                       self.chosen.items()))
-
-
-class _FakeOuter:
-    """Stand-in for the outer node when judging a not-yet-inserted surrogate's body."""
-
-    def __init__(self, args: Sequence[Any]) -> None:
-        self.args = tuple(args)
 
 
 class MarkHostFallback(GraphPass):
@@ -233,14 +114,7 @@ def surrogate_families() -> list[tuple[str, Sequence[Candidate]]]:
             ("elementwise", elementwise.CANDIDATES)]
 
 
-def default_order(cands: Sequence[Candidate], prefer: str) -> list[Candidate]:
-    """Exact candidates first (nothing to lose), then the preferred style, then the rest."""
-    exact = [c for c in cands if c.style == "exact"]
-    pref = [c for c in cands if c.style == prefer and c not in exact]
-    return exact + pref + [c for c in cands if c not in exact and c not in pref]
-
-
-def default_candidates(target: Target, prefer: str = "emulation"
+def default_candidates(target: Target, prefer: str = DEFAULT_STYLE
                        ) -> dict[str, list[tuple[Candidate, str | None]]]:
     """Per op kind, every family's candidates in default order with why each is not offered.
 
@@ -278,7 +152,7 @@ def structural_passes(target: Target) -> list[GraphPass]:
 
 def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any = None,
              calib_data: Iterable | None = None, *, choices: Mapping[str, str] | None = None,
-             prefer: str = "emulation", allow_host_fallback: bool = False, knots: int = 32,
+             prefer: str = DEFAULT_STYLE, allow_host_fallback: bool = False, knots: int = 32,
              verify: bool = True, threads: int | None = 1, select: str = "order"
              ) -> LegalizeResult:
     """Rewrite ``model`` so that ``check(result.module, target)`` has no unsupported node.

@@ -50,6 +50,7 @@ from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
 from archnet_fx.pipelines import as_graph_module
 from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled, insert_fake_quant
+from archnet_fx.surrogate.base import DEFAULT_STYLE
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               steps: int | None = None, epochs: int = 1, checkpoint_dir: Any = None,
               holdout: int | float = 0.1, choices: Mapping[str, str] | None = None,
               device: str | torch.device | None = None, granularity: int | None = None,
-              cut_nodes: Sequence[str] | None = None, prefer: str = "emulation",
+              cut_nodes: Sequence[str] | None = None, prefer: str = DEFAULT_STYLE,
               allow_host_fallback: bool = False, quantize_surrogates: str | bool = "structural",
               surrogate_weight_bits: int | None = None, verify: bool = True,
               select: str = "order", **distill_options: Any) -> TransformResult:

@@ -34,6 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.infra.rules import Refuse, Replacement
 from archnet_fx.ir.opargs import call_kwargs
 from archnet_fx.surrogate.pwl import PWL, subsample
 from archnet_fx.surrogate.base import Candidate, Surrogate
@@ -107,7 +108,7 @@ def reference(kind: str, node: torch.fx.Node, gm: torch.nn.Module
         lo = p.get("min_val", p.get("min"))
         hi = p.get("max_val", p.get("max"))
         if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
-            return "clamp bounds are tensors"
+            raise Refuse("clamp bounds are tensors")
         return lambda x: x.clamp(None if lo is None else float(lo), None if hi is None
                                  else float(hi))
     if kind == "prelu":
@@ -115,8 +116,8 @@ def reference(kind: str, node: torch.fx.Node, gm: torch.nn.Module
         if isinstance(w, torch.Tensor) and w.numel() == 1:
             a = float(w)
             return lambda x: F.leaky_relu(x, a)
-        return "per-channel PReLU is not pointwise-identical across channels"
-    return f"no reference for {kind}"
+        raise Refuse("per-channel PReLU is not pointwise-identical across channels")
+    raise Refuse(f"no reference for {kind}")
 
 
 # Asymptotic slope left of the data: the PWL's leftmost segment is pinned to it.
@@ -148,11 +149,11 @@ def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
     kind = ctx.kind(node)
     fn = reference(kind, node, ctx.gm)
     if isinstance(fn, str):
-        return fn
+        raise Refuse(fn)
     lo, hi, samples = _range(node, ctx)
     pwl = PWL.fit(fn, samples, lo, hi, knots=ctx.options.knots,
                   left_slope=_LEFT_SLOPE.get(kind))
-    return PointwiseSurrogate(kind, pwl, "emulation"), (node.args[0],)
+    return Replacement(PointwiseSurrogate(kind, pwl, "emulation"), (node.args[0],))
 
 
 # Hard counterparts as (breakpoints, coefficients, bias, slope): f = bias + slope·x + Σ c relu(x−b)
@@ -173,10 +174,10 @@ _HARD: dict[str, tuple[list[float], list[float], float, float]] = {
 def _build_relu_form(node: torch.fx.Node, ctx: Any) -> Any:
     kind = ctx.kind(node)
     if kind not in _HARD:
-        return f"no ReLU form for {kind}"
+        raise Refuse(f"no ReLU form for {kind}")
     b, c, bias, slope = _HARD[kind]
     pwl = PWL(torch.tensor(b), torch.tensor(c), bias, slope)
-    return PointwiseSurrogate(kind, pwl, "structural"), (node.args[0],)
+    return Replacement(PointwiseSurrogate(kind, pwl, "structural"), (node.args[0],))
 
 
 class HardGate(Surrogate):
@@ -222,14 +223,14 @@ def _build_hard_gate(node: torch.fx.Node, ctx: Any) -> Any:
     kind = ctx.kind(node)
     fn = reference(kind, node, ctx.gm)
     if isinstance(fn, str):
-        return fn
+        raise Refuse(fn)
     shape = ctx.shape(node.args[0])
     mul = make_mul(ctx.target, shapes=(shape, shape), exact=True)
     if isinstance(mul, str):
-        return f"the gate multiplies two activations: {mul}"
+        raise Refuse(f"the gate multiplies two activations: {mul}")
     lo, hi, samples = _range(node, ctx)
     a, b = hard_gate_init(fn, samples, lo, hi)
-    return HardGate(kind, a, b, mul), (node.args[0],)
+    return Replacement(HardGate(kind, a, b, mul), (node.args[0],))
 
 
 CANDIDATES = tuple(
@@ -253,7 +254,7 @@ def _build_exact(node: torch.fx.Node, ctx: Any) -> Any:
     kind = ctx.kind(node)
     fn = reference(kind, node, ctx.gm)
     if isinstance(fn, str):
-        return fn
+        raise Refuse(fn)
     if kind in _EXACT_KNOTS:
         b, c, bias, slope = _EXACT_KNOTS[kind]
     elif kind == "leaky_relu" or kind == "prelu":
@@ -263,12 +264,12 @@ def _build_exact(node: torch.fx.Node, ctx: Any) -> Any:
         lo_v = fn(torch.tensor(-1e30)).item()
         hi_v = fn(torch.tensor(1e30)).item()
         if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
-            return "one-sided clamp: use the pwl candidate"
+            raise Refuse("one-sided clamp: use the pwl candidate")
         b, c, bias, slope = [lo_v, hi_v], [1.0, -1.0], lo_v, 0.0
     else:
-        return f"no exact ReLU form for {kind}"
+        raise Refuse(f"no exact ReLU form for {kind}")
     pwl = PWL(torch.tensor(b), torch.tensor(c), bias, slope)
-    return PointwiseSurrogate(kind, pwl, "exact"), (node.args[0],)
+    return Replacement(PointwiseSurrogate(kind, pwl, "exact"), (node.args[0],))
 
 
 CANDIDATES = CANDIDATES + tuple(

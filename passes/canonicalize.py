@@ -33,7 +33,7 @@ from archnet_fx.ir.opargs import call_kwargs, weighted_op
 from archnet_fx.ir.opkinds import produces_sequence
 from archnet_fx.infra.graphpass import GraphPass, is_impure, is_inplace
 from archnet_fx.infra.records import PassRecord
-from archnet_fx.infra.rules import RewriteContext, RewritePass, Rule
+from archnet_fx.infra.rules import Refuse, RewriteContext, RewritePass, Rule
 
 # --------------------------------------------------------------------------- drop_identity
 
@@ -63,12 +63,12 @@ def _match_identity(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     if not isinstance(src, torch.fx.Node):
         return None
     if "contiguous" in str(node.target):
-        return "contiguous() changes memory layout that a later view() may rely on"
+        raise Refuse("contiguous() changes memory layout that a later view() may rely on")
     if _written_in_place(node) or _written_in_place(src):
-        return "the value or its copy is written in place, so the copy is not an alias"
+        raise Refuse("the value or its copy is written in place, so the copy is not an alias")
     if ctx.shape(src) is not None and ctx.shape(node) is not None and \
             ctx.shape(src) != ctx.shape(node):
-        return "output shape differs from input shape"
+        raise Refuse("output shape differs from input shape")
     return src
 
 
@@ -85,7 +85,7 @@ def _match_noop_cast(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     if ctx.shape(src) != ctx.shape(node):
         return None
     if _written_in_place(node) or _written_in_place(src):
-        return "the value or its copy is written in place, so the copy is not an alias"
+        raise Refuse("the value or its copy is written in place, so the copy is not an alias")
     return src
 
 
@@ -149,17 +149,17 @@ def _fold_bn(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     if pkind not in ("conv", "linear"):
         return None
     if len(x.users) != 1:
-        return f"{x.name} has other users besides the batch norm"
+        raise Refuse(f"{x.name} has other users besides the batch norm")
     op = weighted_op(x, ctx.gm, pkind)
     if op is None:
-        return f"{x.name}'s weights are not constants"
+        raise Refuse(f"{x.name}'s weights are not constants")
     if op.kind == "conv_transpose":
-        return "transposed convolution is not folded"
+        raise Refuse("transposed convolution is not folded")
     if op.weight.shape[0] != mean.shape[0]:
-        return "channel count of producer and batch norm differ"
+        raise Refuse("channel count of producer and batch norm differ")
     if pkind == "linear" and (ctx.shape(x) is None or len(ctx.shape(x)) != 2):
         # BN normalizes dim 1; a linear's features are the last dim, the same only for (B, C).
-        return "batch norm over dim 1 of a linear output of rank != 2 is not per-feature"
+        raise Refuse("batch norm over dim 1 of a linear output of rank != 2 is not per-feature")
     # y = (Wx + b - mu) * g / sqrt(var + eps) + beta = (s*W) x + (b - mu) * s + beta
     s = (gamma if gamma is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
     b = op.bias if op.bias is not None else torch.zeros_like(mean)
@@ -211,17 +211,17 @@ def _match_div_const(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         return None
     x, c = kw.get("input"), kw.get("other")
     if kw.get("rounding_mode") is not None:
-        return "division with a rounding mode is not a multiplication"
+        raise Refuse("division with a rounding mode is not a multiplication")
     if not isinstance(x, torch.fx.Node):
         return None
     if isinstance(c, (int, float)) and not isinstance(c, bool):
         if c == 0:
-            return "division by zero constant"
+            raise Refuse("division by zero constant")
         return x, 1.0 / c
     if isinstance(c, torch.fx.Node) and c.op == "get_attr":
         t = ctx.const(c)
         if isinstance(t, torch.nn.Parameter) and t.requires_grad:
-            return "divisor is a trainable parameter"
+            raise Refuse("divisor is a trainable parameter")
         if isinstance(t, torch.Tensor) and t.is_floating_point() and bool((t != 0).all()):
             return x, t
     return None
@@ -318,7 +318,7 @@ def _match_index_arange(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         return None
     out_val, x_val = node.meta.get("val"), x.meta.get("val")
     if not isinstance(out_val, torch.Tensor) or not isinstance(x_val, torch.Tensor):
-        return "needs symbolic shapes (a torch.export capture) to prove the index is whole"
+        raise Refuse("needs symbolic shapes (a torch.export capture) to prove the index is whole")
     rank = out_val.dim()
     k = len(indices)
     lead = rank - (x_val.dim() - k)  # broadcast rank of the index tensors
@@ -331,19 +331,19 @@ def _match_index_arange(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         size = x_val.shape[d]
         end_v = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
         if end_v is None or str(end_v) != str(size):
-            return f"index {d} is arange({end_v}), not the whole dimension {d} ({size})"
+            raise Refuse(f"index {d} is arange({end_v}), not the whole dimension {d} ({size})")
         axes.append(axis)
     if len(set(axes)) != k:
-        return "two indices share an axis (a diagonal, not a view)"
+        raise Refuse("two indices share an axis (a diagonal, not a view)")
     # x's indexed dims land on `axes`, its other dims follow the broadcast dims.
     shape = [1] * lead
     for d, a in enumerate(axes):
         shape[a] = x_val.shape[d]
     shape += list(x_val.shape[k:])
     if [str(v) for v in shape] != [str(v) for v in out_val.shape]:
-        return "the view's shape differs from the index result's"
+        raise Refuse("the view's shape differs from the index result's")
     if _written_in_place(node) or _written_in_place(x):
-        return "the value or its source is written in place, so a view is not a copy"
+        raise Refuse("the value or its source is written in place, so a view is not a copy")
     return x, axes, lead, x_val.dim()
 
 
@@ -385,15 +385,15 @@ class _SDPA:
 def _match_sdpa(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     kw = call_kwargs(node, ctx.gm)
     if kw is None:
-        return "could not read the attention arguments"
+        raise Refuse("could not read the attention arguments")
     q, k, v = kw.get("query"), kw.get("key"), kw.get("value")
     qs, ks = ctx.shape(q), ctx.shape(k)
     if qs is None or ks is None:
-        return "shapes of query/key unknown (run shape propagation)"
+        raise Refuse("shapes of query/key unknown (run shape propagation)")
     if kw.get("enable_gqa") and qs[-3] != ks[-3]:
-        return "grouped-query attention with differing head counts is not decomposed"
+        raise Refuse("grouped-query attention with differing head counts is not decomposed")
     if kw.get("dropout_p", 0.0):
-        return "attention dropout is active"
+        raise Refuse("attention dropout is active")
     scale = kw.get("scale")
     scale = 1.0 / math.sqrt(qs[-1]) if scale is None else float(scale)
     return _SDPA(q, k, v, kw.get("attn_mask"), bool(kw.get("is_causal", False)), scale,

@@ -62,6 +62,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.infra.rules import Refuse, Replacement
 from archnet_fx.ir.meta import EXAMPLE_META_KEY
 from archnet_fx.ir.shapes import propagate_shapes
 from archnet_fx.ir.meta import PROLOGUE_KEY
@@ -460,11 +461,11 @@ def _pointwise_ref(kind: str, node: torch.fx.Node, ctx: Any
         if _is_node(exp) and not _is_node(base):
             c = float(base)
             if c <= 0:
-                return f"{c} ** x is not real-valued for all x"
+                raise Refuse(f"{c} ** x is not real-valued for all x")
             return (lambda t: torch.pow(torch.tensor(c, dtype=t.dtype), t)), exp, "uniform", (
                 0.0 if c > 1 else None)
-        return "pow of two tensors (x ** y) has no pointwise surrogate"
-    return f"no reference for {kind}"
+        raise Refuse("pow of two tensors (x ** y) has no pointwise surrogate")
+    raise Refuse(f"no reference for {kind}")
 
 
 def _exponent(node: torch.fx.Node, ctx: Any) -> float | None:
@@ -488,7 +489,7 @@ def _positive_fit(fn: Callable, lo: float, hi: float, knots: int, samples: Any, 
     elif lo <= 0 < hi and name in ("sqrt", "log", "pow"):
         lo = hi * 1e-4  # the function's domain starts at 0: fit from a small positive value
     else:
-        return f"range [{lo:.3g}, {hi:.3g}] crosses 0, where {name} has a pole"
+        raise Refuse(f"range [{lo:.3g}, {hi:.3g}] crosses 0, where {name} has a pole")
     lo, hi = lo / 2.0, hi * 2.0
     if dense:  # consecutive knots at most KNOT_RATIO apart, however wide the range
         knots = max(knots, math.ceil(math.log(hi / lo) / math.log(KNOT_RATIO)))
@@ -515,14 +516,14 @@ def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
         name = "pwl" if style == "emulation" else "structural"
         if kind == "pow" and _int_power(node, ctx) is not None and \
                 not _explicit(ctx, node, kind, name, style):
-            return ("integer exponent: the exact product form (candidate 'exact') is used; "
+            raise Refuse("integer exponent: the exact product form (candidate 'exact') is used; "
                     f"choose '{name}' explicitly to approximate it")
         ref = _pointwise_ref(kind, node, ctx)
         if isinstance(ref, str):
-            return ref
+            raise Refuse(ref)
         fn, x, spacing, left = ref
         if not _is_node(x):
-            return "input is not a tensor"
+            raise Refuse("input is not a tensor")
         knots = knots_of(ctx)
         rng = _sample_range(node, ctx, x)
         if spacing == "uniform":
@@ -533,7 +534,7 @@ def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
             lo, hi = lo - 0.05 * span, hi + 0.05 * span
             pwl = PWL.fit(fn, samples, lo, hi, knots, "uniform", left_slope=left,
                           relative=(kind == "exp" or left == 0.0))
-            return PWLFunction(kind, pwl, style), (x,)
+            return Replacement(PWLFunction(kind, pwl, style), (x,))
         lo, hi, samples = rng if rng is not None else (1e-2, 1e2, None)
         pname = {"reciprocal": "reciprocal", "rsqrt": "rsqrt"}.get(kind, kind)
         if kind == "pow":
@@ -541,28 +542,28 @@ def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
             pname = "odd" if (c is not None and c == int(c) and int(c) % 2) else "pow"
         fitted = _positive_fit(fn, lo, hi, knots, samples, pname, dense=style == "emulation")
         if isinstance(fitted, str):
-            return fitted
+            raise Refuse(fitted)
         pwl, sign = fitted
-        return PWLFunction(kind, pwl, style, sign=sign, scale=sign), (x,)
+        return Replacement(PWLFunction(kind, pwl, style, sign=sign, scale=sign), (x,))
     return build
 
 
 def _build_pow_exact(node: torch.fx.Node, ctx: Any) -> Any:
     n = _int_power(node, ctx)
     if n is None:
-        return "exponent is not an integer in 1..4 (use pwl)"
+        raise Refuse("exponent is not an integer in 1..4 (use pwl)")
     x = _kw(node, ctx).get("input", node.args[0])
     s = _shape(x, ctx)
     mul = make_mul(ctx.target, shapes=(s, s), exact=True)
     if isinstance(mul, str):
-        return mul
-    return IntPower(n, mul), (x,)
+        raise Refuse(mul)
+    return Replacement(IntPower(n, mul), (x,))
 
 
 def _div_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any] | str:
     kw = _kw(node, ctx)
     if kw.get("rounding_mode") is not None:
-        return f"division with rounding_mode={kw['rounding_mode']!r} is not elementwise-smooth"
+        raise Refuse(f"division with rounding_mode={kw['rounding_mode']!r} is not elementwise-smooth")
     return kw.get("input"), kw.get("other")
 
 
@@ -570,27 +571,27 @@ def _build_div(style: str, knots_of: Callable[[Any], int]) -> Callable:
     def build(node: torch.fx.Node, ctx: Any) -> Any:
         ops = _div_operands(node, ctx)
         if isinstance(ops, str):
-            return ops
+            raise Refuse(ops)
         x, y = ops
         if not _is_node(y):
-            return "divisor is a number (div_to_mul canonicalization handles x / c)"
+            raise Refuse("divisor is a number (div_to_mul canonicalization handles x / c)")
         rng = _sample_range(node, ctx, y)
         lo, hi, samples = rng if rng is not None else (1e-2, 1e2, None)
         fitted = _positive_fit(torch.reciprocal, lo, hi, knots_of(ctx), samples, "reciprocal",
                                dense=style == "emulation")
         if isinstance(fitted, str):
-            return "divisor " + fitted
+            raise Refuse("divisor " + fitted)
         pwl, sign = fitted
         if not _is_node(x):  # c / y = c · (1/y): one PWL, scaled
-            return PWLFunction("div", pwl, style, sign=sign, scale=sign * float(x)), (y,)
+            return Replacement(PWLFunction("div", pwl, style, sign=sign, scale=sign * float(x)), (y,))
         recip = PWLFunction("reciprocal", pwl, style, sign=sign, scale=sign)
         if _is_activation(x, ctx) and _is_activation(y, ctx):
             mul = make_mul(ctx.target, shapes=(_shape(x, ctx), _shape(y, ctx)))
             if isinstance(mul, str):
-                return mul
+                raise Refuse(mul)
         else:
             mul = Mul()  # one side is a constant: a plain scale
-        return Divide(recip, mul, style), (x, y)
+        return Replacement(Divide(recip, mul, style), (x, y))
     return build
 
 
@@ -601,24 +602,24 @@ def _build_product(node: torch.fx.Node, ctx: Any) -> Any:
     kw = _kw(node, ctx)
     x, y = kw.get("input"), kw.get("other")
     if not (_is_node(x) and _is_node(y)):
-        return "not a product of two tensors"
+        raise Refuse("not a product of two tensors")
     mul = make_mul(ctx.target, shapes=(_shape(x, ctx), _shape(y, ctx)), exact=True)
     if isinstance(mul, str):
-        return mul
-    return Product(mul, "exact"), (x, y)
+        raise Refuse(mul)
+    return Replacement(Product(mul, "exact"), (x, y))
 
 
 def _build_quarter_square(node: torch.fx.Node, ctx: Any) -> Any:
     kw = _kw(node, ctx)
     x, y = kw.get("input"), kw.get("other")
     if not (_is_node(x) and _is_node(y)):
-        return "not a product of two tensors"
+        raise Refuse("not a product of two tensors")
     bound = 0.0
     for a in (x, y):
         r = _sample_range(node, ctx, a)
         bound += max(abs(r[0]), abs(r[1])) if r is not None else 4.0
-    return Product(QuarterSquareMul(1.05 * bound, knots=max(ctx.options.knots, 16)),
-                   "structural"), (x, y)
+    return Replacement(Product(QuarterSquareMul(1.05 * bound, knots=max(ctx.options.knots, 16)),
+                   "structural"), (x, y))
 
 
 def _unary_input(node: torch.fx.Node, ctx: Any) -> Any:
@@ -628,12 +629,12 @@ def _unary_input(node: torch.fx.Node, ctx: Any) -> Any:
 
 def _build_abs(form: str) -> Callable:
     def build(node: torch.fx.Node, ctx: Any) -> Any:
-        return AbsReLU(form), (_unary_input(node, ctx),)
+        return Replacement(AbsReLU(form), (_unary_input(node, ctx),))
     return build
 
 
 def _build_neg(node: torch.fx.Node, ctx: Any) -> Any:
-    return Negate(), (_unary_input(node, ctx),)
+    return Replacement(Negate(), (_unary_input(node, ctx),))
 
 
 def _build_maxmin(form: str) -> Callable:
@@ -641,8 +642,8 @@ def _build_maxmin(form: str) -> Callable:
         kw = _kw(node, ctx)
         x, y = kw.get("input"), kw.get("other")
         if not (_is_node(x) and _is_node(y)):
-            return "operands are not two tensors"
-        return MaxMin(ctx.kind(node), form), (x, y)
+            raise Refuse("operands are not two tensors")
+        return Replacement(MaxMin(ctx.kind(node), form), (x, y))
     return build
 
 
@@ -652,9 +653,9 @@ def _reduce_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
     x = kw.get("input", node.args[0] if node.args else None)
     sx, so = _shape(x, ctx), _shape(node, ctx)
     if sx is None or so is None:
-        return "shapes unknown (run shape propagation)"
+        raise Refuse("shapes unknown (run shape propagation)")
     if kw.get("dtype") is not None:
-        return "reduction with a dtype cast"
+        raise Refuse("reduction with a dtype cast")
     dims = kw.get("dim")
     rank = len(sx)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
@@ -662,10 +663,10 @@ def _reduce_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
     if isinstance(dims, int):
         dims = [dims]
     if any(_is_node(d) for d in dims):
-        return "reduced dims are computed at run time"
+        raise Refuse("reduced dims are computed at run time")
     dims = sorted({int(d) % rank for d in dims})
     if 0 in dims:
-        return "reduces over dim 0 (the batch dimension)"
+        raise Refuse("reduces over dim 0 (the batch dimension)")
     return x, tuple(dims), bool(kw.get("keepdim", False)), sx, so
 
 
@@ -676,20 +677,20 @@ def _out_view(so: tuple[int, ...]) -> tuple[int, ...]:
 def _build_rowsum(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _reduce_plan(node, ctx)
     if isinstance(plan, str):
-        return plan
+        raise Refuse(plan)
     x, dims, _keep, sx, so = plan
     kept = [d for d in range(len(sx)) if d not in dims]
     perm = tuple(kept + list(dims))
     n = int(math.prod(sx[d] for d in dims))
     flat = (-1,) + tuple(sx[d] for d in kept[1:]) + (n,)
-    return Reduce(ctx.kind(node), "rowsum", None if perm == tuple(range(len(sx))) else perm,
-                  flat, n, _out_view(so)), (x,)
+    return Replacement(Reduce(ctx.kind(node), "rowsum", None if perm == tuple(range(len(sx))) else perm,
+                  flat, n, _out_view(so)), (x,))
 
 
 def _build_avg_pool(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _reduce_plan(node, ctx)
     if isinstance(plan, str):
-        return plan
+        raise Refuse(plan)
     x, dims, _keep, sx, so = plan
     rank = len(sx)
     if rank == 3 and dims == (2,):
@@ -699,9 +700,9 @@ def _build_avg_pool(node: torch.fx.Node, ctx: Any) -> Any:
     elif rank == 4 and dims == (3,):
         pool = (sx[2], 1)
     else:
-        return f"pooling reduces the trailing dims of a 3-D/4-D tensor, not dims {dims} of {rank}-D"
+        raise Refuse(f"pooling reduces the trailing dims of a 3-D/4-D tensor, not dims {dims} of {rank}-D")
     n = int(math.prod(sx[d] for d in dims))
-    return Reduce(ctx.kind(node), "avg_pool", None, (), n, _out_view(so), pool), (x,)
+    return Replacement(Reduce(ctx.kind(node), "avg_pool", None, (), n, _out_view(so), pool), (x,))
 
 
 # --------------------------------------------------------------------------- masks
@@ -713,7 +714,7 @@ def _mask_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any, Any] | str:
     if ctx.kind(node) == "masked_fill":
         return kw.get("mask"), kw.get("value"), kw.get("input")
     if "condition" not in kw or "input" not in kw:
-        return "where(cond) with one argument returns indices"
+        raise Refuse("where(cond) with one argument returns indices")
     return kw["condition"], kw["input"], kw["other"]
 
 
@@ -729,27 +730,27 @@ def _scalar(v: Any, ctx: Any) -> float | None | str:
             return float(t)
     if _is_node(v):
         return None
-    return f"unsupported operand {v!r}"
+    raise Refuse(f"unsupported operand {v!r}")
 
 
 def _build_blend(node: torch.fx.Node, ctx: Any) -> Any:
     ops = _mask_operands(node, ctx)
     if isinstance(ops, str):
-        return ops
+        raise Refuse(ops)
     mask, a, b = ops
     if not _is_node(mask):
-        return "mask is not a tensor"
+        raise Refuse("mask is not a tensor")
     acts = activations(ctx.gm)
     pro = prologue_nodes(ctx.gm, acts)
     if not _host_side(mask, acts, pro) or is_float(mask):
-        return ("the mask is computed on the chip from float activations (a compare the "
+        raise Refuse("the mask is computed on the chip from float activations (a compare the "
                 "target lacks); only masks from integer/bool inputs or constants can be blended")
     ca, cb = _scalar(a, ctx), _scalar(b, ctx)
     for c in (ca, cb):
         if isinstance(c, str):
-            return c
+            raise Refuse(c)
         if c is not None and not math.isfinite(c):
-            return (f"fill value {c} is not finite: x·(1−m) + v·m would give NaN (0·inf); "
+            raise Refuse(f"fill value {c} is not finite: x·(1−m) + v·m would give NaN (0·inf); "
                     "candidate 'prologue' or the host can do it")
     args: list[Any] = []
     muls: list[nn.Module | None] = []
@@ -761,15 +762,15 @@ def _build_blend(node: torch.fx.Node, ctx: Any) -> Any:
         mul = (make_mul(ctx.target, shapes=(_shape(v, ctx), _shape(mask, ctx)), exact=True)
                if v in acts else Mul())
         if isinstance(mul, str):
-            return mul
+            raise Refuse(mul)
         muls.append(mul)
     with ctx.graph.inserting_before(node):
         if mask.op == "get_attr":  # a constant mask: store it as 0/1 floats
             m = ctx.add_tensor(f"{node.name}_mask", ctx.attr(mask.target).float(),
                                trainable=False)
         else:  # bool → 0/1 on the host (prologue, or computed from input shapes)
-            m = ctx._stamp(ctx.graph.call_method("float", (mask,)))
-    return Blend(ctx.kind(node), ca, cb, muls[0], muls[1]), (m, *args)
+            m = ctx.stamp(ctx.graph.call_method("float", (mask,)))
+    return Replacement(Blend(ctx.kind(node), ca, cb, muls[0], muls[1]), (m, *args))
 
 
 # --------------------------------------------------------------------------- host prologue
@@ -784,14 +785,14 @@ def _build_prologue(node: torch.fx.Node, ctx: Any) -> Any:
         extra = {"compare": " (thresholding a float activation has no exact ReLU form)",
                  "cast": " (no target here converts dtypes on the chip)",
                  "creation": " (use 'from_shape' for *_like of an activation)"}.get(kind, "")
-        return (f"reads on-chip activation(s) {', '.join(on_chip)}; {kind} runs on the chip "
+        raise Refuse(f"reads on-chip activation(s) {', '.join(on_chip)}; {kind} runs on the chip "
                 f"only if the target has it{extra}")
     with ctx.graph.inserting_before(node):
         new = ctx.graph.create_node(node.op, node.target, node.args, node.kwargs)
     for k, v in node.meta.items():
         new.meta.setdefault(k, v)
     new.meta[PROLOGUE_KEY] = True
-    return ctx._stamp(new), ()
+    return Replacement(ctx.stamp(new), ())
 
 
 # --------------------------------------------------------------------------- expand
@@ -803,9 +804,9 @@ def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
     x = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     sx, so = _shape(x, ctx), _shape(node, ctx)
     if sx is None or so is None:
-        return "shapes unknown (run shape propagation)"
+        raise Refuse("shapes unknown (run shape propagation)")
     if name == "repeat_interleave":
-        return "repeat_interleave (use a concat of slices by hand)"
+        raise Refuse("repeat_interleave (use a concat of slices by hand)")
     if name == "expand_as":
         sizes: list[Any] = []
     else:
@@ -813,9 +814,9 @@ def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
                                       if k in ("size", "sizes", "repeats", "dims", "shape")]
         sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
     if any(_is_node(s) for s in sizes):
-        return "expands to a size computed at run time (a batch-dependent shape)"
+        raise Refuse("expands to a size computed at run time (a batch-dependent shape)")
     if name == "expand_as" and len(so) and (len(so) > len(sx) or so[0] != sx[0]):
-        return "expand_as over dim 0 (the batch size is only known at run time)"
+        raise Refuse("expand_as over dim 0 (the batch size is only known at run time)")
     extra = len(so) - len(sx)
     return x, sx, so, (1,) * extra + tuple(sx), extra
 
@@ -823,7 +824,7 @@ def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
 def _build_expand_add(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _expand_plan(node, ctx)
     if isinstance(plan, str):
-        return plan
+        raise Refuse(plan)
     x, sx, so, aligned, extra = plan
     zs = []
     for d, (i, o) in enumerate(zip(aligned, so)):
@@ -832,14 +833,14 @@ def _build_expand_add(node: torch.fx.Node, ctx: Any) -> Any:
         elif i == 1 or d < extra:
             zs.append(o)
         else:
-            return f"repeat tiles dim {d} of size {i} (only size-1 dims broadcast); use concat"
-    return ExpandAdd(torch.zeros(zs)), (x,)
+            raise Refuse(f"repeat tiles dim {d} of size {i} (only size-1 dims broadcast); use concat")
+    return Replacement(ExpandAdd(torch.zeros(zs)), (x,))
 
 
 def _build_expand_concat(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _expand_plan(node, ctx)
     if isinstance(plan, str):
-        return plan
+        raise Refuse(plan)
     x, sx, so, aligned, extra = plan
     view = None
     if extra:
@@ -849,9 +850,9 @@ def _build_expand_concat(node: torch.fx.Node, ctx: Any) -> Any:
         if i == o:
             continue
         if o % i:
-            return f"dim {d}: {i} does not tile to {o}"
+            raise Refuse(f"dim {d}: {i} does not tile to {o}")
         reps.append((d, o // i))
-    return ExpandConcat(view, tuple(reps)), (x,)
+    return Replacement(ExpandConcat(view, tuple(reps)), (x,))
 
 
 # --------------------------------------------------------------------------- pad
@@ -872,56 +873,56 @@ def _pad_args(node: torch.fx.Node, ctx: Any) -> tuple | str:
         name = target_name(node)
         x, pad = kw.get("input"), kw.get("pad", kw.get("padding"))
         if pad is None or any(_is_node(p) for p in pad):
-            return "padding amounts unknown at compile time"
+            raise Refuse("padding amounts unknown at compile time")
         pad = tuple(int(p) for p in pad)
         mode = "reflect" if "reflection" in name else "replicate" if "replication" in name else \
             kw.get("mode", "constant") or "constant"
         value = kw.get("value")
         if _is_node(value):
-            return "padding value is a tensor"
+            raise Refuse("padding value is a tensor")
         value = float(value or 0.0)
     sx = _shape(x, ctx)
     if sx is None:
-        return "shapes unknown (run shape propagation)"
+        raise Refuse("shapes unknown (run shape propagation)")
     return x, sx, pad, mode, value
 
 
 def _build_pad_concat(node: torch.fx.Node, ctx: Any) -> Any:
     args = _pad_args(node, ctx)
     if isinstance(args, str):
-        return args
+        raise Refuse(args)
     x, sx, pad, mode, value = args
     if mode not in ("constant", "replicate", "reflect", "circular"):
-        return f"padding mode {mode!r}"
+        raise Refuse(f"padding mode {mode!r}")
     plan = []
     rank = len(sx)
     for j in range(len(pad) // 2):
         d = rank - 1 - j
         lo, hi = pad[2 * j], pad[2 * j + 1]
         if d <= 0:
-            return "pads dim 0 (the batch dimension)"
+            raise Refuse("pads dim 0 (the batch dimension)")
         if lo or hi:
             plan.append((d, sx[d], lo, hi))
-    return PadConcat(tuple(plan), mode, value), (x,)
+    return Replacement(PadConcat(tuple(plan), mode, value), (x,))
 
 
 def _build_pad_conv(node: torch.fx.Node, ctx: Any) -> Any:
     args = _pad_args(node, ctx)
     if isinstance(args, str):
-        return args
+        raise Refuse(args)
     x, sx, pad, mode, value = args
     if mode != "constant" or value != 0.0:
-        return "the conv's own padding pads with zeros only"
+        raise Refuse("the conv's own padding pads with zeros only")
     if any(p < 0 for p in pad):
-        return "negative padding (cropping)"
+        raise Refuse("negative padding (cropping)")
     nd = len(pad) // 2
     if len(sx) not in (3, 4) or nd > len(sx) - 2 or nd == 0:
-        return f"pads {nd} dims of a {len(sx)}-D tensor (needs N, C, spatial…)"
+        raise Refuse(f"pads {nd} dims of a {len(sx)}-D tensor (needs N, C, spatial…)")
     spatial = len(sx) - 2
     pairs = [(0, 0)] * spatial
     for j in range(nd):
         pairs[spatial - 1 - j] = (pad[2 * j], pad[2 * j + 1])
-    return PadConv(sx[1], spatial, tuple(pairs), tuple(sx[2:])), (x,)
+    return Replacement(PadConv(sx[1], spatial, tuple(pairs), tuple(sx[2:])), (x,))
 
 
 # --------------------------------------------------------------------------- creation
@@ -934,16 +935,16 @@ def _build_from_shape(node: torch.fx.Node, ctx: Any) -> Any:
     if name == "full_like":
         v = kw.get("fill_value")
         if not isinstance(v, (int, float)):
-            return "fill value is not a number"
+            raise Refuse("fill value is not a number")
         value = float(v)
     elif name in values:
         value = values[name]
     else:
-        return f"{name} does not take its shape from an activation"
+        raise Refuse(f"{name} does not take its shape from an activation")
     x = kw.get("input", node.args[0] if node.args else None)
     if kw.get("dtype") not in (None, torch.float32) or not (_is_node(x) and is_float(x)):
-        return "creates a non-float tensor"
-    return FromShape(value), (x,)
+        raise Refuse("creates a non-float tensor")
+    return Replacement(FromShape(value), (x,))
 
 
 # =========================================================================== candidates

@@ -57,6 +57,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.infra.rules import Refuse, Replacement
 from archnet_fx.ir.meta import PROLOGUE_KEY
 from archnet_fx.ir.dataflow import input_dependent
 from archnet_fx.ir.opargs import call_kwargs
@@ -104,13 +105,13 @@ def read_lookup(node: torch.fx.Node, gm: torch.nn.Module, kind: str) -> Lookup |
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, nn.Embedding):
-            return f"{type(mod).__name__} is not nn.Embedding"
+            raise Refuse(f"{type(mod).__name__} is not nn.Embedding")
         ids = node.args[0] if node.args else node.kwargs.get("input")
         return Lookup(kind, "embedding", mod.weight, ids, mod.padding_idx, mod.max_norm,
                       mod.norm_type)
     kw = call_kwargs(node, gm)
     if kw is None:
-        return "cannot read the lookup's arguments"
+        raise Refuse("cannot read the lookup's arguments")
     if kind == "embedding":
         table = _tensor_attr(gm, kw.get("weight"))
         ids = kw.get("indices", kw.get("input"))
@@ -121,32 +122,32 @@ def read_lookup(node: torch.fx.Node, gm: torch.nn.Module, kind: str) -> Lookup |
     elif "indices" in kw:  # aten.index.Tensor(table, [ids])
         idx = kw["indices"]
         if not isinstance(idx, (list, tuple)) or len(idx) != 1 or idx[0] is None:
-            return "index with several (or None) index tensors is not a row lookup"
+            raise Refuse("index with several (or None) index tensors is not a row lookup")
         look = Lookup(kind, "index", _tensor_attr(gm, kw.get("input")), idx[0])
     elif "index" in kw and "dim" in kw and "sparse_grad" not in kw:  # index_select
         if kw["dim"] not in (0, -2) or not isinstance(kw["index"], torch.fx.Node):
-            return "index_select along a non-row dimension"
+            raise Refuse("index_select along a non-row dimension")
         look = Lookup(kind, "index_select", _tensor_attr(gm, kw.get("input")), kw["index"])
     else:
-        return f"{node.target} is not a row lookup (gather along an axis)"
+        raise Refuse(f"{node.target} is not a row lookup (gather along an axis)")
     if look.table is None:
-        return "the table is computed at run time, not a stored weight"
+        raise Refuse("the table is computed at run time, not a stored weight")
     if look.table.dim() != 2:
-        return f"table has rank {look.table.dim()}, expected (V, D)"
+        raise Refuse(f"table has rank {look.table.dim()}, expected (V, D)")
     if not look.table.is_floating_point():
-        return "integer table"
+        raise Refuse("integer table")
     return look
 
 
 def _lookup(node: torch.fx.Node, ctx: Any) -> Lookup | str:
     look = read_lookup(node, ctx.gm, ctx.kind(node))
     if isinstance(look, str):
-        return look
+        raise Refuse(look)
     if not isinstance(look.ids, torch.fx.Node):
-        return "ids are not a graph value"
+        raise Refuse("ids are not a graph value")
     dt = ctx.dtype(look.ids)
     if dt is not None and (dt.is_floating_point or dt.is_complex):
-        return f"ids have dtype {dt}"
+        raise Refuse(f"ids have dtype {dt}")
     return look
 
 
@@ -182,17 +183,17 @@ def _build_const_rows(node: torch.fx.Node, ctx: Any) -> Any:
     # T[c] for constant ids c is itself a constant: store it (trainable) and read it.
     look = _lookup(node, ctx)
     if isinstance(look, str):
-        return look
+        raise Refuse(look)
     if look.ids in input_dependent(ctx.gm):
-        return "ids depend on a graph input"
+        raise Refuse("ids depend on a graph input")
     with torch.no_grad():
         ids = _const_value(look.ids, ctx.gm, {})
         if not isinstance(ids, torch.Tensor):
-            return "ids did not evaluate to a tensor"
+            raise Refuse("ids did not evaluate to a tensor")
         rows = look.rows(ids)
     with ctx.graph.inserting_before(node):
         new = ctx.add_tensor(f"{node.name}_rows", rows, trainable=True)
-    return new, ()
+    return Replacement(new, ())
 
 
 # --------------------------------------------------------------------------- onehot_linear
@@ -247,7 +248,7 @@ class OneHotLinear(Surrogate):
         return torch.cat(rows, 0)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, {self.num_embeddings}×{self.embedding_dim} in "
+        raise Refuse(f"{super().extra_repr()}, {self.num_embeddings}×{self.embedding_dim} in "
                 f"{len(self.ins)}×{len(self.outs)} chunks")
 
 
@@ -255,12 +256,12 @@ def _build_onehot_linear(node: torch.fx.Node, ctx: Any) -> Any:
     # T[ids] = onehot(ids) @ T; onehot on the host (integer input), @ T on chip in chunks.
     look = _lookup(node, ctx)
     if isinstance(look, str):
-        return look
+        raise Refuse(look)
     if look.max_norm is not None:
-        return ("max_norm renormalises looked-up rows of the table in place at every call; a "
+        raise Refuse("max_norm renormalises looked-up rows of the table in place at every call; a "
                 "one-hot matmul cannot reproduce that (choose host_lookup)")
     if look.ids not in input_dependent(ctx.gm):
-        return "ids are constant: const_rows stores the rows instead"
+        raise Refuse("ids are constant: const_rows stores the rows instead")
     lim = ctx.target.limits("linear")
     mod = OneHotLinear(look.table.detach(), getattr(lim, "max_channels", None), look.kind)
     v = look.table.shape[0]
@@ -272,7 +273,7 @@ def _build_onehot_linear(node: torch.fx.Node, ctx: Any) -> Any:
         onehot = ctx.call_function(torch.Tensor.to, (hit, look.table.dtype))
     for n in (col, hit, onehot):
         n.meta[PROLOGUE_KEY] = True  # integer/bool → one-hot: host-side input preprocessing
-    return mod, (onehot,)
+    return Replacement(mod, (onehot,))
 
 
 # --------------------------------------------------------------------------- host_lookup
@@ -287,19 +288,19 @@ def _chosen(node: torch.fx.Node, ctx: Any) -> bool:
 def _build_host_lookup(node: torch.fx.Node, ctx: Any) -> Any:
     # y = T[ids] unchanged, computed on the host before the chip runs.
     if not _chosen(node, ctx):
-        return ("runs only when chosen (choices={'embedding': 'host_lookup'} or "
+        raise Refuse("runs only when chosen (choices={'embedding': 'host_lookup'} or "
                 "prefer='host')")
     look = _lookup(node, ctx)
     if isinstance(look, str):
-        return look
+        raise Refuse(look)
     if look.ids not in input_dependent(ctx.gm):
-        return "ids are constant: const_rows stores the rows instead"
+        raise Refuse("ids are constant: const_rows stores the rows instead")
     with ctx.graph.inserting_before(node):
         new = ctx.graph.node_copy(node)
     new.meta[FROM_PASS_KEY] = ctx.pass_name
     new.meta[RULE_KEY] = ctx.rule
     new.meta[PROLOGUE_KEY] = True
-    return new, ()
+    return Replacement(new, ())
 
 
 CANDIDATES: tuple[Candidate, ...] = tuple(

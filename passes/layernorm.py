@@ -60,6 +60,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.infra.rules import Refuse, Replacement
 from archnet_fx.ir.opargs import call_kwargs
 from archnet_fx.ir.opkinds import produces_sequence, target_name
 from archnet_fx.surrogate.pwl import PWL, solve_hinges
@@ -411,8 +412,8 @@ def match_chain(anchor: torch.fx.Node, ctx: Any) -> NormMatch | str:
             else:
                 why.append(f"{n.name}'s norm chain does not contain {anchor.name}")
     if not why:
-        return f"{anchor.name} is not part of a recognised norm chain (no rsqrt/sqrt nearby)"
-    return f"{anchor.name} is not part of a recognised norm chain: " + "; ".join(why[:2])
+        raise Refuse(f"{anchor.name} is not part of a recognised norm chain (no rsqrt/sqrt nearby)")
+    raise Refuse(f"{anchor.name} is not part of a recognised norm chain: " + "; ".join(why[:2]))
 
 
 def match_op(node: torch.fx.Node, ctx: Any) -> NormMatch | str:
@@ -425,18 +426,18 @@ def match_op(node: torch.fx.Node, ctx: Any) -> NormMatch | str:
         w, b = getattr(m, "weight", None), getattr(m, "bias", None)
     else:
         if produces_sequence(node):
-            return f"{target_name(node)} returns (out, mean, rstd); only the plain op is handled"
+            raise Refuse(f"{target_name(node)} returns (out, mean, rstd); only the plain op is handled")
         kw = call_kwargs(node, ctx.gm)
         if kw is None:
-            return f"cannot read the arguments of {node.name}"
+            raise Refuse(f"cannot read the arguments of {node.name}")
         x, shape, eps = kw.get("input"), kw.get("normalized_shape"), kw.get("eps")
         w, b = kw.get("weight"), kw.get("bias")
         for name, v in (("weight", w), ("bias", b)):
             if isinstance(v, torch.fx.Node) and ctx.const(v) is None:
-                return f"{name} is computed at run time, not a constant"
+                raise Refuse(f"{name} is computed at run time, not a constant")
         w, b = ctx.const(w), ctx.const(b)
     if not isinstance(x, torch.fx.Node):
-        return "input is not a graph value"
+        raise Refuse("input is not a graph value")
     if not isinstance(shape, (list, tuple)) or len(shape) != 1:
         return (f"normalized_shape {tuple(shape) if isinstance(shape, (list, tuple)) else shape} "
                 "spans more than the last axis; only last-axis normalization is supported")
@@ -444,9 +445,9 @@ def match_op(node: torch.fx.Node, ctx: Any) -> NormMatch | str:
     xs = ctx.shape(x)
     ch = int(shape[0]) if isinstance(shape[0], int) else (int(xs[-1]) if xs else None)
     if ch is None:
-        return "unknown channel count"
+        raise Refuse("unknown channel count")
     if xs and int(xs[-1]) != ch:
-        return f"normalized_shape ({ch},) does not match the input's last axis {xs[-1]}"
+        raise Refuse(f"normalized_shape ({ch},) does not match the input's last axis {xs[-1]}")
     if eps is None:  # rms_norm default
         eps = torch.finfo(ctx.dtype(x) or torch.float32).eps
     return NormMatch(kind, x, ch, float(eps), None if w is None else w.detach().reshape(ch),
@@ -515,12 +516,12 @@ def _reducer(target: Target) -> str:
 def build_emulate(node: torch.fx.Node, ctx: Any) -> Any:
     m = _match(node, ctx)
     if isinstance(m, str):
-        return m
+        raise Refuse(m)
     scale = make_mul(ctx.target, "row_y", exact=True)
     if isinstance(scale, str):
-        return scale
+        raise Refuse(scale)
     if m.center and not ctx.target.supports("sub"):
-        return f"{ctx.target.name} lacks sub (needed for x − mean)"
+        raise Refuse(f"{ctx.target.name} lacks sub (needed for x − mean)")
     _, ms = _rows(m, node, ctx)
     lo, hi = _rsqrt_range(ms, m.eps)
     pwl = fit_rsqrt(lo, hi, m.eps, 2 * ctx.options.knots)
@@ -528,7 +529,7 @@ def build_emulate(node: torch.fx.Node, ctx: Any) -> Any:
     bias = m.bias if m.bias is not None else (torch.zeros(m.channels) if m.center else None)
     mod = NormEmulation(m.replaces, m.channels, m.center, _reducer(ctx.target), scale, pwl,
                         weight, bias)
-    return (mod, (m.x,)) if m.out is node else (mod, (m.x,), m.out)
+    return Replacement(mod, (m.x,), None if m.out is node else m.out)
 
 
 def affine_init(m: NormMatch, xrows: torch.Tensor | None, ms: torch.Tensor | None
@@ -555,11 +556,11 @@ def affine_init(m: NormMatch, xrows: torch.Tensor | None, ms: torch.Tensor | Non
 def build_affine(node: torch.fx.Node, ctx: Any) -> Any:
     m = _match(node, ctx)
     if isinstance(m, str):
-        return m
+        raise Refuse(m)
     xrows, ms = _rows(m, node, ctx)
     a, b = affine_init(m, xrows, ms)
     mod = NormAffine(m.replaces, a, b)
-    return (mod, (m.x,)) if m.out is node else (mod, (m.x,), m.out)
+    return Replacement(mod, (m.x,), None if m.out is node else m.out)
 
 
 _EMU_NEEDS = frozenset({"linear", "relu", "reshape", "add", "mul"})

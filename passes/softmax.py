@@ -69,6 +69,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.infra.rules import Refuse, Replacement
 from archnet_fx.surrogate.hinge import hinge_sum, tracing
 from archnet_fx.ir.opargs import call_kwargs
 from archnet_fx.surrogate.pwl import PWL, solve_hinges, subsample
@@ -301,33 +302,33 @@ def match(node: torch.fx.Node, ctx: Any) -> SoftmaxMatch | str:
         mod = ctx.gm.get_submodule(node.target)
         x, dim = node.args[0] if node.args else node.kwargs.get("input"), getattr(mod, "dim", None)
         if dim is None:
-            return "implicit softmax dim (nn.Softmax(dim=None)) is not replaced: pass dim"
+            raise Refuse("implicit softmax dim (nn.Softmax(dim=None)) is not replaced: pass dim")
         dtype = None
     else:
         kw = call_kwargs(node, ctx.gm)
         if kw is None:
-            return "could not read the softmax arguments"
+            raise Refuse("could not read the softmax arguments")
         x = kw.get("input", kw.get("self"))
         dim, dtype = kw.get("dim"), kw.get("dtype")
         if kw.get("half_to_float"):
-            return "half_to_float softmax is not replaced"
+            raise Refuse("half_to_float softmax is not replaced")
     if not isinstance(x, torch.fx.Node):
-        return "softmax input is not a graph value"
+        raise Refuse("softmax input is not a graph value")
     if not isinstance(dim, int):
-        return f"softmax dim {dim!r} is not an integer"
+        raise Refuse(f"softmax dim {dim!r} is not an integer")
     shape = ctx.shape(x)
     if shape is None:
-        return "input shape unknown (run shape propagation)"
+        raise Refuse("input shape unknown (run shape propagation)")
     rank = len(shape)
     if rank == 0:
-        return "softmax of a scalar"
+        raise Refuse("softmax of a scalar")
     d = dim + rank if dim < 0 else dim
     if not 0 <= d < rank:
-        return f"softmax dim {dim} out of range for a rank-{rank} tensor"
+        raise Refuse(f"softmax dim {dim} out of range for a rank-{rank} tensor")
     if rank > 5:
-        return f"rank {rank} > 5: the row max (max_pool) supports ranks up to 5"
+        raise Refuse(f"rank {rank} > 5: the row max (max_pool) supports ranks up to 5")
     if dtype is not None and ctx.dtype(x) is not None and dtype != ctx.dtype(x):
-        return f"softmax with a dtype cast to {dtype} is not replaced"
+        raise Refuse(f"softmax with a dtype cast to {dtype} is not replaced")
     return SoftmaxMatch(x, rank, int(shape[d]), None if d == rank - 1 else d)
 
 
@@ -361,15 +362,15 @@ def _row_prelude(node: torch.fx.Node, ctx: Any, scaled: bool
     ``(match, mode)`` or why the candidate cannot be built."""
     m = match(node, ctx)
     if isinstance(m, str):
-        return m
+        raise Refuse(m)
     mode = None
     if scaled:
         mul = make_mul(ctx.target, "row_y", exact=True)
         if isinstance(mul, str):
-            return mul
+            raise Refuse(mul)
         mode = mul.mode
     if m.dim is not None and not ctx.target.supports("permute"):
-        return f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute"
+        raise Refuse(f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute")
     return m, mode
 
 
@@ -377,12 +378,12 @@ def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
     kind = ctx.kind(node)
     pre = _row_prelude(node, ctx, kind == "softmax")
     if isinstance(pre, str):
-        return pre
+        raise Refuse(pre)
     m, mode = pre
     rows = _rows(node, ctx, m)
     mod = SoftmaxPWL(kind, m.rank, m.n, exp_floor(rows), ctx.options.knots, mode,
                      rows.float() if rows is not None else None, m.dim)
-    return mod, (m.input,)
+    return Replacement(mod, (m.input,))
 
 
 def relu_attention_init(rows: torch.Tensor | None, n: int) -> tuple[float, float]:
@@ -418,9 +419,9 @@ def relu_attention_init(rows: torch.Tensor | None, n: int) -> tuple[float, float
 def _build_relu_attention(node: torch.fx.Node, ctx: Any) -> Any:
     m = match(node, ctx)
     if isinstance(m, str):
-        return m
+        raise Refuse(m)
     b, g = relu_attention_init(_rows(node, ctx, m), m.n)  # elementwise: any dim as is
-    return ReluAttention(b, g), (m.input,)
+    return Replacement(ReluAttention(b, g), (m.input,))
 
 
 #: Squarings of the power kernel: relu(1 + a·z)^4.
@@ -460,15 +461,15 @@ def pow_kernel_init(rows: torch.Tensor | None, squarings: int) -> float:
 def _build_pow(node: torch.fx.Node, ctx: Any) -> Any:
     pre = _row_prelude(node, ctx, True)
     if isinstance(pre, str):
-        return pre
+        raise Refuse(pre)
     m, mode = pre
     shape = ctx.shape(m.input)
     square = make_mul(ctx.target, shapes=(shape, shape), exact=True)
     if isinstance(square, str):
-        return f"the power kernel squares activations: {square}"
+        raise Refuse(f"the power kernel squares activations: {square}")
     a = pow_kernel_init(_rows(node, ctx, m), POW_SQUARINGS)
-    return SoftmaxPow(m.rank, m.n, a, POW_SQUARINGS, ctx.options.knots, mode, square,
-                      m.dim, RowSum.best_for(ctx.target)), (m.input,)
+    return Replacement(SoftmaxPow(m.rank, m.n, a, POW_SQUARINGS, ctx.options.knots, mode, square,
+                      m.dim, RowSum.best_for(ctx.target)), (m.input,))
 
 
 _BASE = frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "clamp", "max_pool"})

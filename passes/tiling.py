@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from archnet_fx.ir.opargs import WeightedOp, call_kwargs, in_channels, out_channels, weighted_op
 from archnet_fx.infra.graphpass import GraphPass
-from archnet_fx.infra.rules import RewriteContext, RewritePass, Rule
+from archnet_fx.infra.rules import Refuse, RewriteContext, RewritePass, Rule
 from archnet_fx.targets import Target
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -94,19 +94,19 @@ def read_op(node: torch.fx.Node, ctx: RewriteContext, kind: str) -> ConvSpec | s
     """A :class:`ConvSpec` for a conv/linear node, or the reason it cannot be tiled."""
     op = weighted_op(node, ctx.gm, kind)
     if op is None:
-        return "weights are not constant tensors of the graph"
+        raise Refuse("weights are not constant tensors of the graph")
     if op.kind == "conv_transpose":
-        return "transposed convs are not tiled"
+        raise Refuse("transposed convs are not tiled")
     spec = ConvSpec(node, op, kind, in_shape=_shape(op.input), out_shape=_shape(node))
     if kind == "linear":
         return spec
     nd = op.weight.dim() - 2
     if nd not in _CONV_FN:
-        return f"{nd}-D conv"
+        raise Refuse(f"{nd}-D conv")
     if op.module is not None:
         m = op.module
         if getattr(m, "padding_mode", "zeros") != "zeros":
-            return f"padding_mode={m.padding_mode!r}"
+            raise Refuse(f"padding_mode={m.padding_mode!r}")
         stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
     else:
         kw = call_kwargs(node, ctx.gm) or {}
@@ -163,7 +163,7 @@ def _kernel_violation(node: torch.fx.Node, ctx: RewriteContext
         return None
     spec = read_op(node, ctx, "conv")
     if isinstance(spec, str):
-        return spec
+        raise Refuse(spec)
     ks = tuple(int(k) for k in spec.op.weight.shape[2:])
     if all(k in lim.kernel_sizes for k in ks):
         return None  # legal: nothing to do
@@ -182,7 +182,7 @@ def _match_patchify(node: torch.fx.Node, ctx: RewriteContext) -> Any:
             and all(d == 1 for d in spec.dilation) and spec.groups == 1):
         return None  # not a patch embedding: the general tiling rules take it
     if spec.in_shape is None:
-        return "input shape unknown (run shape propagation)"
+        raise Refuse("input shape unknown (run shape propagation)")
     return spec
 
 
@@ -236,9 +236,9 @@ def _match_tiles(single: bool):
             return v
         spec, allowed = v
         if any(d != 1 for d in spec.dilation):
-            return "dilated conv"
+            raise Refuse("dilated conv")
         if spec.in_shape is None or spec.out_shape is None:
-            return "shapes unknown (run shape propagation)"
+            raise Refuse("shapes unknown (run shape propagation)")
         ks = tuple(int(k) for k in spec.op.weight.shape[2:])
         per_dim = [_pieces(k, allowed) for k in ks]
         n = math.prod(len(p) for p in per_dim)
@@ -325,19 +325,19 @@ def _match_channels(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         return None
     op = weighted_op(node, ctx.gm, kind)
     if op is None:
-        return "weights are not constant tensors of the graph"
+        raise Refuse("weights are not constant tensors of the graph")
     if max(in_channels(op), out_channels(op)) <= lim.max_channels:
         return None
     spec = read_op(node, ctx, kind)
     if isinstance(spec, str):
-        return spec
+        raise Refuse(spec)
     if kind == "conv" and spec.groups > 1:
         g = spec.groups
         per = max(in_channels(op) // g, out_channels(op) // g)
         if per > lim.max_channels:
-            return f"one group alone has {per} channels (> {lim.max_channels})"
+            raise Refuse(f"one group alone has {per} channels (> {lim.max_channels})")
     if kind == "conv" and any(a != c for a, c in spec.pad):
-        return "asymmetric ('same') padding: not split (write the padding out explicitly)"
+        raise Refuse("asymmetric ('same') padding: not split (write the padding out explicitly)")
     return spec, lim.max_channels
 
 

@@ -1,8 +1,27 @@
-"""Rewrite rules as rows (:class:`Rule`) and the driver that applies them (:class:`RewritePass`)."""
+"""The one rewrite protocol: rules as rows, applied by one driver.
+
+A :class:`Rule` is a row of a rewrite table:
+
+* ``kinds`` — the op kinds of the anchor node it looks at;
+* ``match(node, ctx)`` — finds the anchor and the chain it replaces: a :class:`Match` (or any
+  match object), or ``None`` when the rule does not apply to this node;
+* ``filter(match, ctx)`` — the reason it refuses this match (a string), or ``None`` to go on;
+* ``build(match, ctx)`` — the replacement: a value node inserted through ``ctx`` before the
+  chain's last node, or a :class:`Replacement` (a module to call on argument nodes) for the
+  driver to insert. A builder that finds out late that it cannot build raises :class:`Refuse`
+  with the reason;
+* ``doc`` — the maths, one line.
+
+:class:`RewritePass` applies its rules to every node in topological order, once: the first rule
+whose match passes its filter and builds wins; every refusal is recorded with its reason; the
+replaced node's (or chain's) uses move to the new value and what died is erased. Surrogate
+candidates (:class:`archnet_fx.surrogate.base.Candidate`) are rules with a style and the op kinds
+they need, applied by the same driver (:class:`archnet_fx.surrogate.driver.SurrogatePass`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 import torch.fx
@@ -13,22 +32,116 @@ from archnet_fx.infra.graphpass import GraphPass, fresh_attr_name, stamp_node
 from archnet_fx.infra.records import PassRecord, Refusal
 
 
-# --------------------------------------------------------------------------- rewrite rules
+# --------------------------------------------------------------------------- the protocol
+
+class Refuse(Exception):
+    """Raised by a matcher or builder that finds out it cannot rewrite this node; ``reason``
+    is recorded as the rule's refusal (a rule never says "no" by returning a string)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def refuse(reason: str) -> NoReturn:
+    """``raise Refuse(reason)`` as an expression (``x = f() or refuse("why")``)."""
+    raise Refuse(reason)
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule's anchor and the last node of the chain it replaces (``out``; the anchor itself
+    for a one-node rewrite). The chain's interior dies by dead-code elimination."""
+    anchor: torch.fx.Node
+    out: torch.fx.Node | None = None
+
+    @property
+    def last(self) -> torch.fx.Node:
+        return self.anchor if self.out is None else self.out
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """What a builder returns for the driver to insert: ``module`` called on ``args`` (or a
+    ready node, e.g. a constant's ``get_attr``), replacing ``out`` (default: the anchor)."""
+    module: Any
+    args: tuple = ()
+    out: torch.fx.Node | None = None
+
+
+def match_anchor(node: torch.fx.Node, ctx: Any) -> torch.fx.Node:
+    """The default matcher: the anchor node alone."""
+    return node
+
 
 @dataclass(frozen=True)
 class Rule:
-    """One rewrite row.
-
-    ``kinds``: the op kinds this rule looks at. ``match(node, ctx)`` returns a match object to
-    rewrite, a string saying why it refuses, or ``None`` when the rule does not apply.
-    ``build(match, ctx)`` inserts the replacement (before the anchor node) and returns its value
-    node. ``doc`` states the maths.
-    """
+    """One rewrite row (see the module docstring): ``match`` → ``filter`` → ``build``."""
     name: str
     kinds: frozenset[str]
     match: Callable[[torch.fx.Node, "RewriteContext"], Any]
-    build: Callable[[Any, "RewriteContext"], torch.fx.Node]
+    build: Callable[[Any, "RewriteContext"], Any]
     doc: str = ""
+    filter: Callable[[Any, "RewriteContext"], str | None] | None = None
+
+    def refusal(self, match: Any, ctx: "RewriteContext") -> str | None:
+        return None if self.filter is None else self.filter(match, ctx)
+
+
+def apply_rule(rule: Any, node: torch.fx.Node, ctx: "RewriteContext", record: PassRecord
+               ) -> torch.fx.Node | None:
+    """Try ``rule`` on ``node``: the new value node when it rewrote, else ``None`` (not
+    applicable, or refused — then the refusal and its reason are in ``record``).
+
+    The one driver of every rewrite: canonicalization and tiling rules and surrogate
+    candidates alike. ``rule`` has ``name``, ``match``, ``refusal(match, ctx)`` and ``build``;
+    ``ctx.vet(replacement)`` may refuse a built replacement (a surrogate whose body the target
+    cannot run) before anything is inserted.
+    """
+    ctx.rule, ctx.anchor = rule.name, node
+    graph = ctx.gm.graph
+    try:
+        m = rule.match(node, ctx)
+        if m is None:
+            return None
+        if isinstance(m, str):
+            raise TypeError(f"rule {rule.name}: match returned a string ({m!r}); raise Refuse")
+        why = rule.refusal(m, ctx)
+        if why is None:
+            last = m.last if isinstance(m, Match) else node
+            with graph.inserting_before(last):
+                built = rule.build(m, ctx)
+            if isinstance(built, Replacement):
+                why = ctx.vet(built)
+    except Refuse as r:
+        why = r.reason
+    if why is not None:
+        record.refusals.append(Refusal(node.name, rule.name, why))
+        return None
+    if isinstance(built, Replacement):
+        out = node if built.out is None else built.out
+        if isinstance(built.module, torch.fx.Node):
+            new = built.module
+        else:
+            with graph.inserting_before(out):
+                new = ctx.call_module(f"{node.name}_{rule.name}", built.module,
+                                      tuple(built.args))
+    elif isinstance(built, torch.fx.Node):
+        out = m.last if isinstance(m, Match) else node
+        new = built
+    else:
+        raise TypeError(f"rule {rule.name}: build returned {type(built).__name__}; expected a "
+                        "Node or a Replacement")
+    if new is not out:
+        new.meta.setdefault(KIND_META_KEY, node_kind(new, ctx.gm))
+        out.replace_all_uses_with(new)
+        record.replaced[out.name] = new.name
+        if not out.users:
+            graph.erase_node(out)
+        if out is not node:
+            graph.eliminate_dead_code()
+    record.rule_hits[rule.name] += 1
+    return new
 
 
 class RewriteContext:
@@ -41,6 +154,11 @@ class RewriteContext:
         self.options = options
         self.rule = ""
         self.anchor: torch.fx.Node | None = None
+
+    def vet(self, replacement: Replacement) -> str | None:
+        """Why ``replacement`` may not be inserted (``None``: it may). Plain rewrites build
+        from legal parts; a surrogate context checks the replacement's body on the target."""
+        return None
 
     # values -----------------------------------------------------------------
     def attr(self, target: str) -> Any:
@@ -80,34 +198,34 @@ class RewriteContext:
         return getattr(tm, "dtype", None)
 
     # building ---------------------------------------------------------------
-    def _fresh(self, hint: str) -> str:
+    def fresh_name(self, hint: str) -> str:
         base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint).strip("_") or "w"
         return fresh_attr_name(self.gm, base)
 
     def add_tensor(self, hint: str, t: torch.Tensor, trainable: bool = True) -> torch.fx.Node:
         """Register ``t`` as a new top-level parameter (or buffer) and return a get_attr node."""
-        name = self._fresh(hint)
+        name = self.fresh_name(hint)
         if trainable and t.is_floating_point():
             self.gm.register_parameter(name, torch.nn.Parameter(t.detach().clone()))
         else:
             self.gm.register_buffer(name, t.detach().clone())
-        return self._stamp(self.graph.get_attr(name))
+        return self.stamp(self.graph.get_attr(name))
 
     def add_module(self, hint: str, mod: torch.nn.Module) -> str:
-        name = self._fresh(hint)
+        name = self.fresh_name(hint)
         self.gm.add_submodule(name, mod)
         return name
 
     def call_module(self, hint: str, mod: torch.nn.Module, args: tuple, kwargs: dict | None = None
                     ) -> torch.fx.Node:
         name = self.add_module(hint, mod)
-        return self._stamp(self.graph.call_module(name, args, kwargs or {}))
+        return self.stamp(self.graph.call_module(name, args, kwargs or {}))
 
     def call_function(self, fn: Callable, args: tuple, kwargs: dict | None = None
                       ) -> torch.fx.Node:
-        return self._stamp(self.graph.call_function(fn, args, kwargs or {}))
+        return self.stamp(self.graph.call_function(fn, args, kwargs or {}))
 
-    def _stamp(self, n: torch.fx.Node) -> torch.fx.Node:
+    def stamp(self, n: torch.fx.Node) -> torch.fx.Node:
         return stamp_node(n, self.pass_name, self.rule, self.anchor, overwrite=False)
 
 
@@ -138,26 +256,7 @@ class RewritePass(GraphPass):
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op in ("placeholder", "output", "get_attr"):
                 continue
-            if not node.users and node.op != "output":
-                # erased-later or dead; DCE handles it
-                pass
-            kind = node_kind(node, gm)
-            for rule in by_kind.get(kind, ()):
-                ctx.rule, ctx.anchor = rule.name, node
-                m = rule.match(node, ctx)
-                if m is None:
-                    continue
-                if isinstance(m, str):
-                    record.refusals.append(Refusal(node.name, rule.name, m))
-                    continue
-                with gm.graph.inserting_before(node):
-                    new = rule.build(m, ctx)
-                if new is not node:
-                    new.meta.setdefault(KIND_META_KEY, node_kind(new, gm))
-                    node.replace_all_uses_with(new)
-                    record.replaced[node.name] = new.name
-                    if not node.users:
-                        gm.graph.erase_node(node)
-                record.rule_hits[rule.name] += 1
-                break
+            for rule in by_kind.get(node_kind(node, gm), ()):
+                if apply_rule(rule, node, ctx, record) is not None:
+                    break
         ctx.anchor = None

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from archnet_fx.targets import Target
+from archnet_fx.infra.rules import match_anchor
 from archnet_fx.surrogate.products import make_mul
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,47 @@ class Surrogate(nn.Module):
 # --------------------------------------------------------------------------- candidates
 
 
+#: Candidate styles: ``exact`` (an identity: nothing to lose), ``emulation`` (nearly exact before
+#: training: piecewise-linear fits on calibrated ranges), ``structural`` (Arch-Net's coarse forms
+#: that distillation refines), ``host`` (runs on the host CPU, not the chip).
+STYLES = ("emulation", "structural", "exact", "host")
+#: Styles whose surrogates compute the original values: choosing among them costs no fidelity.
+LOSSLESS = ("exact", "host")
+#: The style tried first after the exact candidates when the user names none (the one place
+#: this default lives: ``legalize``/``transform``/the CLI take it from here).
+DEFAULT_STYLE = "emulation"
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One way to replace an op kind: ``build(node, ctx)`` returns (module, input nodes)."""
+    """One way to replace an op kind: a rewrite rule (:mod:`archnet_fx.infra.rules`) plus its
+    style and the op kinds its body needs from a target.
+
+    ``match(node, ctx)`` finds the anchor (default: the node itself) or the chain it replaces
+    (a :class:`~archnet_fx.infra.rules.Match`); ``filter(match, ctx)`` returns why it refuses
+    or ``None``; ``build(match, ctx)`` returns a
+    :class:`~archnet_fx.infra.rules.Replacement` (the surrogate module and its argument nodes)
+    or raises :class:`~archnet_fx.infra.rules.Refuse`. Before ``filter`` the driver checks
+    :meth:`offered`: the target has every kind in ``needs`` (and a product of two activations
+    where ``needs_mul``).
+    """
     name: str
     kind: str
-    style: str                       # "structural" | "emulation" | "exact" | "host"
+    style: str                       # one of STYLES
     needs: frozenset[str]            # op kinds the surrogate body uses
     build: Callable[..., Any]
     doc: str = ""
     needs_mul: bool = False          # multiplies two activations (see make_mul)
+    match: Callable[..., Any] = match_anchor
+    filter: Callable[..., str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"candidate {self.name!r}: style {self.style!r} not in {STYLES}")
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset({self.kind})
 
     def offered(self, target: Target) -> str | None:
         """None if this candidate can be offered on ``target``, else the reason it cannot."""
@@ -68,6 +100,16 @@ class Candidate:
             return f"{target.name} cannot multiply two activations in any form"
         return None
 
+    def refusal(self, match: Any, ctx: Any) -> str | None:
+        """The rule protocol's filter: the target's offer, then the candidate's own filter."""
+        why = self.offered(ctx.target)
+        if why is None and self.filter is not None:
+            why = self.filter(match, ctx)
+        return why
 
-def offered(cands: Sequence[Candidate], target: Target) -> list[Candidate]:
-    return [c for c in cands if c.offered(target) is None]
+
+def default_order(cands: Sequence[Candidate], prefer: str = DEFAULT_STYLE) -> list[Candidate]:
+    """Exact candidates first (nothing to lose), then the preferred style, then the rest."""
+    exact = [c for c in cands if c.style == "exact"]
+    pref = [c for c in cands if c.style == prefer and c not in exact]
+    return exact + pref + [c for c in cands if c not in exact and c not in pref]

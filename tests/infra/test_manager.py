@@ -15,7 +15,7 @@ from archnet_fx.passes.canonicalize import canonicalize_passes, drop_identity, f
 from archnet_fx.ir.meta import FROM_PASS_KEY, RULE_KEY
 from archnet_fx.infra.graphpass import GraphPass
 from archnet_fx.infra.manager import PassManager
-from archnet_fx.infra.rules import RewritePass, Rule
+from archnet_fx.infra.rules import RewritePass, Rule, refuse
 from passtest import assert_idempotent, assert_pass, assert_unchanged, run_pass, snapshot
 
 
@@ -27,15 +27,18 @@ def mlp():
 
 # A rewrite table for tests: relu(x) = clamp(x, min=0) (exact), and a deliberately wrong rule.
 def _match_relu(node, ctx):
-    src = node.args[0]
+    return node.args[0]
+
+
+def _rank2_only(src, ctx):
     if ctx.shape(src) is not None and len(ctx.shape(src)) > 2:
         return "only rank-2 inputs"  # a refusal with its reason
-    return src
+    return None
 
 
 RELU_TO_CLAMP = Rule("relu_to_clamp", frozenset({"relu"}), _match_relu,
                      lambda x, ctx: ctx.call_function(torch.clamp, (x,), {"min": 0.0}),
-                     doc="relu(x) = clamp(x, min=0)")
+                     doc="relu(x) = clamp(x, min=0)", filter=_rank2_only)
 WRONG = Rule("relu_to_neg", frozenset({"relu"}), lambda n, ctx: n.args[0],
              lambda x, ctx: ctx.call_function(torch.neg, (x,)), doc="deliberately wrong")
 
@@ -78,6 +81,20 @@ def test_refusals_are_recorded_with_reasons():
     assert_pass(res, before, fired={}, hist={"linear": 1, "relu": 1},
                 refused={"relu_to_clamp": "only rank-2"}, atol=0.0, rtol=0.0)
     assert "only rank-2 inputs" in pass_diff(res.record)
+
+
+def test_a_builder_refuses_by_raising_and_a_stray_string_is_a_bug():
+    gm = ax.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),))
+    late = Rule("late", frozenset({"relu"}), _match_relu,
+                lambda x, ctx: refuse("found out while building"))
+    before, res = run_pass(RewritePass([late, RELU_TO_CLAMP], name="late"), gm)
+    # the refusing rule is recorded, the next row of the table still fires
+    assert_pass(res, before, fired={"relu_to_clamp": 1}, hist={"linear": 1, "clamp": 1},
+                refused={"late": "found out while building"}, atol=0.0, rtol=0.0)
+    stray = Rule("stray", frozenset({"relu"}), lambda n, ctx: "not a match object",
+                 lambda x, ctx: x)
+    with pytest.raises(ax.PipelineError, match="match returned a string"):
+        ax.PassManager("p", [RewritePass([stray], name="stray")]).run(gm)
 
 
 def test_pass_never_edits_its_input_even_when_it_changes_weights():

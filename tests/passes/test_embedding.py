@@ -18,7 +18,8 @@ from torch import nn
 import archnet_fx as ax
 from archnet_fx.ir.meta import PROLOGUE_KEY
 from archnet_fx.errors import UnsupportedOpError
-from archnet_fx.legalize import LegalizeOptions, SurrogatePass, legalize
+from archnet_fx.legalize import legalize
+from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
 from archnet_fx.passes.embedding import CANDIDATES, OneHotLinear
 from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.infra.manager import PassManager
