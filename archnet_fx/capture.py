@@ -30,6 +30,7 @@ import inspect
 import logging
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -38,7 +39,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from archnet_fx.errors import CaptureError, InputError
+from archnet_fx.errors import CalibrationError, CaptureError, InputError
 from archnet_fx.ir.opkinds import MODULE_KINDS, annotate_kinds
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
 from archnet_fx.ir.shapes import propagate_shapes, shape_example
@@ -113,6 +114,53 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
                          "keyword tensors, or calib_data whose first batch can serve")
     raise InputError(f"example_inputs of type {type(example_inputs).__name__} is not supported: "
                      "pass a tensor, a tuple of tensors or a dict of keyword tensors")
+
+
+def calibration_batches(calib_data: Any, example_inputs: Any = None, *, limit: int | None = None,
+                        warn_example: str | None = None) -> list[tuple[tuple, dict]]:
+    """Calibration data as a list of ``(args, kwargs)`` batches, in order (the one normaliser:
+    legalization, transform and the tests all use it).
+
+    ``calib_data`` is an iterable of batches (a tensor, a tuple of tensors or a dict of keyword
+    tensors each), or a single tensor or dict. ``None`` falls back to the example inputs — with
+    a loud warning naming ``warn_example`` (the caller) when given, since distilling on one
+    example generalises poorly. ``limit`` keeps the first batches only. Anything else raises
+    :class:`CalibrationError` naming the batch.
+    """
+    if calib_data is None:
+        if example_inputs is None:
+            raise CalibrationError("no calibration data and no example inputs: pass calib_data "
+                                   "(an iterable of batches shaped like the model's inputs)")
+        if warn_example:
+            msg = (f"{warn_example}: no calib_data given — distilling on the example inputs "
+                   "alone. The result will fit those few samples and generalise poorly; pass "
+                   "calib_data=[batch, ...] with a few hundred to a few thousand real samples.")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            log.warning(msg)
+        return [normalize_inputs(example_inputs)]
+    if isinstance(calib_data, (torch.Tensor, Mapping)):
+        calib_data = [calib_data]
+    if isinstance(calib_data, (str, bytes)):
+        raise CalibrationError("calib_data is a string: pass an iterable of batches")
+    try:
+        it = iter(calib_data)
+    except TypeError:
+        raise CalibrationError(f"calib_data of type {type(calib_data).__name__} is not an "
+                               "iterable of batches (tuples or dicts of tensors)") from None
+    out = []
+    for i, b in enumerate(it):
+        if limit is not None and i >= limit:
+            break
+        if isinstance(b, torch.Tensor):
+            b = (b,)
+        try:
+            out.append(normalize_inputs(b))
+        except Exception as e:  # noqa: BLE001 - any malformed batch is the caller's data
+            raise CalibrationError(f"calibration batch {i}: {e}") from e
+    if not out:
+        raise CalibrationError("calibration data is empty: pass at least one batch shaped like "
+                               "the example inputs")
+    return out
 
 
 def _check_tensors(items) -> None:

@@ -34,8 +34,8 @@ import torch
 import torch.fx
 
 from archnet_fx.ir.meta import EXAMPLE_META_KEY
-from archnet_fx.capture import normalize_inputs
-from archnet_fx.errors import CalibrationError, ChoiceError, UnsupportedOpError
+from archnet_fx.capture import calibration_batches
+from archnet_fx.errors import ChoiceError, UnsupportedOpError
 from archnet_fx.ir.meta import HOST_FALLBACK_KEY
 from archnet_fx.legality import LegalityReport, check
 from archnet_fx.infra.graphpass import GraphPass, recompile_now
@@ -50,6 +50,8 @@ from archnet_fx.targets import Target, load_target
 log = logging.getLogger(__name__)
 
 SELECTS = ("order", "latency")
+#: Calibration batches legalization observes (input ranges for the emulation fits).
+CALIB_LIMIT = 16
 
 
 class MarkHostFallback(GraphPass):
@@ -78,31 +80,6 @@ class LegalizeResult(PipelineResult):
     #: With ``select="latency"``: one row per lossless alternative tried (node, candidate,
     #: estimated µs of the whole graph with it, whether it was kept).
     selection: list[dict] = field(default_factory=list)
-
-
-def calibration_batches(calib_data: Any, example_inputs: Any = None, *, limit: int = 16
-                        ) -> list[tuple[tuple, dict]]:
-    """Normalise calibration data to a list of (args, kwargs) batches, validating each."""
-    if calib_data is None:
-        if example_inputs is None:
-            raise CalibrationError("no calibration data and no example inputs: pass calib_data "
-                                   "(an iterable of batches) or example_inputs")
-        return [normalize_inputs(example_inputs)]
-    if isinstance(calib_data, (torch.Tensor, Mapping)):
-        calib_data = [calib_data]
-    out = []
-    for i, b in enumerate(calib_data):
-        if i >= limit:
-            break
-        try:
-            args, kwargs = normalize_inputs(b)
-        except Exception as e:  # noqa: BLE001
-            raise CalibrationError(f"calibration batch {i}: {e}") from e
-        out.append((args, kwargs))
-    if not out:
-        raise CalibrationError("calibration data is empty: pass at least one batch shaped like "
-                               "the example inputs")
-    return out
 
 
 def surrogate_families() -> list[tuple[str, Sequence[Candidate]]]:
@@ -244,14 +221,14 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
     _validate_choices(options.choices)
     if example_inputs is None and calib_data is not None and not isinstance(calib_data,
                                                                              torch.Tensor):
-        batches = calibration_batches(calib_data)
+        batches = calibration_batches(calib_data, limit=CALIB_LIMIT)
         first = batches[0]
         example_inputs = first[1] if first[1] else first[0]
     gm = as_graph_module(model, example_inputs)
     if example_inputs is None:
         a, k = gm.meta[EXAMPLE_META_KEY]
         example_inputs = k if k else a
-    batches = calibration_batches(calib_data, example_inputs)
+    batches = calibration_batches(calib_data, example_inputs, limit=CALIB_LIMIT)
 
     # One graph copy and one recompile for the whole of legalization: canonicalization copies
     # the caller's graph, the legalization pipeline edits that copy, then it is recompiled.

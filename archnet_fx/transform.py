@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,10 +40,10 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from archnet_fx.ir.meta import CAPTURE_META_KEY
-from archnet_fx.capture import normalize_inputs
+from archnet_fx.capture import calibration_batches
 from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_check, distill,
                                       match_values)
-from archnet_fx.errors import CalibrationError, InputError
+from archnet_fx.errors import CalibrationError
 from archnet_fx.legality import LegalityReport
 from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
@@ -55,7 +54,7 @@ from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["transform", "TransformResult", "TransformReport", "calibration_data",
+__all__ = ["transform", "TransformResult", "TransformReport",
            "output_fidelity"]
 
 
@@ -138,45 +137,6 @@ class TransformResult:
 def _as_call(batch: tuple[tuple, dict]) -> Any:
     args, kwargs = batch
     return kwargs if kwargs and not args else args
-
-
-def calibration_data(calib_data: Any, example_inputs: Any = None) -> list[tuple[tuple, dict]]:
-    """Normalise calibration data to ``(args, kwargs)`` batches (all of them, in order).
-
-    ``calib_data`` is an iterable of batches (tuples or dicts of tensors), a single tensor or a
-    single dict. ``None`` falls back to the example inputs with a loud warning.
-    """
-    if calib_data is None:
-        if example_inputs is None:
-            raise CalibrationError("no calibration data and no example inputs: pass calib_data "
-                                   "(an iterable of batches shaped like the model's inputs)")
-        msg = ("transform: no calib_data given — distilling on the example inputs alone. The "
-               "result will fit those few samples and generalise poorly; pass calib_data=[batch, "
-               "...] with a few hundred to a few thousand real samples.")
-        warnings.warn(msg, UserWarning, stacklevel=3)
-        log.warning(msg)
-        return [normalize_inputs(example_inputs)]
-    if isinstance(calib_data, (torch.Tensor, Mapping)):
-        calib_data = [calib_data]
-    if isinstance(calib_data, (str, bytes)):
-        raise CalibrationError("calib_data is a string: pass an iterable of batches")
-    try:
-        it = iter(calib_data)
-    except TypeError:
-        raise CalibrationError(f"calib_data of type {type(calib_data).__name__} is not an "
-                               "iterable of batches (tuples or dicts of tensors)") from None
-    out = []
-    for i, b in enumerate(it):
-        if isinstance(b, torch.Tensor):
-            b = (b,)
-        try:
-            out.append(normalize_inputs(b))
-        except InputError as e:
-            raise CalibrationError(f"calibration batch {i}: {e}") from e
-    if not out:
-        raise CalibrationError("calibration data is empty: pass at least one batch shaped like "
-                               "the example inputs")
-    return out
 
 
 def _validate_batches(gm: torch.fx.GraphModule, batches: Sequence[tuple[tuple, dict]]) -> None:
@@ -309,7 +269,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                                     or not isinstance(granularity, int) or granularity < 1):
         raise ValueError(f"granularity must be a positive integer (number of blocks) or None, "
                          f"got {granularity!r}")
-    batches = calibration_data(calib_data, example_inputs)
+    batches = calibration_batches(calib_data, example_inputs, warn_example="transform")
     notes: list[str] = []
     if calib_data is None:
         notes.append("no calib_data: distilled on the example inputs only")

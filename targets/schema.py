@@ -38,6 +38,7 @@ from types import NoneType, UnionType
 from typing import Any, Union
 
 from archnet_fx.errors import BitWidthError, TargetError
+from archnet_fx.ir.opkinds import KNOWN_KINDS
 
 try:
     import tomllib
@@ -57,21 +58,6 @@ __all__ = [
     "load_target",
     "targets_table",
 ]
-
-#: Canonical op kinds the classifier emits; a target's ``ops`` keys must be among these.
-KNOWN_KINDS: frozenset[str] = frozenset(
-    """
-    linear conv conv_transpose matmul einsum
-    batch_norm layer_norm group_norm instance_norm rms_norm
-    embedding gather one_hot
-    relu relu6 leaky_relu prelu clamp gelu silu sigmoid tanh hardswish hardsigmoid elu softplus
-    mish erf softmax log_softmax sdpa multihead_attention
-    add sub mul div neg pow exp log sqrt rsqrt reciprocal abs maximum minimum where masked_fill
-    mean sum var std reduce_max reduce_min cumsum
-    max_pool avg_pool adaptive_avg_pool adaptive_max_pool upsample
-    concat reshape permute expand slice pad cast compare logical creation dropout identity
-    """.split()
-)
 
 #: Kinds with two tensor operands, for which ``OpLimits.two_activations`` means something.
 BINARY_KINDS: frozenset[str] = frozenset(

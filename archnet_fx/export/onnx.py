@@ -24,7 +24,7 @@ Steps:
 4. **check** — ``onnx.checker``; then legality: every node outside Q/DQ and the *host prologue*
    (nodes whose activation inputs are all integer/bool, e.g. one-hot of token ids and the
    attention-mask arithmetic; shape arithmetic) must have an op type whose archnet kind
-   (:data:`ONNX_KINDS`) the target supports, else :class:`~archnet_fx.errors.ExportError` names
+   (:data:`archnet_fx.ir.opkinds.ONNX_KINDS`) the target supports, else :class:`~archnet_fx.errors.ExportError` names
    the node;
 5. **verify** — onnxruntime (CPUExecutionProvider, basic graph optimizations so Q/DQ stay float
    emulations) on the example inputs vs the torch module: ``max|Δ| ≤ atol·max(1, max|y|)``, or,
@@ -58,52 +58,17 @@ from torch.utils import _pytree as pytree
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
 from archnet_fx.capture import normalize_inputs
 from archnet_fx.errors import ExportError, InputError
-from archnet_fx.ir.opkinds import node_kind
+from archnet_fx.ir.opkinds import node_kind, onnx_kind
 from archnet_fx.infra.graphpass import copy_graph_module
 from archnet_fx.targets import Target, load_target
 from archnet_fx.quant.qdq import EXPORTING
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_onnx", "ExportReport", "ONNX_KINDS", "onnx_legality", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "ExportReport", "onnx_legality", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17          # int8/uint8 per-channel Q/DQ
 INT4_OPSET = 21             # INT4 / INT16 Q/DQ
-
-#: ONNX op type → archnet op kind (what the target must support). ``None``: bookkeeping that
-#: never runs on the chip's compute units (shape arithmetic, constants).
-ONNX_KINDS: dict[str, str | None] = {
-    "MatMul": "matmul", "Gemm": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose",
-    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Neg": "neg", "Pow": "pow",
-    "Reciprocal": "div", "Sqrt": "sqrt", "Exp": "exp", "Log": "log", "Erf": "erf",
-    "Relu": "relu", "Clip": "clamp", "LeakyRelu": "leaky_relu", "PRelu": "prelu",
-    "Sigmoid": "sigmoid", "Tanh": "tanh", "Gelu": "gelu", "HardSigmoid": "hardsigmoid",
-    "HardSwish": "hardswish", "Softmax": "softmax", "LogSoftmax": "softmax",
-    "LayerNormalization": "layer_norm", "BatchNormalization": "batch_norm",
-    "InstanceNormalization": "instance_norm", "GroupNormalization": "group_norm",
-    "MaxPool": "max_pool", "AveragePool": "avg_pool", "GlobalAveragePool": "adaptive_avg_pool",
-    "GlobalMaxPool": "max_pool", "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max",
-    "ReduceMin": "min", "Max": "maximum", "Min": "minimum",
-    "Concat": "concat", "Reshape": "reshape", "Flatten": "reshape", "Squeeze": "reshape",
-    "Unsqueeze": "reshape", "Transpose": "permute", "Slice": "slice", "Split": "slice",
-    "Expand": "expand", "Tile": "expand", "Pad": "pad", "Identity": "identity",
-    "Resize": "upsample", "Gather": "gather", "GatherElements": "gather", "Where": "where",
-    "Equal": "eq", "Cast": "identity", "Dropout": "identity",
-    "Shape": None, "Constant": None, "ConstantOfShape": None, "Size": None, "Range": None,
-    "QuantizeLinear": None, "DequantizeLinear": None,
-}
-
-
-def _onnx_kind(node: Any, const: set[str]) -> str:
-    """Archnet kind of an ONNX node; ``Gather``/``MatMul`` depend on which inputs are constant."""
-    op = node.op_type
-    if op == "Gather" and len(node.input) > 1 and node.input[1] in const:
-        return "slice"  # x[:, 0]: a select by a constant index
-    if op == "MatMul" and len(node.input) > 1 and node.input[1] in const:
-        return "linear"
-    kind = ONNX_KINDS.get(op, f"unknown:{op}")
-    return kind if kind is not None else "identity"
-
 
 # --------------------------------------------------------------------------- preparation
 
@@ -238,7 +203,7 @@ def onnx_legality(model: Any, target: Target) -> tuple[list[tuple[str, str, str]
         if all(elem.get(i) not in floats and elem.get(i) is not None for i in dyn):
             prologue.append(node.name)   # integer/bool activations: host preprocessing
             continue
-        kind = _onnx_kind(node, const)
+        kind = onnx_kind(node, const)
         if kind in ("identity",) or kind is None:
             continue
         if not target.supports(kind):

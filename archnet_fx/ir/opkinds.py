@@ -35,6 +35,22 @@ from archnet_fx.ir.meta import KIND_META_KEY
 
 META_KINDS = frozenset({"placeholder", "output", "get_attr", "getitem", "shape", "assert"})
 
+#: Every canonical op kind: what the fx/ATen and ONNX tables below emit (besides ``unknown:*`` and
+#: the meta kinds) and what a target file's ``ops`` may name.
+KNOWN_KINDS: frozenset[str] = frozenset(
+    """
+    linear conv conv_transpose matmul einsum
+    batch_norm layer_norm group_norm instance_norm rms_norm
+    embedding gather one_hot
+    relu relu6 leaky_relu prelu clamp gelu silu sigmoid tanh hardswish hardsigmoid elu softplus
+    mish erf softmax log_softmax sdpa multihead_attention
+    add sub mul div neg pow exp log sqrt rsqrt reciprocal abs maximum minimum where masked_fill
+    mean sum var std reduce_max reduce_min cumsum
+    max_pool avg_pool adaptive_avg_pool adaptive_max_pool upsample
+    concat reshape permute expand slice pad cast compare logical creation dropout identity
+    """.split()
+)
+
 # Module type -> kind. Order matters only for subclass relations (checked in order).
 MODULE_KINDS: tuple[tuple[type, str], ...] = (
     (nn.Linear, "linear"),
@@ -204,6 +220,44 @@ _TUPLE_PRODUCERS = frozenset({
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "multi_head_attention_forward",
 })
+
+
+#: ONNX op type → op kind (the same vocabulary as the fx/ATen table above: a test checks every
+#: value is in :data:`KNOWN_KINDS`). ``None``: bookkeeping that never runs on the chip's
+#: compute units (shape arithmetic, constants, Q/DQ pairs folded into their producers).
+ONNX_KINDS: dict[str, str | None] = {
+    "MatMul": "matmul", "Gemm": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose",
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Neg": "neg", "Pow": "pow",
+    "Reciprocal": "reciprocal", "Sqrt": "sqrt", "Exp": "exp", "Log": "log", "Erf": "erf",
+    "Relu": "relu", "Clip": "clamp", "LeakyRelu": "leaky_relu", "PRelu": "prelu",
+    "Sigmoid": "sigmoid", "Tanh": "tanh", "Gelu": "gelu", "HardSigmoid": "hardsigmoid",
+    "HardSwish": "hardswish", "Softmax": "softmax", "LogSoftmax": "log_softmax",
+    "LayerNormalization": "layer_norm", "BatchNormalization": "batch_norm",
+    "InstanceNormalization": "instance_norm", "GroupNormalization": "group_norm",
+    "MaxPool": "max_pool", "AveragePool": "avg_pool", "GlobalAveragePool": "adaptive_avg_pool",
+    "GlobalMaxPool": "max_pool", "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "reduce_max",
+    "ReduceMin": "reduce_min", "Max": "maximum", "Min": "minimum",
+    "Concat": "concat", "Reshape": "reshape", "Flatten": "reshape", "Squeeze": "reshape",
+    "Unsqueeze": "reshape", "Transpose": "permute", "Slice": "slice", "Split": "slice",
+    "Expand": "expand", "Tile": "expand", "Pad": "pad", "Identity": "identity",
+    "Resize": "upsample", "Gather": "gather", "GatherElements": "gather", "Where": "where",
+    "Equal": "compare", "Cast": "identity", "Dropout": "identity",
+    "Shape": None, "Constant": None, "ConstantOfShape": None, "Size": None, "Range": None,
+    "QuantizeLinear": None, "DequantizeLinear": None,
+}
+
+
+def onnx_kind(node: Any, const: set[str] = frozenset()) -> str:
+    """The op kind of an ONNX ``NodeProto`` (``op_type``, ``input``); ``Gather``/``MatMul``
+    depend on which inputs are constants (initializer names in ``const``)."""
+    op = node.op_type
+    if op == "Gather" and len(node.input) > 1 and node.input[1] in const:
+        return "slice"  # x[:, 0]: a select by a constant index
+    if op == "MatMul" and len(node.input) > 1 and node.input[1] in const:
+        return "linear"
+    kind = ONNX_KINDS.get(op, f"unknown:{op}")
+    return kind if kind is not None else "identity"
+
 
 
 def target_name(node: torch.fx.Node) -> str:

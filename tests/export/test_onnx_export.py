@@ -16,7 +16,8 @@ from torch import nn
 
 import archnet_fx as ax
 from archnet_fx.cli import main
-from archnet_fx.export.onnx import ONNX_KINDS, ort_session
+from archnet_fx.export.onnx import ort_session
+from archnet_fx.ir.opkinds import ONNX_KINDS
 from qdq_models import fake_quant
 
 pytestmark = pytest.mark.usefixtures("one_thread")

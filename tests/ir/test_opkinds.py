@@ -249,3 +249,27 @@ def test_tensor_indexing_is_a_gather_and_int_indexing_a_slice():
     gm = ax.capture(M(), (torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 2, 4)), method="fx")
     kinds = [ax.node_kind(n, gm) for n in gm.graph.nodes if n.op == "call_function"]
     assert "gather" in kinds and "slice" in kinds
+
+
+def test_onnx_table_speaks_the_core_vocabulary():
+    """The exporter's ONNX op → kind table yields only known kinds (one vocabulary for fx,
+    ATen and ONNX), and agrees with the fx/ATen table on the ops both name."""
+    from archnet_fx.ir.opkinds import KNOWN_KINDS, NAME_KINDS, ONNX_KINDS, onnx_kind
+
+    yielded = {k for k in ONNX_KINDS.values() if k is not None}
+    assert yielded <= KNOWN_KINDS, yielded - KNOWN_KINDS
+    # ops with the same meaning in both worlds map to the same kind
+    same = {"ReduceMax": "amax", "ReduceMin": "amin", "Equal": "eq", "Reciprocal": "reciprocal",
+            "LogSoftmax": "log_softmax", "Softmax": "softmax", "Erf": "erf", "Sqrt": "sqrt",
+            "Exp": "exp", "Where": "where", "Concat": "cat", "Transpose": "permute"}
+    for op, torch_name in same.items():
+        assert ONNX_KINDS[op] == NAME_KINDS[torch_name], (op, ONNX_KINDS[op])
+
+    class N:  # the two fields of an onnx NodeProto the classifier reads
+        def __init__(self, op_type, inputs):
+            self.op_type, self.input = op_type, inputs
+    assert onnx_kind(N("MatMul", ["x", "w"]), {"w"}) == "linear"
+    assert onnx_kind(N("MatMul", ["x", "y"]), {"w"}) == "matmul"
+    assert onnx_kind(N("Gather", ["x", "i"]), {"i"}) == "slice"
+    assert onnx_kind(N("QuantizeLinear", ["x", "s", "z"])) == "identity"
+    assert onnx_kind(N("NonMaxSuppression", [])) == "unknown:NonMaxSuppression"

@@ -26,7 +26,7 @@ from torch import nn
 
 import archnet_fx as ax
 from archnet_fx.ir.meta import PROLOGUE_KEY
-from archnet_fx.legalize import calibration_batches
+from archnet_fx.capture import calibration_batches
 from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
 from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.passes.elementwise import CANDIDATES, KINDS

@@ -22,7 +22,8 @@ from torch import nn
 import archnet_fx as ax
 import archnet_fx.targets as targets_pkg
 from archnet_fx.demo import zoo
-from archnet_fx.legalize import calibration_batches, legalize
+from archnet_fx.capture import calibration_batches
+from archnet_fx.legalize import legalize
 from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
 from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.passes.layernorm import CANDIDATES, NormMatch, affine_init, fit_rsqrt
