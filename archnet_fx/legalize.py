@@ -28,7 +28,7 @@ import functools
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx
@@ -36,14 +36,13 @@ import torch.fx
 from archnet_fx.ir.meta import EXAMPLE_META_KEY
 from archnet_fx.capture import calibration_batches
 from archnet_fx.errors import ChoiceError, UnsupportedOpError
-from archnet_fx.ir.meta import HOST_FALLBACK_KEY
 from archnet_fx.legality import LegalityReport, check
-from archnet_fx.infra.graphpass import GraphPass, recompile_now
+from archnet_fx.infra.graphpass import recompile_now
 from archnet_fx.infra.manager import PassManager, PipelineResult
-from archnet_fx.infra.records import PassRecord
+from archnet_fx import pipelines
 from archnet_fx.pipelines import as_graph_module
 from archnet_fx.surrogate.base import DEFAULT_STYLE, LOSSLESS, STYLES, Candidate, default_order
-from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
+from archnet_fx.surrogate.driver import LegalizeOptions
 from archnet_fx.surrogate.observe import observe
 from archnet_fx.targets import Target, load_target
 
@@ -52,23 +51,6 @@ log = logging.getLogger(__name__)
 SELECTS = ("order", "latency")
 #: Calibration batches legalization observes (input ranges for the emulation fits).
 CALIB_LIMIT = 16
-
-
-class MarkHostFallback(GraphPass):
-    """Mark the nodes no candidate could legalize as host fallback (explicit, recorded)."""
-    name = "host_fallback"
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-
-    def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
-        by_name = {n.name: n for n in gm.graph.nodes}
-        for v in check(gm, self.target).unsupported:
-            n = by_name.get(v.node)
-            if n is not None:
-                n.meta[HOST_FALLBACK_KEY] = True
-                record.rule_hits[f"host:{v.kind}"] += 1
-                record.notes.append(f"{n.name} ({v.kind}) runs on the host: {v.reason}")
 
 
 @dataclass
@@ -82,15 +64,6 @@ class LegalizeResult(PipelineResult):
     selection: list[dict] = field(default_factory=list)
 
 
-def surrogate_families() -> list[tuple[str, Sequence[Candidate]]]:
-    """The surrogate families, in the order legalization runs them."""
-    from archnet_fx.passes import activations, elementwise, embedding, layernorm, softmax
-
-    return [("embedding", embedding.CANDIDATES), ("layernorm", layernorm.CANDIDATES),
-            ("softmax", softmax.CANDIDATES), ("activations", activations.CANDIDATES),
-            ("elementwise", elementwise.CANDIDATES)]
-
-
 def default_candidates(target: Target, prefer: str = DEFAULT_STYLE
                        ) -> dict[str, list[tuple[Candidate, str | None]]]:
     """Per op kind, every family's candidates in default order with why each is not offered.
@@ -99,7 +72,7 @@ def default_candidates(target: Target, prefer: str = DEFAULT_STYLE
     a node that is not part of a chain); this lists what the target allows in general.
     """
     out: dict[str, list[tuple[Candidate, str | None]]] = {}
-    for _, cands in surrogate_families():
+    for _, cands in pipelines.surrogate_families():
         for kind in dict.fromkeys(c.kind for c in cands):
             mine = default_order([c for c in cands if c.kind == kind], prefer)
             out.setdefault(kind, []).extend((c, c.offered(target)) for c in mine)
@@ -108,7 +81,7 @@ def default_candidates(target: Target, prefer: str = DEFAULT_STYLE
 
 def _validate_choices(choices: Mapping[str, str]) -> None:
     """Every choice must name a candidate or style that exists in some family."""
-    cands = [c for _, cs in surrogate_families() for c in cs]
+    cands = [c for _, cs in pipelines.surrogate_families() for c in cs]
     known = {c.name for c in cands} | {c.style for c in cands}
     for key, value in choices.items():
         if value not in known:
@@ -119,12 +92,6 @@ def _validate_choices(choices: Mapping[str, str]) -> None:
                     sorted({f"{c.name} ({c.style})" for c in cands if c.kind == key}))
             raise ChoiceError(f"choices[{key!r}] = {value!r} names no candidate or style "
                               f"(styles: {', '.join(STYLES)}){hint}")
-
-
-def structural_passes(target: Target) -> list[GraphPass]:
-    from archnet_fx.passes import tiling
-
-    return tiling.tiling_passes(target)
 
 
 def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any = None,
@@ -214,8 +181,6 @@ def _select_by_latency(res: LegalizeResult, run: Callable[..., LegalizeResult],
 def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
               calib_data: Iterable | None, *, choices: Mapping[str, str] | None, prefer: str,
               allow_host_fallback: bool, knots: int, verify: bool) -> LegalizeResult:
-    from archnet_fx.passes.canonicalize import canonicalize_passes
-
     tgt = load_target(target)
     options = LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback, knots)
     _validate_choices(options.choices)
@@ -232,15 +197,13 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
 
     # One graph copy and one recompile for the whole of legalization: canonicalization copies
     # the caller's graph, the legalization pipeline edits that copy, then it is recompiled.
-    canon = PassManager("canonicalize", canonicalize_passes(), verify=verify).run(
+    canon = PassManager("canonicalize", pipelines.canonicalize_passes(), verify=verify).run(
         gm, recompile=False)
     before = check(canon.module, tgt)
     watch = {v.node for v in before.unsupported}
     ranges = observe(canon.module, batches, watch) if watch else {}
 
-    passes: list[GraphPass] = [SurrogatePass(name, cands, tgt, ranges, options)
-                               for name, cands in surrogate_families()]
-    passes += structural_passes(tgt)
+    passes = pipelines.legalize_passes(tgt, ranges, options)
     res = PassManager(f"legalize[{tgt.name}]", passes, verify=verify).run(
         canon.module, copy=False, recompile=False)
     records = canon.records + res.records
@@ -256,7 +219,7 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
                 + "\n".join(lines) + "\nFix: pass allow_host_fallback=True to run them on the "
                 "host, choose another candidate via choices=..., or use a target that has "
                 "these ops.")
-        fb = PassManager("host_fallback", [MarkHostFallback(tgt)]).run(module)
+        fb = PassManager("host_fallback", pipelines.host_fallback_passes(tgt)).run(module)
         module, records = fb.module, records + fb.records
         after = check(module, tgt)
     chosen: dict[str, str] = {}

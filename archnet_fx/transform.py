@@ -47,6 +47,8 @@ from archnet_fx.errors import CalibrationError
 from archnet_fx.legality import LegalityReport
 from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
+from archnet_fx import pipelines
+from archnet_fx.infra.manager import PassManager
 from archnet_fx.pipelines import as_graph_module
 from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled, insert_fake_quant
 from archnet_fx.surrogate.base import DEFAULT_STYLE
@@ -299,13 +301,13 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
 
         t0 = time.perf_counter()
         student = copy.deepcopy(leg.module)  # passes share parameters: train a private copy
-        fq = insert_fake_quant(student, tgt, w_bits, a_bits,
-                               surrogate_weight_bits=surrogate_weight_bits,
-                               quantize_surrogates=quantize_surrogates)
+        fq = PassManager("quantize", pipelines.quantize_passes(
+            tgt, w_bits, a_bits, surrogate_weight_bits=surrogate_weight_bits,
+            quantize_surrogates=quantize_surrogates)).run(student, copy=False)
         student = fq.module
         if device is not None:
             student.to(device)
-        records = list(leg.records) + [fq.record]
+        records = list(leg.records) + fq.records
         vmap = match_values(teacher, student, records)
         blocks = partition(student, granularity, cut_nodes,
                            boundary_ok=boundary_check(student, vmap))

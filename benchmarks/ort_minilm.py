@@ -375,7 +375,7 @@ CENSUS_OPS = INT_OPS + QDQ_OPS + FLOAT_MM + ("Relu", "Add", "Mul", "Sub", "MaxPo
 
 
 def _surrogate_regex():
-    from archnet_fx.legalize import surrogate_families
+    from archnet_fx.pipelines import surrogate_families
 
     names = sorted({c.name for _, cs in surrogate_families() for c in cs}, key=len, reverse=True)
     return re.compile(r"^(?:fq_[aw]_)?([a-z_]+?)(?:_\d+)?_(" + "|".join(map(re.escape, names))

@@ -1,6 +1,6 @@
 """Structural tiling: exact rewrites of conv/linear nodes that break a target's *limits*.
 
-Run by legalization after every surrogate family (``structural_passes(target)``), so they also
+Run by legalization after every surrogate family (:func:`archnet_fx.pipelines.legalize_passes`), so they also
 see convs and linears the surrogates created. Two passes, each a table of rules:
 
 ``tile_kernels`` — a conv whose kernel size is not in the target's ``kernel_sizes``:

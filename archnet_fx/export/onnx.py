@@ -653,7 +653,8 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     import onnx
 
     from archnet_fx.quant.qdq import Dequantize
-    from archnet_fx.quant.convert import convert
+    from archnet_fx import pipelines
+    from archnet_fx.infra.manager import PassManager
     from archnet_fx.quant.fakequant import quantizers
 
     module, tgt = _resolve(result_or_module, target)
@@ -665,8 +666,8 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         if tgt is None:
             raise ExportError("the module holds fake quantizers: pass target= so they can be "
                               "converted to integer Q/DQ")
-        conv_res = convert(module, tgt)
-        module, convert_record = conv_res.module, conv_res.record
+        conv_res = PassManager("convert", pipelines.convert_passes(tgt)).run(module)
+        module, convert_record = conv_res.module, conv_res.records[0]
     if example_inputs is None:
         stored = module.meta.get(EXAMPLE_META_KEY)  # (args, kwargs) from capture
         if stored is None:

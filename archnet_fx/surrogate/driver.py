@@ -24,7 +24,8 @@ from archnet_fx.infra.graphpass import GraphPass
 from archnet_fx.infra.records import PassRecord
 from archnet_fx.infra.rules import Replacement, RewriteContext, apply_rule
 from archnet_fx.ir.opkinds import node_kind
-from archnet_fx.legality import surrogate_verdicts, unsupported_nodes
+from archnet_fx.ir.meta import HOST_FALLBACK_KEY
+from archnet_fx.legality import check, surrogate_verdicts, unsupported_nodes
 from archnet_fx.surrogate.base import DEFAULT_STYLE, STYLES, Candidate, Surrogate, default_order
 from archnet_fx.surrogate.observe import NodeSamples, Ranges
 from archnet_fx.targets import Target
@@ -124,3 +125,20 @@ class SurrogatePass(GraphPass):
         if self.chosen:
             record.notes.append("chosen: " + ", ".join(f"{n}→{c}" for n, c in
                                                        self.chosen.items()))
+
+
+class MarkHostFallback(GraphPass):
+    """Mark the nodes no candidate could legalize as host fallback (explicit, recorded)."""
+    name = "host_fallback"
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    def apply(self, gm: torch.fx.GraphModule, record: PassRecord) -> None:
+        by_name = {n.name: n for n in gm.graph.nodes}
+        for v in check(gm, self.target).unsupported:
+            n = by_name.get(v.node)
+            if n is not None:
+                n.meta[HOST_FALLBACK_KEY] = True
+                record.rule_hits[f"host:{v.kind}"] += 1
+                record.notes.append(f"{n.name} ({v.kind}) runs on the host: {v.reason}")
