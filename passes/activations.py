@@ -21,12 +21,17 @@ multiply by a (trainable) constant, so they are legal on every built-in target:
   four elementwise ops (a multiply, an add, a clamp, a product of two activations) where
   ``relu_form``'s trainable hinge takes seven.
 
+Everything the family knows per kind — the reference function, the slope the PWL is pinned to
+on the left, the saturation range the fit always covers, the hard (ReLU) form and the exact
+knots — is one row of :data:`POINTWISE`; the candidates are generated from those rows.
+
 The pass fires only where the target lacks the kind (on ``dsp_c`` GELU, SiLU, sigmoid and tanh
 are native lookup tables and stay).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -39,9 +44,6 @@ from archnet_fx.ir.opargs import call_kwargs
 from archnet_fx.surrogate.pwl import PWL, subsample
 from archnet_fx.surrogate.base import Candidate, Surrogate
 from archnet_fx.surrogate.products import make_mul
-
-KINDS = ("gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "elu", "softplus", "mish",
-         "erf", "leaky_relu", "relu6", "clamp", "prelu")
 
 _PWL_NEEDS = frozenset({"linear", "relu", "reshape", "add", "mul"})
 
@@ -67,76 +69,119 @@ def _params(node: torch.fx.Node, gm: torch.nn.Module) -> dict[str, Any]:
     return call_kwargs(node, gm) or {}
 
 
-def reference(kind: str, node: torch.fx.Node, gm: torch.nn.Module
-              ) -> Callable[[torch.Tensor], torch.Tensor] | str:
-    """The exact function a node computes, as a callable on float64 tensors."""
-    p = _params(node, gm)
-    if kind == "gelu":
-        approx = p.get("approximate", "none") or "none"
-        return lambda x: F.gelu(x, approximate=approx)
-    if kind == "silu":
-        return F.silu
-    if kind == "sigmoid":
-        return torch.sigmoid
-    if kind == "tanh":
-        return torch.tanh
-    if kind == "hardswish":
-        return F.hardswish
-    if kind == "hardsigmoid":
-        return F.hardsigmoid
-    if kind == "mish":
-        return F.mish
-    if kind == "erf":
-        return torch.erf
-    if kind == "elu":
-        alpha = float(p.get("alpha", 1.0))
-        scale = float(p.get("scale", 1.0))
-        if node.op != "call_module" and "selu" in str(node.target):
-            return F.selu
-        if node.op != "call_module" and "celu" in str(node.target):
-            return lambda x: F.celu(x, alpha)
-        return lambda x: scale * F.elu(x, alpha)
-    if kind == "softplus":
-        beta, thr = float(p.get("beta", 1.0)), float(p.get("threshold", 20.0))
-        return lambda x: F.softplus(x, beta, thr)
-    if kind == "leaky_relu":
-        slope = float(p.get("negative_slope", 0.01))
-        return lambda x: F.leaky_relu(x, slope)
-    if kind == "relu6":
-        return lambda x: x.clamp(0.0, 6.0)
-    if kind == "clamp":
-        lo = p.get("min_val", p.get("min"))
-        hi = p.get("max_val", p.get("max"))
-        if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
-            raise Refuse("clamp bounds are tensors")
-        return lambda x: x.clamp(None if lo is None else float(lo), None if hi is None
-                                 else float(hi))
-    if kind == "prelu":
-        w = p.get("weight")
-        if isinstance(w, torch.Tensor) and w.numel() == 1:
-            a = float(w)
-            return lambda x: F.leaky_relu(x, a)
-        raise Refuse("per-channel PReLU is not pointwise-identical across channels")
-    raise Refuse(f"no reference for {kind}")
+Reference = Callable[[torch.Tensor], torch.Tensor]
+Knots = tuple  # (breakpoints, coefficients, bias, slope): f = bias + slope·x + Σ c relu(x − b)
 
 
-# Asymptotic slope left of the data: the PWL's leftmost segment is pinned to it.
-_LEFT_SLOPE = {"gelu": 0.0, "silu": 0.0, "sigmoid": 0.0, "tanh": 0.0, "hardswish": 0.0,
-               "hardsigmoid": 0.0, "elu": 0.0, "softplus": 0.0, "mish": 0.0, "erf": 0.0,
-               "relu6": 0.0}
+def _elu(p: dict, node: torch.fx.Node) -> Reference:
+    alpha, scale = float(p.get("alpha", 1.0)), float(p.get("scale", 1.0))
+    if node.op != "call_module" and "selu" in str(node.target):
+        return F.selu
+    if node.op != "call_module" and "celu" in str(node.target):
+        return lambda x: F.celu(x, alpha)
+    return lambda x: scale * F.elu(x, alpha)
 
 
-# |x| beyond which the function is flat or linear to within ~1e-4: the fit always covers it, so
-# the PWL's end segments extrapolate with the right asymptotic slopes even when calibration saw
-# only a narrow range (few samples, e.g. a pooler's tanh).
-_SATURATION = {"tanh": 5.0, "erf": 4.0, "sigmoid": 10.0, "gelu": 5.0, "silu": 10.0,
-               "mish": 10.0, "softplus": 10.0, "hardsigmoid": 3.5, "hardswish": 3.5,
-               "elu": 10.0}
+def _clamp(p: dict, node: torch.fx.Node) -> Reference:
+    lo, hi = p.get("min_val", p.get("min")), p.get("max_val", p.get("max"))
+    if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
+        raise Refuse("clamp bounds are tensors")
+    return lambda x: x.clamp(None if lo is None else float(lo), None if hi is None
+                             else float(hi))
+
+
+def _prelu(p: dict, node: torch.fx.Node) -> Reference:
+    w = p.get("weight")
+    if isinstance(w, torch.Tensor) and w.numel() == 1:
+        a = float(w)
+        return lambda x: F.leaky_relu(x, a)
+    raise Refuse("per-channel PReLU is not pointwise-identical across channels")
+
+
+def _one_slope_knots(fn: Reference) -> Knots:
+    """leaky ReLU / one-slope PReLU: a·x + (1 − a)·relu(x)."""
+    a = float(fn(torch.tensor(-1.0)) * -1.0)
+    return [0.0], [1.0 - a], 0.0, a
+
+
+def _clamp_knots(fn: Reference) -> Knots:
+    """Two-sided clamp: lo + relu(x − lo) − relu(x − hi)."""
+    lo_v, hi_v = fn(torch.tensor(-1e30)).item(), fn(torch.tensor(1e30)).item()
+    if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
+        raise Refuse("one-sided clamp: use the pwl candidate")
+    return [lo_v, hi_v], [1.0, -1.0], lo_v, 0.0
+
+
+_RELU: Knots = ([0.0], [1.0], 0.0, 0.0)                              # relu(x)
+_HARD_SIGMOID: Knots = ([-3.0, 3.0], [1 / 6, -1 / 6], 0.0, 0.0)      # relu6(x + 3) / 6
+_HARD_TANH: Knots = ([-1.0, 1.0], [1.0, -1.0], -1.0, 0.0)            # clamp(x, −1, 1)
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """What the family knows about one pointwise kind.
+
+    ``reference(params, node)``: the exact function (float64 in, float64 out); raises
+    :class:`Refuse` where the node has no pointwise meaning. ``left_slope``: the asymptotic
+    slope left of the data, to which the PWL's leftmost segment is pinned (``None``: fitted).
+    ``saturation``: ``|x|`` beyond which the function is flat or linear to within ~1e-4 — the
+    fit always covers it, so the end segments extrapolate with the right slopes even when
+    calibration saw only a narrow range (few samples, e.g. a pooler's tanh). ``hard``: the
+    function's hard (ReLU/clamp) counterpart as knots — Arch-Net's structural form. ``exact``:
+    knots equal to the function (a constant, or computed from the reference).
+    """
+    reference: Callable[[dict, torch.fx.Node], Reference]
+    left_slope: float | None = None
+    saturation: float = 0.0
+    hard: Knots | None = None
+    exact: Knots | Callable[[Reference], Knots] | None = None
+    gate: bool = False  # a self-gated x·σ(kx) form: hard_gate applies
+
+
+def _fixed(fn: Reference) -> Callable[[dict, torch.fx.Node], Reference]:
+    return lambda p, node: fn
+
+
+#: The one table of per-kind facts, in the order candidates are listed.
+POINTWISE: dict[str, Pointwise] = {
+    "gelu": Pointwise(lambda p, n: (lambda x, a=p.get("approximate", "none") or "none":
+                                    F.gelu(x, approximate=a)),
+                      left_slope=0.0, saturation=5.0, hard=_RELU, gate=True),
+    "silu": Pointwise(_fixed(F.silu), left_slope=0.0, saturation=10.0, hard=_RELU, gate=True),
+    "sigmoid": Pointwise(_fixed(torch.sigmoid), left_slope=0.0, saturation=10.0,
+                         hard=_HARD_SIGMOID),
+    "tanh": Pointwise(_fixed(torch.tanh), left_slope=0.0, saturation=5.0, hard=_HARD_TANH),
+    "hardswish": Pointwise(_fixed(F.hardswish), left_slope=0.0, saturation=3.5,
+                           hard=([-3.0, 0.0, 3.0], [0.0, 2 / 3, 1 / 3], 0.0, 0.0)),
+    "hardsigmoid": Pointwise(_fixed(F.hardsigmoid), left_slope=0.0, saturation=3.5,
+                             hard=_HARD_SIGMOID, exact=_HARD_SIGMOID),
+    "elu": Pointwise(_elu, left_slope=0.0, saturation=10.0,
+                     hard=([-1.0, 0.0], [1.0, 0.0], -1.0, 0.0)),       # max(x, −1)
+    "softplus": Pointwise(lambda p, n: (lambda x, b=float(p.get("beta", 1.0)),
+                                        t=float(p.get("threshold", 20.0)): F.softplus(x, b, t)),
+                          left_slope=0.0, saturation=10.0, hard=_RELU),
+    "mish": Pointwise(_fixed(F.mish), left_slope=0.0, saturation=10.0, hard=_RELU),
+    "erf": Pointwise(_fixed(torch.erf), left_slope=0.0, saturation=4.0, hard=_HARD_TANH),
+    "leaky_relu": Pointwise(lambda p, n: (lambda x, a=float(p.get("negative_slope", 0.01)):
+                                          F.leaky_relu(x, a)), exact=_one_slope_knots),
+    "relu6": Pointwise(_fixed(lambda x: x.clamp(0.0, 6.0)), left_slope=0.0,
+                       exact=([0.0, 6.0], [1.0, -1.0], 0.0, 0.0)),
+    "clamp": Pointwise(_clamp, exact=_clamp_knots),
+    "prelu": Pointwise(_prelu, exact=_one_slope_knots),
+}
+
+
+def reference(kind: str, node: torch.fx.Node, gm: torch.nn.Module) -> Reference:
+    """The exact function a node computes, as a callable on float64 tensors (raises
+    :class:`Refuse` where there is none)."""
+    facts = POINTWISE.get(kind)
+    if facts is None:
+        raise Refuse(f"no reference for {kind}")
+    return facts.reference(_params(node, gm), node)
 
 
 def _range(node: torch.fx.Node, ctx: Any) -> tuple[float, float, torch.Tensor | None]:
-    kind = ctx.kind(node)
-    sat = _SATURATION.get(kind, 0.0)
+    sat = POINTWISE[ctx.kind(node)].saturation
     s = ctx.samples(node)
     if s is None or not s.inputs:
         return min(-8.0, -sat), max(8.0, sat), None
@@ -145,39 +190,34 @@ def _range(node: torch.fx.Node, ctx: Any) -> tuple[float, float, torch.Tensor | 
     return min(lo - 0.05 * span, -sat), max(hi + 0.05 * span, sat), s.values(0)
 
 
-def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
+def _knots_surrogate(kind: str, knots: Knots, style: str, node: torch.fx.Node) -> Replacement:
+    b, c, bias, slope = knots
+    pwl = PWL(torch.tensor(b), torch.tensor(c), bias, slope)
+    return Replacement(PointwiseSurrogate(kind, pwl, style), (node.args[0],))
+
+
+# pwl (emulation): f ≈ a + s·x + Σ c_i relu(x − b_i), least squares on the calibrated range.
+def _build_pwl(node: torch.fx.Node, ctx: Any) -> Replacement:
     kind = ctx.kind(node)
     fn = reference(kind, node, ctx.gm)
-    if isinstance(fn, str):
-        raise Refuse(fn)
     lo, hi, samples = _range(node, ctx)
     pwl = PWL.fit(fn, samples, lo, hi, knots=ctx.options.knots,
-                  left_slope=_LEFT_SLOPE.get(kind))
+                  left_slope=POINTWISE[kind].left_slope)
     return Replacement(PointwiseSurrogate(kind, pwl, "emulation"), (node.args[0],))
 
 
-# Hard counterparts as (breakpoints, coefficients, bias, slope): f = bias + slope·x + Σ c relu(x−b)
-_HARD: dict[str, tuple[list[float], list[float], float, float]] = {
-    "gelu": ([0.0], [1.0], 0.0, 0.0),                      # relu(x)
-    "silu": ([0.0], [1.0], 0.0, 0.0),
-    "mish": ([0.0], [1.0], 0.0, 0.0),
-    "softplus": ([0.0], [1.0], 0.0, 0.0),
-    "elu": ([-1.0, 0.0], [1.0, 0.0], -1.0, 0.0),           # max(x, -1) ≈ elu
-    "sigmoid": ([-3.0, 3.0], [1 / 6, -1 / 6], 0.0, 0.0),   # hard sigmoid
-    "hardsigmoid": ([-3.0, 3.0], [1 / 6, -1 / 6], 0.0, 0.0),
-    "tanh": ([-1.0, 1.0], [1.0, -1.0], -1.0, 0.0),         # hard tanh
-    "erf": ([-1.0, 1.0], [1.0, -1.0], -1.0, 0.0),
-    "hardswish": ([-3.0, 0.0, 3.0], [0.0, 2 / 3, 1 / 3], 0.0, 0.0),
-}
-
-
-def _build_relu_form(node: torch.fx.Node, ctx: Any) -> Any:
+# relu_form (structural): the function's hard counterpart (relu, hard sigmoid, hard tanh, ...).
+def _build_relu_form(node: torch.fx.Node, ctx: Any) -> Replacement:
     kind = ctx.kind(node)
-    if kind not in _HARD:
-        raise Refuse(f"no ReLU form for {kind}")
-    b, c, bias, slope = _HARD[kind]
-    pwl = PWL(torch.tensor(b), torch.tensor(c), bias, slope)
-    return Replacement(PointwiseSurrogate(kind, pwl, "structural"), (node.args[0],))
+    return _knots_surrogate(kind, POINTWISE[kind].hard, "structural", node)
+
+
+# relu_exact (exact): a piecewise-linear function written as its own sum of ReLUs.
+def _build_exact(node: torch.fx.Node, ctx: Any) -> Replacement:
+    kind = ctx.kind(node)
+    fn = reference(kind, node, ctx.gm)
+    knots = POINTWISE[kind].exact
+    return _knots_surrogate(kind, knots(fn) if callable(knots) else knots, "exact", node)
 
 
 class HardGate(Surrogate):
@@ -219,11 +259,10 @@ def hard_gate_init(fn: Callable[[torch.Tensor], torch.Tensor], samples: torch.Te
     return _GATE_A[i], _GATE_B[j]
 
 
-def _build_hard_gate(node: torch.fx.Node, ctx: Any) -> Any:
+# hard_gate (structural): x·σ(kx) with its gate made hard, x · clamp(a·x + b, 0, 1).
+def _build_hard_gate(node: torch.fx.Node, ctx: Any) -> Replacement:
     kind = ctx.kind(node)
     fn = reference(kind, node, ctx.gm)
-    if isinstance(fn, str):
-        raise Refuse(fn)
     shape = ctx.shape(node.args[0])
     mul = make_mul(ctx.target, shapes=(shape, shape), exact=True)
     if isinstance(mul, str):
@@ -233,50 +272,22 @@ def _build_hard_gate(node: torch.fx.Node, ctx: Any) -> Any:
     return Replacement(HardGate(kind, a, b, mul), (node.args[0],))
 
 
-CANDIDATES = tuple(
-    Candidate(name, kind, style, _PWL_NEEDS, build, doc)
-    for kind in KINDS
-    for name, style, build, doc in (
-        ("pwl", "emulation", _build_pwl,
-         "f(x) ≈ a + s x + Σ c_i relu(x − b_i), fitted on the calibrated range"),
-        ("relu_form", "structural", _build_relu_form,
-         "the function's hard (ReLU/clamp) counterpart as a few-knot ReLU sum, trainable"),
-    )
-    if not (name == "relu_form" and kind not in _HARD)
-)
-
-# Clamp-like kinds have only an exact PWL; add an exact candidate so there are two there too.
-_EXACT_KNOTS = {"relu6": ([0.0, 6.0], [1.0, -1.0], 0.0, 0.0),
-                "hardsigmoid": ([-3.0, 3.0], [1 / 6, -1 / 6], 0.0, 0.0)}  # relu6(x+3)/6
-
-
-def _build_exact(node: torch.fx.Node, ctx: Any) -> Any:
-    kind = ctx.kind(node)
-    fn = reference(kind, node, ctx.gm)
-    if isinstance(fn, str):
-        raise Refuse(fn)
-    if kind in _EXACT_KNOTS:
-        b, c, bias, slope = _EXACT_KNOTS[kind]
-    elif kind == "leaky_relu" or kind == "prelu":
-        a = float(fn(torch.tensor(-1.0)) * -1.0)
-        b, c, bias, slope = [0.0], [1.0 - a], 0.0, a
-    elif kind == "clamp":
-        lo_v = fn(torch.tensor(-1e30)).item()
-        hi_v = fn(torch.tensor(1e30)).item()
-        if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
-            raise Refuse("one-sided clamp: use the pwl candidate")
-        b, c, bias, slope = [lo_v, hi_v], [1.0, -1.0], lo_v, 0.0
-    else:
-        raise Refuse(f"no exact ReLU form for {kind}")
-    pwl = PWL(torch.tensor(b), torch.tensor(c), bias, slope)
-    return Replacement(PointwiseSurrogate(kind, pwl, "exact"), (node.args[0],))
+def _candidates(kind: str, facts: Pointwise) -> list[Candidate]:
+    out = [Candidate("pwl", kind, "emulation", _PWL_NEEDS, _build_pwl,
+                     "f(x) ≈ a + s x + Σ c_i relu(x − b_i), fitted on the calibrated range")]
+    if facts.hard is not None:
+        out.append(Candidate("relu_form", kind, "structural", _PWL_NEEDS, _build_relu_form,
+                             "the function's hard (ReLU/clamp) counterpart as a few-knot ReLU "
+                             "sum, trainable"))
+    if facts.exact is not None:
+        out.append(Candidate("relu_exact", kind, "exact", _PWL_NEEDS, _build_exact,
+                             "exact piecewise-linear function as a sum of ReLUs"))
+    if facts.gate:
+        out.append(Candidate("hard_gate", kind, "structural", frozenset({"mul", "add", "clamp"}),
+                             _build_hard_gate, "x · clamp(a·x + b, 0, 1) (the gate of x·σ(kx) "
+                             "made hard), a, b trainable", needs_mul=True))
+    return out
 
 
-CANDIDATES = CANDIDATES + tuple(
-    Candidate("relu_exact", kind, "exact", _PWL_NEEDS, _build_exact,
-              "exact piecewise-linear function as a sum of ReLUs")
-    for kind in ("relu6", "hardsigmoid", "leaky_relu", "prelu", "clamp")) + tuple(
-    Candidate("hard_gate", kind, "structural", frozenset({"mul", "add", "clamp"}),
-              _build_hard_gate, "x · clamp(a·x + b, 0, 1) (the gate of x·σ(kx) made hard), a, b "
-              "trainable", needs_mul=True)
-    for kind in ("gelu", "silu"))
+#: Every candidate of the family, per kind of :data:`POINTWISE`, in the order they are listed.
+CANDIDATES = tuple(c for kind, facts in POINTWISE.items() for c in _candidates(kind, facts))
