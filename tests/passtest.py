@@ -237,3 +237,45 @@ def captured_zoo(name: str, method: str = "auto"):
     from archnet_fx.demo import zoo
     model, ex = zoo.get_model(name)
     return model, ex, ax.capture(model, ex, method=method)
+
+
+# --------------------------------------------------------------------------- surrogate families
+
+def family_pass(family: str, target: Any, ranges: Mapping[str, Any] | None = None,
+                **options: Any) -> GraphPass:
+    """The legalization pass of one surrogate family (``archnet_fx.passes.<family>``) for
+    ``target``, with :class:`LegalizeOptions` ``options`` (choices, prefer, knots)."""
+    import importlib
+
+    from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
+    cands = importlib.import_module(f"archnet_fx.passes.{family}").CANDIDATES
+    return SurrogatePass(family, cands, ax.load_target(target), dict(ranges or {}),
+                         LegalizeOptions(**options))
+
+
+def run_family(family: str, model_or_gm: Any, example: Any = None, target: Any = "npu_a", *,
+               calib: Any = None, method: str = "auto", **options: Any
+               ) -> tuple[torch.fx.GraphModule, PassResult, GraphPass]:
+    """Capture, canonicalize, observe the illegal nodes' inputs on ``calib`` (default: the
+    example and its seeded twin) and run one family's pass as legalization does.
+
+    Returns ``(before, result, pass)`` for :func:`assert_pass` and :func:`assert_idempotent`;
+    ``before`` is the canonicalized graph the pass was given (and must not have edited).
+    """
+    from archnet_fx.capture import calibration_batches
+    from archnet_fx.infra.manager import PassManager
+    from archnet_fx.pipelines import canonicalize_passes
+    from archnet_fx.surrogate.observe import observe
+
+    gm = as_captured(model_or_gm, example, method)
+    canon = PassManager("canonicalize", canonicalize_passes(), verify=False).run(gm).module
+    tgt = ax.load_target(target)
+    watch = {v.node for v in ax.check(canon, tgt).unsupported}
+    ex = canon.meta[EXAMPLE_META_KEY]
+    if calib is None:  # the captured (args, kwargs) and its seeded twin, as user batches
+        calib = [k if k and not a else a for a, k in (ex, seeded_like(ex))]
+    batches = calibration_batches(calib)
+    ranges = observe(canon, batches, watch) if watch else {}
+    p = family_pass(family, tgt, ranges, **options)
+    before, result = run_pass(p, canon)
+    return before, result, p

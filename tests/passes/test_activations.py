@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import archnet_fx as ax
+from passtest import assert_idempotent, assert_pass, run_family
 from archnet_fx.passes.activations import HardGate, PointwiseSurrogate, hard_gate_init
 from surrogate_check import assert_body_legal, assert_grads_flow, call, forms, surrogates
 
@@ -164,3 +165,26 @@ def test_relu6_and_clamp_stay_native_on_npu_b():
     m = Wrap(nn.ReLU6())
     res = ax.legalize(m, "npu_b", _x(), verify=False)
     assert not res.choices
+
+
+_GELU_SIGMOID = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16), nn.Sigmoid())
+
+
+@pytest.mark.parametrize("target", ["npu_a", "npu_b"])
+def test_family_through_the_shared_helper(target):
+    """GELU and sigmoid become PWL surrogates within 5e-3 (32 knots on the calibrated range);
+    golden kinds; the rule fired twice; idempotent."""
+    torch.manual_seed(0)
+    before, res, p = run_family("activations", _GELU_SIGMOID, (torch.randn(4, 16),), target)
+    assert_pass(res, before, fired={"pwl": 2},
+                hist={"linear": 2, "surrogate:gelu": 1, "surrogate:sigmoid": 1},
+                atol=5e-3, rtol=0.0)
+    assert_idempotent(p, res)
+
+
+def test_family_does_not_fire_where_the_kinds_are_native():
+    """dsp_c runs GELU and sigmoid as lookup tables: nothing changes."""
+    torch.manual_seed(0)
+    before, res, _ = run_family("activations", _GELU_SIGMOID, (torch.randn(4, 16),), "dsp_c")
+    assert_pass(res, before, fired={}, hist={"linear": 2, "gelu": 1, "sigmoid": 1},
+                atol=0.0, rtol=0.0)

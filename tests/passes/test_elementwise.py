@@ -27,7 +27,9 @@ from torch import nn
 import archnet_fx as ax
 from archnet_fx.ir.meta import PROLOGUE_KEY
 from archnet_fx.capture import calibration_batches
-from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
+
+from passtest import assert_idempotent, assert_pass, family_pass
+from passtest import run_family as run_one_family
 from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.passes.elementwise import CANDIDATES, KINDS
 from archnet_fx.infra.manager import PassManager
@@ -203,9 +205,7 @@ def second(case: Case) -> tuple:
 
 def run_family(gm: torch.fx.GraphModule, ranges: dict, target: str,
                choices: dict[str, str] | None = None):
-    p = SurrogatePass("elementwise", CANDIDATES, load_target(target), ranges,
-                      LegalizeOptions(dict(choices or {})))
-    return p(gm)
+    return family_pass("elementwise", target, ranges, choices=dict(choices or {}))(gm)
 
 
 def _illegal_kinds(gm: torch.fx.GraphModule, target: str) -> set[str]:
@@ -396,3 +396,24 @@ def test_pole_in_range_is_refused_and_second_run_is_a_no_op() -> None:
     once = run_family(gm, ranges, "npu_b")
     twice = run_family(once.module, ranges, "npu_b")
     assert not twice.record.rule_hits and not twice.modified
+
+
+class _ExpAbs(nn.Module):
+    def forward(self, x):
+        return torch.exp(x.clamp(-4, 2)) + x.abs()
+
+
+@pytest.mark.parametrize("target,fired,hist", [
+    ("npu_a", {"pwl": 1, "relu_pair": 1},
+     {"add": 1, "clamp": 1, "surrogate:abs": 1, "surrogate:exp": 1}),
+    # dsp_c has exp as a lookup table: only abs is rewritten there
+    ("dsp_c", {"relu_pair": 1}, {"add": 1, "clamp": 1, "exp": 1, "surrogate:abs": 1}),
+])
+def test_family_through_the_shared_helper(target, fired, hist):
+    """exp → PWL (within 1e-3 of max|y| ≈ 10.8 on the calibrated range), |x| → the exact
+    relu(x) + relu(−x); golden kinds; idempotent."""
+    g = torch.Generator().manual_seed(0)
+    before, res, p = run_one_family("elementwise", _ExpAbs(), (torch.randn(2, 6, 8, generator=g),),
+                                target)
+    assert_pass(res, before, fired=fired, hist=hist, atol=1.1e-2, rtol=0.0)
+    assert_idempotent(p, res)

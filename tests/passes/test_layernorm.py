@@ -24,7 +24,9 @@ import archnet_fx.targets as targets_pkg
 from archnet_fx.demo import zoo
 from archnet_fx.capture import calibration_batches
 from archnet_fx.legalize import legalize
-from archnet_fx.surrogate.driver import LegalizeOptions, SurrogatePass
+
+from passtest import assert_idempotent, assert_pass, family_pass
+from passtest import run_family as run_one_family
 from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.passes.layernorm import CANDIDATES, NormMatch, affine_init, fit_rsqrt
 from archnet_fx.infra.manager import PassManager
@@ -145,8 +147,7 @@ def run_family(model, ex, target, prefer: str = "emulation", calib=None, method:
     tgt = ax.load_target(target)
     watch = {v.node for v in ax.check(canon, tgt).unsupported}
     ranges = observe(canon, calibration_batches(calib, ex), watch) if watch else {}
-    p = SurrogatePass("layernorm", CANDIDATES, tgt, ranges, LegalizeOptions(prefer=prefer))
-    return canon, p(canon)
+    return canon, family_pass("layernorm", tgt, ranges, prefer=prefer)(canon)
 
 
 def _out(m, ex):
@@ -198,8 +199,7 @@ def test_candidate_fires_legal_and_trainable(model, prefer, target):
 
 
 def _again(gm, target):
-    tgt = ax.load_target(target)
-    return SurrogatePass("layernorm", CANDIDATES, tgt, {}, LegalizeOptions())(gm)
+    return family_pass("layernorm", target)(gm)
 
 
 # --------------------------------------------------------------------------- approximation
@@ -348,3 +348,17 @@ def test_legalize_leaves_no_norms(name, target):
     assert not mine & set(rep.host_fallback_counts), rep.host_fallback_counts
     assert len([s for s in surrogates(res.module)
                 if s.replaces in ("layer_norm", "rms_norm")]) == 5
+
+
+@pytest.mark.parametrize("target", ["npu_a", "npu_b", "dsp_c"])
+def test_family_through_the_shared_helper(target):
+    """nn.LayerNorm → ln_emulate within 2e-3 of the normalised output; golden kinds; fired
+    once; idempotent; and nothing to do on a graph without a norm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+    before, res, p = run_one_family("layernorm", model, (torch.randn(4, 8, 16),), target)
+    assert_pass(res, before, fired={"ln_emulate": 1},
+                hist={"linear": 1, "surrogate:layer_norm": 1}, atol=2e-3, rtol=0.0)
+    assert_idempotent(p, res)
+    before, res, _ = run_one_family("layernorm", nn.Linear(16, 16), (torch.randn(4, 16),), target)
+    assert_pass(res, before, fired={}, hist={"linear": 1}, atol=0.0, rtol=0.0)

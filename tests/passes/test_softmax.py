@@ -31,7 +31,7 @@ from archnet_fx.passes.softmax import (CANDIDATES, MASK_THRESHOLD, ReluAttention
                                        SoftmaxPWL, exp_floor, pow_kernel_init,
                                        relu_attention_init)
 from archnet_fx.surrogate.products import RowSum
-from passtest import captured_zoo
+from passtest import assert_idempotent, assert_pass, captured_zoo, run_family
 from surrogate_check import assert_body_legal, assert_grads_flow, forms, surrogates
 
 TARGETS = ("npu_a", "npu_b", "dsp_c")
@@ -358,3 +358,27 @@ def test_zoo_leaves_no_softmax(name, target):
     assert rep.host_fallback_counts["softmax"] == 0
     picked = {n: c for n, c in res.choices.items() if n.startswith("softmax")}
     assert len(picked) == 2 and set(picked.values()) == {"softmax_pwl"}
+
+
+class _ScaledAttention(nn.Module):
+    def forward(self, q, k):
+        return torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+
+
+@pytest.mark.parametrize("target", ["npu_a", "npu_b", "dsp_c"])
+def test_family_through_the_shared_helper(target):
+    """The softmax family alone, as legalization runs it: numerics within 1e-3 of the row
+    maximum (PWL emulation), golden kinds, the rule fired once, idempotent."""
+    g = torch.Generator().manual_seed(0)
+    ex = (torch.randn(2, 8, 16, generator=g), torch.randn(2, 8, 16, generator=g))
+    before, res, p = run_family("softmax", _ScaledAttention(), ex, target)
+    assert_pass(res, before, fired={"softmax_pwl": 1},
+                hist={"matmul": 1, "mul": 1, "permute": 1, "surrogate:softmax": 1},
+                atol=1e-3, rtol=0.0)
+    assert_idempotent(p, res)
+
+
+def test_family_does_not_fire_without_softmax():
+    before, res, _ = run_family("softmax", nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
+                                (torch.randn(2, 8),), "npu_a")
+    assert_pass(res, before, fired={}, hist={"linear": 1, "relu": 1}, atol=0.0, rtol=0.0)
