@@ -50,7 +50,7 @@ from archnet_fx.infra.records import PassRecord
 from archnet_fx import pipelines
 from archnet_fx.infra.manager import PassManager
 from archnet_fx.pipelines import as_graph_module
-from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled, insert_fake_quant
+from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled
 from archnet_fx.surrogate.base import DEFAULT_STYLE
 from archnet_fx.targets import Target, load_target
 

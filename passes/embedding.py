@@ -49,6 +49,8 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +82,7 @@ class Lookup:
     padding_idx: int | None = None
     max_norm: float | None = None
     norm_type: float = 2.0
+    anchor: torch.fx.Node | None = None  # the lookup node (set by the matcher)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The lookup evaluated on concrete ``ids`` (on a copy: max_norm renormalises in place)."""
@@ -139,7 +142,8 @@ def read_lookup(node: torch.fx.Node, gm: torch.nn.Module, kind: str) -> Lookup |
     return look
 
 
-def _lookup(node: torch.fx.Node, ctx: Any) -> Lookup | str:
+def match_lookup(node: torch.fx.Node, ctx: Any) -> Lookup:
+    """The rule protocol's matcher: the lookup ``node`` performs, with integer graph ids."""
     look = read_lookup(node, ctx.gm, ctx.kind(node))
     if isinstance(look, str):
         raise Refuse(look)
@@ -148,7 +152,7 @@ def _lookup(node: torch.fx.Node, ctx: Any) -> Lookup | str:
     dt = ctx.dtype(look.ids)
     if dt is not None and (dt.is_floating_point or dt.is_complex):
         raise Refuse(f"ids have dtype {dt}")
-    return look
+    return dataclasses.replace(look, anchor=node)
 
 
 def _const_value(node: torch.fx.Node, gm: torch.fx.GraphModule,
@@ -179,13 +183,13 @@ def _const_value(node: torch.fx.Node, gm: torch.fx.GraphModule,
 # --------------------------------------------------------------------------- const_rows
 
 
-def _build_const_rows(node: torch.fx.Node, ctx: Any) -> Any:
+def _constant_ids(look: Lookup, ctx: Any) -> str | None:
+    return "ids depend on a graph input" if look.ids in input_dependent(ctx.gm) else None
+
+
+def _build_const_rows(look: Lookup, ctx: Any) -> Replacement:
     # T[c] for constant ids c is itself a constant: store it (trainable) and read it.
-    look = _lookup(node, ctx)
-    if isinstance(look, str):
-        raise Refuse(look)
-    if look.ids in input_dependent(ctx.gm):
-        raise Refuse("ids depend on a graph input")
+    node = look.anchor
     with torch.no_grad():
         ids = _const_value(look.ids, ctx.gm, {})
         if not isinstance(ids, torch.Tensor):
@@ -252,14 +256,16 @@ class OneHotLinear(Surrogate):
                 f"{len(self.ins)}×{len(self.outs)} chunks")
 
 
-def _build_onehot_linear(node: torch.fx.Node, ctx: Any) -> Any:
-    # T[ids] = onehot(ids) @ T; onehot on the host (integer input), @ T on chip in chunks.
-    look = _lookup(node, ctx)
-    if isinstance(look, str):
-        raise Refuse(look)
+def _no_max_norm(look: Lookup, ctx: Any) -> str | None:
     if look.max_norm is not None:
-        raise Refuse("max_norm renormalises looked-up rows of the table in place at every call; a "
+        return ("max_norm renormalises looked-up rows of the table in place at every call; a "
                 "one-hot matmul cannot reproduce that (choose host_lookup)")
+    return None
+
+
+def _build_onehot_linear(look: Lookup, ctx: Any) -> Replacement:
+    # T[ids] = onehot(ids) @ T; onehot on the host (integer input), @ T on chip in chunks.
+    node = look.anchor
     if look.ids not in input_dependent(ctx.gm):
         raise Refuse("ids are constant: const_rows stores the rows instead")
     lim = ctx.target.limits("linear")
@@ -285,16 +291,18 @@ def _chosen(node: torch.fx.Node, ctx: Any) -> bool:
     return choice in ("host_lookup", "host") or (choice is None and opts.prefer == "host")
 
 
-def _build_host_lookup(node: torch.fx.Node, ctx: Any) -> Any:
-    # y = T[ids] unchanged, computed on the host before the chip runs.
-    if not _chosen(node, ctx):
-        raise Refuse("runs only when chosen (choices={'embedding': 'host_lookup'} or "
+def _chosen_with_input_ids(look: Lookup, ctx: Any) -> str | None:
+    if not _chosen(look.anchor, ctx):
+        return ("runs only when chosen (choices={'embedding': 'host_lookup'} or "
                 "prefer='host')")
-    look = _lookup(node, ctx)
-    if isinstance(look, str):
-        raise Refuse(look)
     if look.ids not in input_dependent(ctx.gm):
-        raise Refuse("ids are constant: const_rows stores the rows instead")
+        return "ids are constant: const_rows stores the rows instead"
+    return None
+
+
+def _build_host_lookup(look: Lookup, ctx: Any) -> Replacement:
+    # y = T[ids] unchanged, computed on the host before the chip runs.
+    node = look.anchor
     with ctx.graph.inserting_before(node):
         new = ctx.graph.node_copy(node)
     new.meta[FROM_PASS_KEY] = ctx.pass_name
@@ -304,14 +312,15 @@ def _build_host_lookup(node: torch.fx.Node, ctx: Any) -> Any:
 
 
 CANDIDATES: tuple[Candidate, ...] = tuple(
-    Candidate(name, kind, style, needs, build, doc)
+    Candidate(name, kind, style, needs, build, doc, match=match_lookup, filter=filter_)
     for kind in KINDS
-    for name, style, needs, build, doc in (
-        ("const_rows", "exact", frozenset(), _build_const_rows,
+    for name, style, needs, build, filter_, doc in (
+        ("const_rows", "exact", frozenset(), _build_const_rows, _constant_ids,
          "T[c] for constant ids c stored as a trainable constant"),
         ("onehot_linear", "exact", frozenset({"linear", "slice", "add"}), _build_onehot_linear,
+         _no_max_norm,
          "onehot(ids) on the host, @ T on chip as chunked linears (≤ max_channels inputs)"),
-        ("host_lookup", "host", frozenset(), _build_host_lookup,
+        ("host_lookup", "host", frozenset(), _build_host_lookup, _chosen_with_input_ids,
          "the lookup itself, run in the host prologue"),
     )
 )

@@ -50,6 +50,8 @@ either ``mul`` or ``matmul`` of two activations — legal on ``npu_a``, ``npu_b`
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 from dataclasses import dataclass, field
@@ -175,6 +177,7 @@ class NormMatch:
     bias: torch.Tensor | None
     out: torch.fx.Node                # node whose uses the surrogate takes over
     nodes: set = field(default_factory=set)  # every node of the match (chains)
+    anchor: torch.fx.Node | None = None  # the node the rule was tried on
 
     @property
     def center(self) -> bool:
@@ -504,19 +507,21 @@ def _rsqrt_range(ms: torch.Tensor | None, eps: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------- builders
 
 
-def _match(node: torch.fx.Node, ctx: Any) -> NormMatch | str:
-    kind = ctx.kind(node)
-    return match_op(node, ctx) if kind in NORM_KINDS else match_chain(node, ctx)
+def match_norm(node: torch.fx.Node, ctx: Any) -> NormMatch:
+    """The rule protocol's matcher: the norm ``node`` is (an op) or belongs to (a hand-written
+    chain, whose last node the surrogate replaces); refuses with the reason there is none."""
+    m = match_op(node, ctx) if ctx.kind(node) in NORM_KINDS else match_chain(node, ctx)
+    if isinstance(m, str):
+        raise Refuse(m)
+    return dataclasses.replace(m, anchor=node)
 
 
 def _reducer(target: Target) -> str:
     return "mean" if target.supports("mean") else "linear"
 
 
-def build_emulate(node: torch.fx.Node, ctx: Any) -> Any:
-    m = _match(node, ctx)
-    if isinstance(m, str):
-        raise Refuse(m)
+def build_emulate(m: NormMatch, ctx: Any) -> Replacement:
+    node = m.anchor
     scale = make_mul(ctx.target, "row_y", exact=True)
     if isinstance(scale, str):
         raise Refuse(scale)
@@ -553,10 +558,8 @@ def affine_init(m: NormMatch, xrows: torch.Tensor | None, ms: torch.Tensor | Non
     return a.float(), b.float()
 
 
-def build_affine(node: torch.fx.Node, ctx: Any) -> Any:
-    m = _match(node, ctx)
-    if isinstance(m, str):
-        raise Refuse(m)
+def build_affine(m: NormMatch, ctx: Any) -> Replacement:
+    node = m.anchor
     xrows, ms = _rows(m, node, ctx)
     a, b = affine_init(m, xrows, ms)
     mod = NormAffine(m.replaces, a, b)
@@ -567,7 +570,7 @@ _EMU_NEEDS = frozenset({"linear", "relu", "reshape", "add", "mul"})
 _AFFINE_NEEDS = frozenset({"mul", "add"})
 
 CANDIDATES: tuple[Candidate, ...] = tuple(
-    Candidate(name, kind, style, needs, build, doc, needs_mul)
+    Candidate(name, kind, style, needs, build, doc, needs_mul, match=match_norm)
     for kind, prefix in (("layer_norm", "ln"), ("rms_norm", "rms"))
     for name, style, needs, build, doc, needs_mul in (
         (f"{prefix}_emulate", "emulation", _EMU_NEEDS | ({"sub"} if kind == "layer_norm"
@@ -577,7 +580,7 @@ CANDIDATES: tuple[Candidate, ...] = tuple(
          "per-channel x·a+b, least squares against the norm on calibration rows", False),
     )
 ) + tuple(
-    Candidate(name, kind, style, needs, build, doc, needs_mul)
+    Candidate(name, kind, style, needs, build, doc, needs_mul, match=match_norm)
     for kind in CHAIN_KINDS
     for name, style, needs, build, doc, needs_mul in (
         ("norm_chain_emulate", "emulation", _EMU_NEEDS, build_emulate,
@@ -588,4 +591,4 @@ CANDIDATES: tuple[Candidate, ...] = tuple(
 )
 
 __all__ = ["CANDIDATES", "NormAffine", "NormEmulation", "NormMatch", "fit_rsqrt", "match_chain",
-           "match_op"]
+           "match_norm", "match_op"]

@@ -288,6 +288,7 @@ class SoftmaxMatch:
     rank: int
     n: int                 # length of the softmax axis
     dim: int | None        # None: the last axis; else the (non-negative) softmax axis
+    anchor: torch.fx.Node | None = None  # the softmax node
 
 
 def _valid_max(rows: torch.Tensor) -> torch.Tensor:
@@ -296,8 +297,9 @@ def _valid_max(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, rows, torch.full_like(rows, -math.inf)).amax(-1, keepdim=True)
 
 
-def match(node: torch.fx.Node, ctx: Any) -> SoftmaxMatch | str:
-    """Input, rank and row length of a softmax node in any form, or why it is not replaced."""
+def match(node: torch.fx.Node, ctx: Any) -> SoftmaxMatch:
+    """Input, rank and row length of a softmax node in any form (the rule protocol's matcher);
+    raises :class:`Refuse` with the reason it is not replaced."""
     if node.op == "call_module":
         mod = ctx.gm.get_submodule(node.target)
         x, dim = node.args[0] if node.args else node.kwargs.get("input"), getattr(mod, "dim", None)
@@ -329,7 +331,7 @@ def match(node: torch.fx.Node, ctx: Any) -> SoftmaxMatch | str:
         raise Refuse(f"rank {rank} > 5: the row max (max_pool) supports ranks up to 5")
     if dtype is not None and ctx.dtype(x) is not None and dtype != ctx.dtype(x):
         raise Refuse(f"softmax with a dtype cast to {dtype} is not replaced")
-    return SoftmaxMatch(x, rank, int(shape[d]), None if d == rank - 1 else d)
+    return SoftmaxMatch(x, rank, int(shape[d]), None if d == rank - 1 else d, node)
 
 
 def _rows(node: torch.fx.Node, ctx: Any, m: SoftmaxMatch) -> torch.Tensor | None:
@@ -355,31 +357,26 @@ def exp_floor(rows: torch.Tensor | None) -> float:
 # --------------------------------------------------------------------------- builders
 
 
-def _row_prelude(node: torch.fx.Node, ctx: Any, scaled: bool
-                 ) -> tuple[SoftmaxMatch, str | None] | str:
-    """What every row-normalized candidate checks first: the match, the row scale's product
-    form (``scaled``: softmax, not log_softmax) and the transpose a non-last ``dim`` needs;
-    ``(match, mode)`` or why the candidate cannot be built."""
-    m = match(node, ctx)
-    if isinstance(m, str):
-        raise Refuse(m)
-    mode = None
-    if scaled:
-        mul = make_mul(ctx.target, "row_y", exact=True)
-        if isinstance(mul, str):
-            raise Refuse(mul)
-        mode = mul.mode
+def needs_transpose(m: SoftmaxMatch, ctx: Any) -> str | None:
+    """Filter of the row-normalized candidates: a softmax over a non-last axis is transposed
+    to the last one first, which needs the target's permute."""
     if m.dim is not None and not ctx.target.supports("permute"):
-        raise Refuse(f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute")
-    return m, mode
+        return f"softmax over dim {m.dim} needs a transpose; {ctx.target.name} lacks permute"
+    return None
 
 
-def _build_pwl(node: torch.fx.Node, ctx: Any) -> Any:
+def _row_scale_mode(ctx: Any) -> str:
+    """The product form of the final row scale (``p = e · 1/s``) on this target."""
+    mul = make_mul(ctx.target, "row_y", exact=True)
+    if isinstance(mul, str):
+        raise Refuse(mul)
+    return mul.mode
+
+
+def _build_pwl(m: SoftmaxMatch, ctx: Any) -> Replacement:
+    node = m.anchor
     kind = ctx.kind(node)
-    pre = _row_prelude(node, ctx, kind == "softmax")
-    if isinstance(pre, str):
-        raise Refuse(pre)
-    m, mode = pre
+    mode = _row_scale_mode(ctx) if kind == "softmax" else None
     rows = _rows(node, ctx, m)
     mod = SoftmaxPWL(kind, m.rank, m.n, exp_floor(rows), ctx.options.knots, mode,
                      rows.float() if rows is not None else None, m.dim)
@@ -416,11 +413,8 @@ def relu_attention_init(rows: torch.Tensor | None, n: int) -> tuple[float, float
     return best[1], best[2]
 
 
-def _build_relu_attention(node: torch.fx.Node, ctx: Any) -> Any:
-    m = match(node, ctx)
-    if isinstance(m, str):
-        raise Refuse(m)
-    b, g = relu_attention_init(_rows(node, ctx, m), m.n)  # elementwise: any dim as is
+def _build_relu_attention(m: SoftmaxMatch, ctx: Any) -> Replacement:
+    b, g = relu_attention_init(_rows(m.anchor, ctx, m), m.n)  # elementwise: any dim as is
     return Replacement(ReluAttention(b, g), (m.input,))
 
 
@@ -458,16 +452,13 @@ def pow_kernel_init(rows: torch.Tensor | None, squarings: int) -> float:
     return best[1]
 
 
-def _build_pow(node: torch.fx.Node, ctx: Any) -> Any:
-    pre = _row_prelude(node, ctx, True)
-    if isinstance(pre, str):
-        raise Refuse(pre)
-    m, mode = pre
+def _build_pow(m: SoftmaxMatch, ctx: Any) -> Replacement:
+    mode = _row_scale_mode(ctx)
     shape = ctx.shape(m.input)
     square = make_mul(ctx.target, shapes=(shape, shape), exact=True)
     if isinstance(square, str):
         raise Refuse(f"the power kernel squares activations: {square}")
-    a = pow_kernel_init(_rows(node, ctx, m), POW_SQUARINGS)
+    a = pow_kernel_init(_rows(m.anchor, ctx, m), POW_SQUARINGS)
     return Replacement(SoftmaxPow(m.rank, m.n, a, POW_SQUARINGS, ctx.options.knots, mode, square,
                       m.dim, RowSum.best_for(ctx.target)), (m.input,))
 
@@ -477,14 +468,17 @@ _BASE = frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "clamp", "m
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("softmax_pwl", "softmax", "emulation", _BASE, _build_pwl,
               "exact row max (max_pool), PWL exp on [lo, 0], ones-linear row sum, PWL 1/s + one "
-              "Newton step, row scale; masked logits → 0", needs_mul=True),
+              "Newton step, row scale; masked logits → 0", needs_mul=True, match=match,
+              filter=needs_transpose),
     Candidate("relu_attention", "softmax", "structural", frozenset({"add", "relu", "mul"}),
-              _build_relu_attention, "relu(x + b)·g with trainable b, g (Arch-Net)"),
+              _build_relu_attention, "relu(x + b)·g with trainable b, g (Arch-Net)", match=match),
     Candidate("softmax_pow", "softmax", "emulation",
               frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "max_pool", "clamp"}),
               _build_pow, "row max, relu(1 + a·z)^4 for exp (trainable a), row sum (the "
               "target's sum or mean reduction, else a ones-linear), PWL 1/s + one Newton step, "
-              "row scale; cheap on CPU runtimes", needs_mul=True),
+              "row scale; cheap on CPU runtimes", needs_mul=True, match=match,
+              filter=needs_transpose),
     Candidate("softmax_pwl", "log_softmax", "emulation", _BASE, _build_pwl,
-              "(x − rowmax) − PWL log(Σ PWL exp(x − rowmax))"),
+              "(x − rowmax) − PWL log(Σ PWL exp(x − rowmax))", match=match,
+              filter=needs_transpose),
 )
