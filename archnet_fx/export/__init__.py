@@ -1,1 +1,3 @@
-"""archnet_fx.export."""
+"""Export: the converted integer graph as QDQ ONNX (:mod:`~archnet_fx.export.onnx`), checked
+with onnx's checker, an ONNX-level legality scan in the core's op-kind vocabulary, and
+onnxruntime against torch; exact CPU-runtime rewrites; written atomically."""
