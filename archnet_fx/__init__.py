@@ -33,7 +33,7 @@ from archnet_fx.quant.convert import convert
 from archnet_fx.targets import Target, list_targets, load_target
 from archnet_fx.transform import TransformReport, TransformResult, transform
 
-#: Subpackages and modules reachable as attributes (``ax.quant``, ``from archnet_fx import zoo``).
+#: The demo modules under their old names (``from archnet_fx import zoo``, ``... import data``).
 _MODULES = {"zoo": "archnet_fx.demo.zoo", "data": "archnet_fx.demo.data"}
 
 

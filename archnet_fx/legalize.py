@@ -7,7 +7,7 @@ allow_host_fallback=False)``:
 2. find the nodes the target cannot run (:func:`archnet_fx.check`) and record samples of their
    inputs on the calibration data (or the example inputs) — emulation candidates fit their
    breakpoints to these ranges;
-3. run the surrogate families in order (:data:`FAMILIES`): each replaces every illegal node of
+3. run the surrogate families in order (:data:`archnet_fx.pipelines.FAMILIES`): each replaces every illegal node of
    its kinds with a trainable surrogate module chosen per node (see *choices*), built only from
    ops the target has; a candidate whose body turns out illegal on the target is skipped with
    the reason recorded;

@@ -338,7 +338,7 @@ def op_census(path: Path, qualify: bool = False) -> dict[str, int]:
 def npu_a_census(path: Path) -> dict:
     """Op census of an exported file and what of it npu_a could not run: the banned op types
     on the chip's (float) path, those in the host prologue (integer-only inputs: the attention
-    mask's index arithmetic, which :func:`archnet_fx.export.onnx_legality` allows), and the
+    mask's index arithmetic, which :func:`archnet_fx.export.onnx.onnx_legality` allows), and the
     nodes whose kind npu_a lacks."""
     import onnx
 

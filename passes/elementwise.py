@@ -431,8 +431,8 @@ class FromShape(Surrogate):
 
 
 def _pointwise_ref(kind: str, node: torch.fx.Node, ctx: Any
-                   ) -> tuple[Callable, torch.fx.Node, str, float | None] | str:
-    """(fn, tensor input, spacing, left slope) of a unary pointwise node, or why not."""
+                   ) -> tuple[Callable, torch.fx.Node, str, float | None]:
+    """(fn, tensor input, spacing, left slope) of a unary pointwise node (raises Refuse saying why not)."""
     kw = _kw(node, ctx)
     name = target_name(node)
     x = kw.get("input", node.args[0] if node.args else None)
@@ -479,7 +479,7 @@ def _exponent(node: torch.fx.Node, ctx: Any) -> float | None:
 
 
 def _positive_fit(fn: Callable, lo: float, hi: float, knots: int, samples: Any, name: str,
-                  dense: bool = False) -> tuple[PWL, float] | str:
+                  dense: bool = False) -> tuple[PWL, float]:
     """Geometric fit on a one-signed range; returns (pwl, sign) with sign −1 for x < 0."""
     if lo > 0:
         sign = 1.0
@@ -519,8 +519,6 @@ def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
             raise Refuse("integer exponent: the exact product form (candidate 'exact') is used; "
                     f"choose '{name}' explicitly to approximate it")
         ref = _pointwise_ref(kind, node, ctx)
-        if isinstance(ref, str):
-            raise Refuse(ref)
         fn, x, spacing, left = ref
         if not _is_node(x):
             raise Refuse("input is not a tensor")
@@ -541,8 +539,6 @@ def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
             c = _exponent(node, ctx)
             pname = "odd" if (c is not None and c == int(c) and int(c) % 2) else "pow"
         fitted = _positive_fit(fn, lo, hi, knots, samples, pname, dense=style == "emulation")
-        if isinstance(fitted, str):
-            raise Refuse(fitted)
         pwl, sign = fitted
         return Replacement(PWLFunction(kind, pwl, style, sign=sign, scale=sign), (x,))
     return build
@@ -560,7 +556,7 @@ def _build_pow_exact(node: torch.fx.Node, ctx: Any) -> Any:
     return Replacement(IntPower(n, mul), (x,))
 
 
-def _div_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any] | str:
+def _div_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any]:
     kw = _kw(node, ctx)
     if kw.get("rounding_mode") is not None:
         raise Refuse(f"division with rounding_mode={kw['rounding_mode']!r} is not elementwise-smooth")
@@ -570,17 +566,16 @@ def _div_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any] | str:
 def _build_div(style: str, knots_of: Callable[[Any], int]) -> Callable:
     def build(node: torch.fx.Node, ctx: Any) -> Any:
         ops = _div_operands(node, ctx)
-        if isinstance(ops, str):
-            raise Refuse(ops)
         x, y = ops
         if not _is_node(y):
             raise Refuse("divisor is a number (div_to_mul canonicalization handles x / c)")
         rng = _sample_range(node, ctx, y)
         lo, hi, samples = rng if rng is not None else (1e-2, 1e2, None)
-        fitted = _positive_fit(torch.reciprocal, lo, hi, knots_of(ctx), samples, "reciprocal",
-                               dense=style == "emulation")
-        if isinstance(fitted, str):
-            raise Refuse("divisor " + fitted)
+        try:
+            fitted = _positive_fit(torch.reciprocal, lo, hi, knots_of(ctx), samples,
+                                   "reciprocal", dense=style == "emulation")
+        except Refuse as r:
+            raise Refuse("divisor " + r.reason) from None
         pwl, sign = fitted
         if not _is_node(x):  # c / y = c · (1/y): one PWL, scaled
             return Replacement(PWLFunction("div", pwl, style, sign=sign, scale=sign * float(x)), (y,))
@@ -647,8 +642,8 @@ def _build_maxmin(form: str) -> Callable:
     return build
 
 
-def _reduce_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
-    """(input, reduced dims (sorted, non-negative), keepdim, in shape, out shape) or why not."""
+def _reduce_plan(node: torch.fx.Node, ctx: Any) -> tuple:
+    """(input, reduced dims (sorted, non-negative), keepdim, in shape, out shape) (raises Refuse saying why not)."""
     kw = _kw(node, ctx)
     x = kw.get("input", node.args[0] if node.args else None)
     sx, so = _shape(x, ctx), _shape(node, ctx)
@@ -676,8 +671,6 @@ def _out_view(so: tuple[int, ...]) -> tuple[int, ...]:
 
 def _build_rowsum(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _reduce_plan(node, ctx)
-    if isinstance(plan, str):
-        raise Refuse(plan)
     x, dims, _keep, sx, so = plan
     kept = [d for d in range(len(sx)) if d not in dims]
     perm = tuple(kept + list(dims))
@@ -689,8 +682,6 @@ def _build_rowsum(node: torch.fx.Node, ctx: Any) -> Any:
 
 def _build_avg_pool(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _reduce_plan(node, ctx)
-    if isinstance(plan, str):
-        raise Refuse(plan)
     x, dims, _keep, sx, so = plan
     rank = len(sx)
     if rank == 3 and dims == (2,):
@@ -708,7 +699,7 @@ def _build_avg_pool(node: torch.fx.Node, ctx: Any) -> Any:
 # --------------------------------------------------------------------------- masks
 
 
-def _mask_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any, Any] | str:
+def _mask_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any, Any]:
     """(mask, value where mask is true, value where false) of masked_fill / where."""
     kw = _kw(node, ctx)
     if ctx.kind(node) == "masked_fill":
@@ -718,7 +709,7 @@ def _mask_operands(node: torch.fx.Node, ctx: Any) -> tuple[Any, Any, Any] | str:
     return kw["condition"], kw["input"], kw["other"]
 
 
-def _scalar(v: Any, ctx: Any) -> float | None | str:
+def _scalar(v: Any, ctx: Any) -> float | None:
     """A Python number (or a constant 0-d tensor) as float; None for a tensor operand."""
     if isinstance(v, bool):
         return float(v)
@@ -735,8 +726,6 @@ def _scalar(v: Any, ctx: Any) -> float | None | str:
 
 def _build_blend(node: torch.fx.Node, ctx: Any) -> Any:
     ops = _mask_operands(node, ctx)
-    if isinstance(ops, str):
-        raise Refuse(ops)
     mask, a, b = ops
     if not _is_node(mask):
         raise Refuse("mask is not a tensor")
@@ -747,8 +736,6 @@ def _build_blend(node: torch.fx.Node, ctx: Any) -> Any:
                 "target lacks); only masks from integer/bool inputs or constants can be blended")
     ca, cb = _scalar(a, ctx), _scalar(b, ctx)
     for c in (ca, cb):
-        if isinstance(c, str):
-            raise Refuse(c)
         if c is not None and not math.isfinite(c):
             raise Refuse(f"fill value {c} is not finite: x·(1−m) + v·m would give NaN (0·inf); "
                     "candidate 'prologue' or the host can do it")
@@ -798,7 +785,7 @@ def _build_prologue(node: torch.fx.Node, ctx: Any) -> Any:
 # --------------------------------------------------------------------------- expand
 
 
-def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
+def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple:
     """(input, in shape, out shape, in shape with leading 1s to the out rank, their count)."""
     name = target_name(node)
     x = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
@@ -823,8 +810,6 @@ def _expand_plan(node: torch.fx.Node, ctx: Any) -> tuple | str:
 
 def _build_expand_add(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _expand_plan(node, ctx)
-    if isinstance(plan, str):
-        raise Refuse(plan)
     x, sx, so, aligned, extra = plan
     zs = []
     for d, (i, o) in enumerate(zip(aligned, so)):
@@ -839,8 +824,6 @@ def _build_expand_add(node: torch.fx.Node, ctx: Any) -> Any:
 
 def _build_expand_concat(node: torch.fx.Node, ctx: Any) -> Any:
     plan = _expand_plan(node, ctx)
-    if isinstance(plan, str):
-        raise Refuse(plan)
     x, sx, so, aligned, extra = plan
     view = None
     if extra:
@@ -858,8 +841,8 @@ def _build_expand_concat(node: torch.fx.Node, ctx: Any) -> Any:
 # --------------------------------------------------------------------------- pad
 
 
-def _pad_args(node: torch.fx.Node, ctx: Any) -> tuple | str:
-    """(input, its shape, pad list (last dim first), mode, value), or why not."""
+def _pad_args(node: torch.fx.Node, ctx: Any) -> tuple:
+    """(input, its shape, pad list (last dim first), mode, value) (raises Refuse saying why not)."""
     if node.op == "call_module":
         m = ctx.module(node)
         x, pad = node.args[0], m.padding
@@ -889,8 +872,6 @@ def _pad_args(node: torch.fx.Node, ctx: Any) -> tuple | str:
 
 def _build_pad_concat(node: torch.fx.Node, ctx: Any) -> Any:
     args = _pad_args(node, ctx)
-    if isinstance(args, str):
-        raise Refuse(args)
     x, sx, pad, mode, value = args
     if mode not in ("constant", "replicate", "reflect", "circular"):
         raise Refuse(f"padding mode {mode!r}")
@@ -908,8 +889,6 @@ def _build_pad_concat(node: torch.fx.Node, ctx: Any) -> Any:
 
 def _build_pad_conv(node: torch.fx.Node, ctx: Any) -> Any:
     args = _pad_args(node, ctx)
-    if isinstance(args, str):
-        raise Refuse(args)
     x, sx, pad, mode, value = args
     if mode != "constant" or value != 0.0:
         raise Refuse("the conv's own padding pads with zeros only")

@@ -103,8 +103,8 @@ def _tensor_attr(gm: torch.nn.Module, v: Any) -> torch.Tensor | None:
     return None
 
 
-def read_lookup(node: torch.fx.Node, gm: torch.nn.Module, kind: str) -> Lookup | str:
-    """The lookup ``node`` performs, or why it is not a row lookup of a constant 2-D table."""
+def read_lookup(node: torch.fx.Node, gm: torch.nn.Module, kind: str) -> Lookup:
+    """The lookup ``node`` performs (raises Refuse where it is not a row lookup of a constant 2-D table)."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, nn.Embedding):
@@ -145,8 +145,6 @@ def read_lookup(node: torch.fx.Node, gm: torch.nn.Module, kind: str) -> Lookup |
 def match_lookup(node: torch.fx.Node, ctx: Any) -> Lookup:
     """The rule protocol's matcher: the lookup ``node`` performs, with integer graph ids."""
     look = read_lookup(node, ctx.gm, ctx.kind(node))
-    if isinstance(look, str):
-        raise Refuse(look)
     if not isinstance(look.ids, torch.fx.Node):
         raise Refuse("ids are not a graph value")
     dt = ctx.dtype(look.ids)
@@ -252,7 +250,7 @@ class OneHotLinear(Surrogate):
         return torch.cat(rows, 0)
 
     def extra_repr(self) -> str:
-        raise Refuse(f"{super().extra_repr()}, {self.num_embeddings}×{self.embedding_dim} in "
+        return (f"{super().extra_repr()}, {self.num_embeddings}×{self.embedding_dim} in "
                 f"{len(self.ins)}×{len(self.outs)} chunks")
 
 

@@ -112,7 +112,7 @@ class NormEmulation(Surrogate):
     """``y = (d · pwl(Σd²/C)) · γ + β`` with ``d = x − mean(x)`` (LayerNorm) or ``d = x`` (RMS).
 
     ``reduce`` is ``"mean"`` (the target's mean) or ``"linear"`` (a linear with constant 1/C
-    weights); ``scale`` is the row scale ``d · r`` from :func:`~archnet_fx.surrogate.make_mul`:
+    weights); ``scale`` is the row scale ``d · r`` from :func:`~archnet_fx.surrogate.products.make_mul`:
     a ``mul`` of two activations, or a ``matmul`` ``r[..., None] @ d[..., None, :]`` — then Σd²
     is the row dot product ``d[..., None, :] @ d[..., :, None]`` too (both exact).
     """
@@ -402,8 +402,9 @@ def _match_core(core: torch.fx.Node, ctx: Any) -> NormMatch | str:
                      affine.get("add"), y, nodes)
 
 
-def match_chain(anchor: torch.fx.Node, ctx: Any) -> NormMatch | str:
-    """The hand-written norm that ``anchor`` belongs to, or why there is none."""
+def match_chain(anchor: torch.fx.Node, ctx: Any) -> NormMatch:
+    """The hand-written norm that ``anchor`` belongs to (raises :class:`Refuse` saying why
+    there is none)."""
     why = []
     for n in _neighbourhood(anchor):
         if _is(n, "rsqrt", ctx) or _is(n, "sqrt", ctx):
@@ -419,8 +420,9 @@ def match_chain(anchor: torch.fx.Node, ctx: Any) -> NormMatch | str:
     raise Refuse(f"{anchor.name} is not part of a recognised norm chain: " + "; ".join(why[:2]))
 
 
-def match_op(node: torch.fx.Node, ctx: Any) -> NormMatch | str:
-    """A ``layer_norm`` / ``rms_norm`` node in module, functional or ATen form."""
+def match_op(node: torch.fx.Node, ctx: Any) -> NormMatch:
+    """A ``layer_norm`` / ``rms_norm`` node in module, functional or ATen form (raises
+    :class:`Refuse` with the reason it is not one we replace)."""
     kind = ctx.kind(node)
     if node.op == "call_module":
         m = ctx.module(node)
@@ -442,8 +444,9 @@ def match_op(node: torch.fx.Node, ctx: Any) -> NormMatch | str:
     if not isinstance(x, torch.fx.Node):
         raise Refuse("input is not a graph value")
     if not isinstance(shape, (list, tuple)) or len(shape) != 1:
-        return (f"normalized_shape {tuple(shape) if isinstance(shape, (list, tuple)) else shape} "
-                "spans more than the last axis; only last-axis normalization is supported")
+        raise Refuse(f"normalized_shape "
+                     f"{tuple(shape) if isinstance(shape, (list, tuple)) else shape} spans more "
+                     "than the last axis; only last-axis normalization is supported")
     # one trailing dim: it is x's last (a traced ``x.shape[-1]`` entry is a Node, not an int)
     xs = ctx.shape(x)
     ch = int(shape[0]) if isinstance(shape[0], int) else (int(xs[-1]) if xs else None)
@@ -511,8 +514,6 @@ def match_norm(node: torch.fx.Node, ctx: Any) -> NormMatch:
     """The rule protocol's matcher: the norm ``node`` is (an op) or belongs to (a hand-written
     chain, whose last node the surrogate replaces); refuses with the reason there is none."""
     m = match_op(node, ctx) if ctx.kind(node) in NORM_KINDS else match_chain(node, ctx)
-    if isinstance(m, str):
-        raise Refuse(m)
     return dataclasses.replace(m, anchor=node)
 
 

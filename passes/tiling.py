@@ -90,8 +90,8 @@ def _shape(n: Any) -> tuple[int, ...] | None:
     return None
 
 
-def read_op(node: torch.fx.Node, ctx: RewriteContext, kind: str) -> ConvSpec | str:
-    """A :class:`ConvSpec` for a conv/linear node, or the reason it cannot be tiled."""
+def read_op(node: torch.fx.Node, ctx: RewriteContext, kind: str) -> ConvSpec:
+    """A :class:`ConvSpec` for a conv/linear node (raises Refuse with the reason it cannot be tiled)."""
     op = weighted_op(node, ctx.gm, kind)
     if op is None:
         raise Refuse("weights are not constant tensors of the graph")
@@ -162,8 +162,6 @@ def _kernel_violation(node: torch.fx.Node, ctx: RewriteContext
     if lim is None or not lim.kernel_sizes:
         return None
     spec = read_op(node, ctx, "conv")
-    if isinstance(spec, str):
-        raise Refuse(spec)
     ks = tuple(int(k) for k in spec.op.weight.shape[2:])
     if all(k in lim.kernel_sizes for k in ks):
         return None  # legal: nothing to do
@@ -172,8 +170,8 @@ def _kernel_violation(node: torch.fx.Node, ctx: RewriteContext
 
 def _match_patchify(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     v = _kernel_violation(node, ctx)
-    if v is None or isinstance(v, str):
-        return v
+    if v is None:
+        return None
     spec, allowed = v
     ks = tuple(int(k) for k in spec.op.weight.shape[2:])
     if spec.nd != 2 or 1 not in allowed:
@@ -232,8 +230,8 @@ class KernelTiling:
 def _match_tiles(single: bool):
     def match(node: torch.fx.Node, ctx: RewriteContext) -> Any:
         v = _kernel_violation(node, ctx)
-        if v is None or isinstance(v, str):
-            return v
+        if v is None:
+            return None
         spec, allowed = v
         if any(d != 1 for d in spec.dilation):
             raise Refuse("dilated conv")
@@ -329,8 +327,6 @@ def _match_channels(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     if max(in_channels(op), out_channels(op)) <= lim.max_channels:
         return None
     spec = read_op(node, ctx, kind)
-    if isinstance(spec, str):
-        raise Refuse(spec)
     if kind == "conv" and spec.groups > 1:
         g = spec.groups
         per = max(in_channels(op) // g, out_channels(op) // g)

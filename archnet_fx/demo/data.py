@@ -77,7 +77,7 @@ def _gensim_file(name: str) -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            f"archnet_fx.data needs the 'gensim' package for {name!r}; {_GENSIM_HINT}"
+            f"archnet_fx.demo.data needs the 'gensim' package for {name!r}; {_GENSIM_HINT}"
         )
     data_dir = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
     path = data_dir / name
@@ -197,7 +197,7 @@ def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "archnet_fx.data.digits needs the 'scikit-learn' package (import name sklearn); "
+            "archnet_fx.demo.data.digits needs the 'scikit-learn' package (import name sklearn); "
             "install it with `pip install -c constraints.txt scikit-learn`"
         ) from exc
     bunch = load_digits()

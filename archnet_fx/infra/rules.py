@@ -119,7 +119,7 @@ def apply_rule(rule: Any, node: torch.fx.Node, ctx: "RewriteContext", record: Pa
         record.refusals.append(Refusal(node.name, rule.name, why))
         return None
     if isinstance(built, Replacement):
-        out = node if built.out is None else built.out
+        out = built.out if built.out is not None else (m.last if isinstance(m, Match) else node)
         if isinstance(built.module, torch.fx.Node):
             new = built.module
         else:
@@ -254,8 +254,9 @@ class RewritePass(GraphPass):
             for k in r.kinds:
                 by_kind.setdefault(k, []).append(r)
         for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph or node.op in ("placeholder", "output", "get_attr"):
-                continue
+            if node.graph is not gm.graph or getattr(node, "_erased", False) or \
+                    node.op in ("placeholder", "output", "get_attr"):
+                continue  # erased with a chain replaced earlier, or not an op
             for rule in by_kind.get(node_kind(node, gm), ()):
                 if apply_rule(rule, node, ctx, record) is not None:
                     break

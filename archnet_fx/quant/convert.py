@@ -6,7 +6,7 @@ float simulations of integers. :class:`ConvertPass` ("convert", a
 (:mod:`archnet_fx.quant.intref`) and the ONNX exporter (:mod:`archnet_fx.export`) can map them 1:1:
 
 * **weights** — a weight FakeQuant ``fq(get_attr W)`` (functional/ATen graphs) or the
-  ``weight_fq`` of a :class:`~archnet_fx.quant.QuantLinear`/``QuantConv*`` becomes an *integer
+  ``weight_fq`` of a :class:`~archnet_fx.quant.fakequant.QuantLinear`/``QuantConv*`` becomes an *integer
   buffer* ``get_attr W_int`` (``torch.int8`` storage for ≤ 8 bits, ``torch.int16`` above;
   ``uint8`` for an unsigned quantizer, e.g. of an all-positive weight; values within
   ``[qmin, qmax]`` of the requested bits, e.g. ``[-8, 7]`` for int4) followed by a

@@ -90,8 +90,7 @@ class Quantize(QDQBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            from archnet_fx.quant.qdq import QuantizeFn
-            return QuantizeFn.apply(x, self)
+            return QuantizeFn.apply(x, self)  # defined below; lowers to QuantizeLinear
         s = self._shape(self.scale, x).to(x.dtype)
         z = self._shape(self.zero_point, x).to(x.dtype)
         return torch.round(torch.clamp(x / s + z, self.qmin, self.qmax))
@@ -104,8 +103,7 @@ class Dequantize(QDQBase):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            from archnet_fx.quant.qdq import DequantizeFn
-            return DequantizeFn.apply(q, self)
+            return DequantizeFn.apply(q, self)  # lowers to DequantizeLinear
         q = q.float() if not q.is_floating_point() else q
         s = self._shape(self.scale, q).to(q.dtype)
         z = self._shape(self.zero_point, q).to(q.dtype)

@@ -1,23 +1,19 @@
-"""Surrogates: trainable modules built only from ops a target runs, replacing one it does not.
+"""The surrogate base class and the candidate protocol.
 
-Building blocks every surrogate family (``passes/``) uses:
+* :class:`Surrogate` — base class of every replacement module. The legality check traces a
+  surrogate and judges each op inside it, so a surrogate is legal exactly when its body is.
+* :class:`Candidate` — one way to replace an op kind: a rewrite rule (matcher, filter, builder;
+  :mod:`archnet_fx.infra.rules`) plus its style, the op kinds its body needs and whether it
+  multiplies two activations.
+* :data:`STYLES`, :data:`LOSSLESS`, :data:`DEFAULT_STYLE` and :func:`default_order` — the one
+  place that says which candidate a node gets when the user names none.
 
-* :class:`Surrogate` — base class. The legality check traces a surrogate and judges each op
-  inside it, so a surrogate is legal exactly when its body is.
-* :class:`PWL` — a piecewise-linear function as a sum of ReLUs,
-  ``f(x) = a + s·x + Σ_i c_i · relu(x − b_i)``, built from two ``nn.Linear`` layers (1 → K → 1),
-  fitted by least squares to a reference function on the range seen in calibration. Trainable.
-* :func:`make_mul` — an elementwise product of two activations that the target can run: a plain
-  ``mul`` where allowed, else a batched ``matmul`` with inner dimension 1 (exact; per-element or
-  row-scale layout, see :class:`MatmulMul`), else the quarter-square identity
-  ``xy = ((x+y)² − (x−y)²)/4`` with a PWL square. Every family's products go through it.
-* :class:`Candidate` — one replacement recipe for an op kind: name, style (structural or
-  emulation), the kinds it needs, and a ``build(match, ctx)`` that returns the surrogate module.
-* :class:`Ranges` / :func:`observe` — samples of each watched node's inputs on calibration data.
+The building blocks candidates are made of are :mod:`~archnet_fx.surrogate.pwl` (PWL fits),
+:mod:`~archnet_fx.surrogate.products` (products of activations) and
+:mod:`~archnet_fx.surrogate.observe` (calibrated input samples).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,7 +23,6 @@ from archnet_fx.targets import Target
 from archnet_fx.infra.rules import match_anchor
 from archnet_fx.surrogate.products import make_mul
 
-log = logging.getLogger(__name__)
 
 
 class Surrogate(nn.Module):
@@ -69,9 +64,9 @@ class Candidate:
     (a :class:`~archnet_fx.infra.rules.Match`); ``filter(match, ctx)`` returns why it refuses
     or ``None``; ``build(match, ctx)`` returns a
     :class:`~archnet_fx.infra.rules.Replacement` (the surrogate module and its argument nodes)
-    or raises :class:`~archnet_fx.infra.rules.Refuse`. Before ``filter`` the driver checks
-    :meth:`offered`: the target has every kind in ``needs`` (and a product of two activations
-    where ``needs_mul``).
+    or raises :class:`~archnet_fx.infra.rules.Refuse`. Before the rule is tried at all the
+    surrogate pass checks :meth:`offered`: the target has every kind in ``needs`` (and a product
+    of two activations where ``needs_mul``).
     """
     name: str
     kind: str
@@ -101,11 +96,9 @@ class Candidate:
         return None
 
     def refusal(self, match: Any, ctx: Any) -> str | None:
-        """The rule protocol's filter: the target's offer, then the candidate's own filter."""
-        why = self.offered(ctx.target)
-        if why is None and self.filter is not None:
-            why = self.filter(match, ctx)
-        return why
+        """The rule protocol's filter (the target's offer is checked by the surrogate pass
+        before the rule is tried, as it costs no matching)."""
+        return None if self.filter is None else self.filter(match, ctx)
 
 
 def default_order(cands: Sequence[Candidate], prefer: str = DEFAULT_STYLE) -> list[Candidate]:

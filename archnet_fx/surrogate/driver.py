@@ -1,5 +1,6 @@
 """The surrogate pass: every node a target cannot run, of one family's kinds, replaced by the
-first candidate that is offered, matches, passes its filter, builds, and has a legal body.
+first candidate that the target offers, that matches, passes its filter, builds, and whose
+built body is legal.
 
 Candidates are rules (:class:`~archnet_fx.surrogate.base.Candidate`), applied by the one rule
 driver (:func:`archnet_fx.infra.rules.apply_rule`); this module only decides *which* candidates
@@ -21,7 +22,7 @@ import torch.fx
 
 from archnet_fx.errors import ChoiceError
 from archnet_fx.infra.graphpass import GraphPass
-from archnet_fx.infra.records import PassRecord
+from archnet_fx.infra.records import PassRecord, Refusal
 from archnet_fx.infra.rules import Replacement, RewriteContext, apply_rule
 from archnet_fx.ir.opkinds import node_kind
 from archnet_fx.ir.meta import HOST_FALLBACK_KEY
@@ -117,6 +118,10 @@ class SurrogatePass(GraphPass):
             if kind not in self.kinds:
                 continue
             for cand in self.order(node, kind):
+                why = cand.offered(self.target)
+                if why is not None:
+                    record.refusals.append(Refusal(node.name, cand.name, why))
+                    continue
                 ctx.candidate = cand
                 if apply_rule(cand, node, ctx, record) is not None:
                     self.chosen[node.name] = cand.name

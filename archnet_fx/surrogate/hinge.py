@@ -1,6 +1,6 @@
 """Sums of hinges, ``f(x) = a + s·x + Σ_i c_i · relu(w_i·x + β_i)``, evaluated two ways.
 
-Every piecewise-linear surrogate (:class:`archnet_fx.surrogate.PWL`, the softmax's exp) is, on
+Every piecewise-linear surrogate (:class:`archnet_fx.surrogate.pwl.PWL`, the softmax's exp) is, on
 the chip, ``Linear(1, K) → ReLU → Linear(K, 1)``: that is what tracing, legality checks and
 export see. Evaluated that way on a tensor of ``N`` elements it materialises an ``N × K``
 hidden tensor (and keeps it for backward): for the attention scores of one BERT layer at

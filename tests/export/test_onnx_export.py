@@ -1,4 +1,4 @@
-"""``export_onnx`` (archnet_fx/export.py) and the ``archnet-fx transform`` command.
+"""``export_onnx`` (archnet_fx/export/onnx.py) and the ``archnet-fx transform`` command.
 
 Tolerance: onnxruntime (basic optimizations: Q/DQ stay float emulations) vs the torch module,
 ``max|Δ| ≤ 1e-2·max(1, max|y|)`` (export's default ``atol``; in practice ≤ 1e-3 — a value on a

@@ -1,4 +1,4 @@
-"""``convert`` (archnet_fx/convert.py) and the integer reference (archnet_fx/intref.py).
+"""``convert`` (archnet_fx/quant/convert.py) and the integer reference (archnet_fx/quant/intref.py).
 
 Tolerances: the converted float path reproduces the fake-quantized module to 1e-5·max|y| (the
 STE's ``(round(v) − v) + v`` differs from ``round(v)`` by an ulp); the integer reference differs

@@ -1,4 +1,4 @@
-"""LSQ fake quantization (archnet_fx/quant.py): the quantizer's maths and the fake_quant pass.
+"""LSQ fake quantization (archnet_fx/quant/fakequant.py): the quantizer's maths and the fake_quant pass.
 
 Tolerances: quantized values must sit on the integer grid to 1e-4 of a step (float rounding of
 ``x / s``); a pass that only inserts (uncalibrated, pass-through) quantizers is exact (0).

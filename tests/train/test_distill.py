@@ -1,4 +1,4 @@
-"""Blockwise distillation (archnet_fx/distill.py).
+"""Blockwise distillation (archnet_fx/train/distill.py).
 
 Checks: options are validated field by field; training lowers every block's loss in both modes;
 an interrupted run resumes from its checkpoint and ends bit-identical to an uninterrupted one;

@@ -1,4 +1,4 @@
-"""Partition into blocks (archnet_fx/partition.py).
+"""Partition into blocks (archnet_fx/train/partition.py).
 
 Checks: blocks cover every activation node exactly once, running the blocks one after another
 equals the GraphModule (exactly: the same ops on the same values), side inputs cross blocks,
