@@ -228,6 +228,14 @@ def assert_idempotent(pass_obj: GraphPass, result: PassResult) -> PassResult:
 
 
 @functools.lru_cache(maxsize=None)
+def legalized(name: str):
+    """A zoo model captured and legalized for npu_a, once per session (shared by the
+    quantization, partition and distillation tests; callers never modify it)."""
+    _, _, teacher = captured_zoo(name)
+    return ax.legalize(teacher, "npu_a", allow_host_fallback=True, verify=False)
+
+
+@functools.lru_cache(maxsize=None)
 def captured_zoo(name: str, method: str = "auto"):
     """``(model, example, gm)`` for a zoo model, captured once per test session.
 

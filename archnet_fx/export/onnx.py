@@ -57,7 +57,7 @@ from torch.utils import _pytree as pytree
 
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
 from archnet_fx.capture import normalize_inputs
-from archnet_fx.errors import ExportError, InputError
+from archnet_fx.errors import ExportError, InputError, PipelineError
 from archnet_fx.ir.opkinds import node_kind, onnx_kind
 from archnet_fx.infra.graphpass import copy_graph_module
 from archnet_fx.targets import Target, load_target
@@ -666,7 +666,11 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         if tgt is None:
             raise ExportError("the module holds fake quantizers: pass target= so they can be "
                               "converted to integer Q/DQ")
-        conv_res = PassManager("convert", pipelines.convert_passes(tgt)).run(module)
+        try:
+            conv_res = PassManager("convert", pipelines.convert_passes(tgt)).run(module)
+        except PipelineError as e:
+            raise ExportError(f"converting fake quantizers to integer Q/DQ failed: "
+                              f"{e.__cause__ or e}") from e
         module, convert_record = conv_res.module, conv_res.records[0]
     if example_inputs is None:
         stored = module.meta.get(EXAMPLE_META_KEY)  # (args, kwargs) from capture

@@ -208,7 +208,7 @@ def test_pass_conv_and_target_rules():
 
 def test_pass_functional_and_surrogates_bert_tiny():
     """ATen linear/matmul get FakeQuant nodes; Linear layers inside surrogates are wrapped."""
-    from test_distill import legalized  # shared, never modified
+    from passtest import legalized  # shared, never modified
     leg = legalized("bert_tiny")
     before, res = run_pass(_fq_pass("npu_a", 8, 8, "all"), leg.module)
     rec = res.record

@@ -13,20 +13,11 @@ import functools
 import pytest
 import torch
 
-import archnet_fx as ax
 from archnet_fx.train.distill import (ActivationStore, DistillOptions, boundary_check, distill,
                                       match_values, side_values)
 from archnet_fx.train.partition import partition
 from archnet_fx.quant.fakequant import insert_fake_quant
-from passtest import captured_zoo, snapshot, assert_unchanged
-
-
-@functools.lru_cache(maxsize=None)
-def legalized(name: str):
-    """A zoo model captured and legalized for npu_a, once per session (shared with
-    test_partition; callers never modify it)."""
-    _, ex, teacher = captured_zoo(name)
-    return ax.legalize(teacher, "npu_a", allow_host_fallback=True, verify=False)
+from passtest import assert_unchanged, captured_zoo, legalized, snapshot
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ from passtest import captured_zoo
 @functools.lru_cache(maxsize=None)
 def student(name: str) -> torch.fx.GraphModule:
     """Legalized for npu_a and fake-quantized (quantizers uncalibrated: pass-through)."""
-    from test_distill import legalized  # one legalization per model for the whole session
+    from passtest import legalized  # one legalization per model for the whole session
     return insert_fake_quant(legalized(name).module, "npu_a").module
 
 
