@@ -54,6 +54,8 @@ Shapes other than the batch dimension are fixed at capture, so the bodies bake t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 from typing import Any, Callable
 
@@ -510,14 +512,24 @@ def _int_power(node: torch.fx.Node, ctx: Any) -> int | None:
     return None
 
 
+def _exact_power_first(style: str) -> Callable:
+    """Filter of the PWL forms of ``pow``: an integer exponent 1..4 has an exact product form
+    (candidate ``exact``), used unless this style was chosen explicitly."""
+    name = "pwl" if style == "emulation" else "structural"
+
+    def refuse_integer_power(node: torch.fx.Node, ctx: Any) -> str | None:
+        kind = ctx.kind(node)
+        if kind == "pow" and _int_power(node, ctx) is not None and \
+                not _explicit(ctx, node, kind, name, style):
+            return ("integer exponent: the exact product form (candidate 'exact') is used; "
+                    f"choose '{name}' explicitly to approximate it")
+        return None
+    return refuse_integer_power
+
+
 def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
     def build(node: torch.fx.Node, ctx: Any) -> Any:
         kind = ctx.kind(node)
-        name = "pwl" if style == "emulation" else "structural"
-        if kind == "pow" and _int_power(node, ctx) is not None and \
-                not _explicit(ctx, node, kind, name, style):
-            raise Refuse("integer exponent: the exact product form (candidate 'exact') is used; "
-                    f"choose '{name}' explicitly to approximate it")
         ref = _pointwise_ref(kind, node, ctx)
         fn, x, spacing, left = ref
         if not _is_node(x):
@@ -544,10 +556,13 @@ def _pointwise(style: str, knots_of: Callable[[Any], int]) -> Callable:
     return build
 
 
+def _integer_power(node: torch.fx.Node, ctx: Any) -> str | None:
+    return None if _int_power(node, ctx) is not None else \
+        "exponent is not an integer in 1..4 (use pwl)"
+
+
 def _build_pow_exact(node: torch.fx.Node, ctx: Any) -> Any:
     n = _int_power(node, ctx)
-    if n is None:
-        raise Refuse("exponent is not an integer in 1..4 (use pwl)")
     x = _kw(node, ctx).get("input", node.args[0])
     s = _shape(x, ctx)
     mul = make_mul(ctx.target, shapes=(s, s), exact=True)
@@ -593,25 +608,42 @@ def _build_div(style: str, knots_of: Callable[[Any], int]) -> Callable:
 # =========================================================================== builders: exact
 
 
-def _build_product(node: torch.fx.Node, ctx: Any) -> Any:
-    kw = _kw(node, ctx)
-    x, y = kw.get("input"), kw.get("other")
-    if not (_is_node(x) and _is_node(y)):
-        raise Refuse("not a product of two tensors")
+@dataclass(frozen=True)
+class Operands:
+    """A binary node's two tensor operands (the elementwise family's match)."""
+    anchor: torch.fx.Node
+    x: torch.fx.Node
+    y: torch.fx.Node
+
+
+def _match_operands(why: str) -> Callable[[torch.fx.Node, Any], Operands]:
+    def match(node: torch.fx.Node, ctx: Any) -> Operands:
+        kw = _kw(node, ctx)
+        x, y = kw.get("input"), kw.get("other")
+        if not (_is_node(x) and _is_node(y)):
+            raise Refuse(why)
+        return Operands(node, x, y)
+    return match
+
+
+_match_product = _match_operands("not a product of two tensors")
+
+
+# product (exact): x·y in the target's legal two-activation form (make_mul).
+def _build_product(m: Operands, ctx: Any) -> Replacement:
+    x, y = m.x, m.y
     mul = make_mul(ctx.target, shapes=(_shape(x, ctx), _shape(y, ctx)), exact=True)
     if isinstance(mul, str):
         raise Refuse(mul)
     return Replacement(Product(mul, "exact"), (x, y))
 
 
-def _build_quarter_square(node: torch.fx.Node, ctx: Any) -> Any:
-    kw = _kw(node, ctx)
-    x, y = kw.get("input"), kw.get("other")
-    if not (_is_node(x) and _is_node(y)):
-        raise Refuse("not a product of two tensors")
+# quarter_square (structural): x·y = ((x+y)² − (x−y)²)/4 with a PWL square.
+def _build_quarter_square(m: Operands, ctx: Any) -> Replacement:
+    x, y = m.x, m.y
     bound = 0.0
     for a in (x, y):
-        r = _sample_range(node, ctx, a)
+        r = _sample_range(m.anchor, ctx, a)
         bound += max(abs(r[0]), abs(r[1])) if r is not None else 4.0
     return Replacement(Product(QuarterSquareMul(1.05 * bound, knots=max(ctx.options.knots, 16)),
                    "structural"), (x, y))
@@ -633,17 +665,25 @@ def _build_neg(node: torch.fx.Node, ctx: Any) -> Any:
 
 
 def _build_maxmin(form: str) -> Callable:
-    def build(node: torch.fx.Node, ctx: Any) -> Any:
-        kw = _kw(node, ctx)
-        x, y = kw.get("input"), kw.get("other")
-        if not (_is_node(x) and _is_node(y)):
-            raise Refuse("operands are not two tensors")
-        return Replacement(MaxMin(ctx.kind(node), form), (x, y))
+    def build(m: Operands, ctx: Any) -> Replacement:
+        return Replacement(MaxMin(ctx.kind(m.anchor), form), (m.x, m.y))
     return build
 
 
-def _reduce_plan(node: torch.fx.Node, ctx: Any) -> tuple:
-    """(input, reduced dims (sorted, non-negative), keepdim, in shape, out shape) (raises Refuse saying why not)."""
+@dataclass(frozen=True)
+class ReducePlan:
+    """A mean/sum reduction: input, reduced dims (sorted, non-negative), keepdim, shapes."""
+    anchor: torch.fx.Node
+    x: torch.fx.Node
+    dims: tuple[int, ...]
+    keepdim: bool
+    sx: tuple[int, ...]
+    so: tuple[int, ...]
+
+
+def _reduce_plan(node: torch.fx.Node, ctx: Any) -> ReducePlan:
+    """The reduction ``node`` performs (the matcher of the reduction candidates); raises
+    :class:`Refuse` saying why it is not one they rewrite."""
     kw = _kw(node, ctx)
     x = kw.get("input", node.args[0] if node.args else None)
     sx, so = _shape(x, ctx), _shape(node, ctx)
@@ -662,16 +702,16 @@ def _reduce_plan(node: torch.fx.Node, ctx: Any) -> tuple:
     dims = sorted({int(d) % rank for d in dims})
     if 0 in dims:
         raise Refuse("reduces over dim 0 (the batch dimension)")
-    return x, tuple(dims), bool(kw.get("keepdim", False)), sx, so
+    return ReducePlan(node, x, tuple(dims), bool(kw.get("keepdim", False)), sx, so)
 
 
 def _out_view(so: tuple[int, ...]) -> tuple[int, ...]:
     return (-1,) + tuple(so[1:]) if so else (1,)
 
 
-def _build_rowsum(node: torch.fx.Node, ctx: Any) -> Any:
-    plan = _reduce_plan(node, ctx)
-    x, dims, _keep, sx, so = plan
+# rowsum (exact): reduced dims last, reshape, linear with a constant 1/n (sum: 1) row.
+def _build_rowsum(plan: ReducePlan, ctx: Any) -> Replacement:
+    node, x, dims, sx, so = plan.anchor, plan.x, plan.dims, plan.sx, plan.so
     kept = [d for d in range(len(sx)) if d not in dims]
     perm = tuple(kept + list(dims))
     n = int(math.prod(sx[d] for d in dims))
@@ -680,20 +720,30 @@ def _build_rowsum(node: torch.fx.Node, ctx: Any) -> Any:
                   flat, n, _out_view(so)), (x,))
 
 
-def _build_avg_pool(node: torch.fx.Node, ctx: Any) -> Any:
-    plan = _reduce_plan(node, ctx)
-    x, dims, _keep, sx, so = plan
-    rank = len(sx)
+def _pool_shape(plan: ReducePlan) -> tuple[int, ...] | None:
+    """The adaptive-pool output size that reduces exactly ``plan.dims`` (None: none does)."""
+    rank, dims = len(plan.sx), plan.dims
     if rank == 3 and dims == (2,):
-        pool: tuple = (1,)
-    elif rank == 4 and dims == (2, 3):
-        pool = (1, 1)
-    elif rank == 4 and dims == (3,):
-        pool = (sx[2], 1)
-    else:
-        raise Refuse(f"pooling reduces the trailing dims of a 3-D/4-D tensor, not dims {dims} of {rank}-D")
-    n = int(math.prod(sx[d] for d in dims))
-    return Replacement(Reduce(ctx.kind(node), "avg_pool", None, (), n, _out_view(so), pool), (x,))
+        return (1,)
+    if rank == 4 and dims == (2, 3):
+        return (1, 1)
+    if rank == 4 and dims == (3,):
+        return (plan.sx[2], 1)
+    return None
+
+
+def _poolable(plan: ReducePlan, ctx: Any) -> str | None:
+    if _pool_shape(plan) is None:
+        return (f"pooling reduces the trailing dims of a 3-D/4-D tensor, not dims {plan.dims} "
+                f"of {len(plan.sx)}-D")
+    return None
+
+
+# avg_pool (exact): adaptive average pooling to 1 over the reduced trailing dims (sum: × n).
+def _build_avg_pool(plan: ReducePlan, ctx: Any) -> Replacement:
+    n = int(math.prod(plan.sx[d] for d in plan.dims))
+    return Replacement(Reduce(ctx.kind(plan.anchor), "avg_pool", None, (), n, _out_view(plan.so),
+                              _pool_shape(plan)), (plan.x,))
 
 
 # --------------------------------------------------------------------------- masks
@@ -949,13 +999,15 @@ CANDIDATES: tuple[Candidate, ...] = (
     # pointwise functions
     *(Candidate("pwl", k, "emulation", _PWL_NEEDS, _pointwise("emulation", _knots),
                 "f(x) ≈ a + s x + Σ c_i relu(x − b_i), knots geometric on positive ranges "
-                "(uniform for exp), relative least squares on the calibrated range")
+                "(uniform for exp), relative least squares on the calibrated range",
+                filter=_exact_power_first("emulation"))
       for k in _POINTWISE),
     Candidate("exact", "pow", "exact", frozenset({"mul", "reshape"}), _build_pow_exact,
               "x**n, n ∈ 1..4, as products in the target's legal two-activation form",
-              needs_mul=True),
+              needs_mul=True, filter=_integer_power),
     *(Candidate("structural", k, "structural", _PWL_NEEDS, _pointwise("structural", _coarse),
-                f"the same PWL with {_COARSE_KNOTS} knots: a coarse trainable start")
+                f"the same PWL with {_COARSE_KNOTS} knots: a coarse trainable start",
+                filter=_exact_power_first("structural"))
       for k in _POINTWISE),
     Candidate("pwl", "div", "emulation", _PWL_NEEDS, _build_div("emulation", _knots),
               "x / y = x · PWL(1/y) (geometric knots on y's range), legal product",
@@ -965,15 +1017,17 @@ CANDIDATES: tuple[Candidate, ...] = (
     # exact identities
     Candidate("product", "mul", "exact", frozenset({"reshape"}), _build_product,
               "x·y as matmul(x[..., None], y[..., None, :]) with inner dimension 1",
-              needs_mul=True),
+              needs_mul=True, match=_match_product),
     Candidate("quarter_square", "mul", "structural", _PWL_NEEDS | {"sub"}, _build_quarter_square,
-              "x·y = ((x+y)² − (x−y)²)/4 with a PWL square on the observed range"),
+              "x·y = ((x+y)² − (x−y)²)/4 with a PWL square on the observed range",
+              match=_match_product),
     Candidate("relu_pair", "abs", "exact", frozenset({"relu", "add", "mul"}), _build_abs("pair"),
               "|x| = relu(x) + relu(−x)"),
     Candidate("relu_pwl", "abs", "exact", _PWL_NEEDS, _build_abs("pwl"),
               "|x| = 2·relu(x) − x as a one-knot trainable PWL"),
     Candidate("mul_const", "neg", "exact", frozenset({"mul"}), _build_neg, "−x = x·(−1)"),
-    *(Candidate(name, k, "exact", needs, _build_maxmin(name), doc)
+    *(Candidate(name, k, "exact", needs, _build_maxmin(name), doc,
+                match=_match_operands("operands are not two tensors"))
       for k in ("maximum", "minimum")
       for name, needs, doc in (
           ("relu_sub", frozenset({"relu", "add", "sub"}),
@@ -981,11 +1035,12 @@ CANDIDATES: tuple[Candidate, ...] = (
           ("abs_form", frozenset({"relu", "add", "sub", "mul"}),
            "max/min(x, y) = (x + y ± (relu(x − y) + relu(y − x))) / 2"))),
     *(Candidate("rowsum", k, "exact", frozenset({"linear", "reshape"}), _build_rowsum,
-                "permute reduced dims last, reshape, linear with a constant 1/n (sum: 1) row")
+                "permute reduced dims last, reshape, linear with a constant 1/n (sum: 1) row",
+                match=_reduce_plan)
       for k in ("mean", "sum")),
     *(Candidate("avg_pool", k, "exact", frozenset({"adaptive_avg_pool", "reshape"}),
                 _build_avg_pool, "adaptive average pooling to 1 over the reduced trailing dims "
-                "(sum: × n)")
+                "(sum: × n)", match=_reduce_plan, filter=_poolable)
       for k in ("mean", "sum")),
     *(Candidate("blend", k, "exact", frozenset({"mul", "add"}), _build_blend,
                 "m = mask.float() on the host; a·m + b·(1 − m) with legal products")
