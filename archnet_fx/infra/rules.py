@@ -3,13 +3,15 @@
 A :class:`Rule` is a row of a rewrite table:
 
 * ``kinds`` — the op kinds of the anchor node it looks at;
-* ``match(node, ctx)`` — finds the anchor and the chain it replaces: a :class:`Match` (or any
-  match object), or ``None`` when the rule does not apply to this node;
+* ``match(node, ctx)`` — finds what the rule rewrites at this anchor: a match object (the
+  node itself by default, :func:`match_anchor`; a family's own record of the operands or of
+  the chain, such as a norm written out by hand), or ``None`` when the rule does not apply;
+  it raises :class:`Refuse` where the anchor is of its kind but cannot be rewritten;
 * ``filter(match, ctx)`` — the reason it refuses this match (a string), or ``None`` to go on;
-* ``build(match, ctx)`` — the replacement: a value node inserted through ``ctx`` before the
-  chain's last node, or a :class:`Replacement` (a module to call on argument nodes) for the
-  driver to insert. A builder that finds out late that it cannot build raises :class:`Refuse`
-  with the reason;
+* ``build(match, ctx)`` — the replacement: a value node inserted through ``ctx`` (before the
+  anchor), or a :class:`Replacement` — a module to call on argument nodes, and the last node of
+  the chain it replaces when that is not the anchor — for the driver to insert. A builder that
+  finds out late that it cannot build raises :class:`Refuse` with the reason;
 * ``doc`` — the maths, one line.
 
 :class:`RewritePass` applies its rules to every node in topological order, once: the first rule
@@ -46,18 +48,6 @@ class Refuse(Exception):
 def refuse(reason: str) -> NoReturn:
     """``raise Refuse(reason)`` as an expression (``x = f() or refuse("why")``)."""
     raise Refuse(reason)
-
-
-@dataclass(frozen=True)
-class Match:
-    """A rule's anchor and the last node of the chain it replaces (``out``; the anchor itself
-    for a one-node rewrite). The chain's interior dies by dead-code elimination."""
-    anchor: torch.fx.Node
-    out: torch.fx.Node | None = None
-
-    @property
-    def last(self) -> torch.fx.Node:
-        return self.anchor if self.out is None else self.out
 
 
 @dataclass(frozen=True)
@@ -108,8 +98,7 @@ def apply_rule(rule: Any, node: torch.fx.Node, ctx: "RewriteContext", record: Pa
             raise TypeError(f"rule {rule.name}: match returned a string ({m!r}); raise Refuse")
         why = rule.refusal(m, ctx)
         if why is None:
-            last = m.last if isinstance(m, Match) else node
-            with graph.inserting_before(last):
+            with graph.inserting_before(node):
                 built = rule.build(m, ctx)
             if isinstance(built, Replacement):
                 why = ctx.vet(built)
@@ -119,7 +108,7 @@ def apply_rule(rule: Any, node: torch.fx.Node, ctx: "RewriteContext", record: Pa
         record.refusals.append(Refusal(node.name, rule.name, why))
         return None
     if isinstance(built, Replacement):
-        out = built.out if built.out is not None else (m.last if isinstance(m, Match) else node)
+        out = node if built.out is None else built.out
         if isinstance(built.module, torch.fx.Node):
             new = built.module
         else:
@@ -127,8 +116,7 @@ def apply_rule(rule: Any, node: torch.fx.Node, ctx: "RewriteContext", record: Pa
                 new = ctx.call_module(f"{node.name}_{rule.name}", built.module,
                                       tuple(built.args))
     elif isinstance(built, torch.fx.Node):
-        out = m.last if isinstance(m, Match) else node
-        new = built
+        out, new = node, built
     else:
         raise TypeError(f"rule {rule.name}: build returned {type(built).__name__}; expected a "
                         "Node or a Replacement")

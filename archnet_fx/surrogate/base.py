@@ -61,7 +61,7 @@ class Candidate:
     style and the op kinds its body needs from a target.
 
     ``match(node, ctx)`` finds the anchor (default: the node itself) or the chain it replaces
-    (a :class:`~archnet_fx.infra.rules.Match`); ``filter(match, ctx)`` returns why it refuses
+    (a family's match record); ``filter(match, ctx)`` returns why it refuses
     or ``None``; ``build(match, ctx)`` returns a
     :class:`~archnet_fx.infra.rules.Replacement` (the surrogate module and its argument nodes)
     or raises :class:`~archnet_fx.infra.rules.Refuse`. Before the rule is tried at all the

@@ -22,15 +22,11 @@ from torch import nn
 import archnet_fx as ax
 import archnet_fx.targets as targets_pkg
 from archnet_fx.demo import zoo
-from archnet_fx.capture import calibration_batches
 from archnet_fx.legalize import legalize
 
 from passtest import assert_idempotent, assert_pass, family_pass
 from passtest import run_family as run_one_family
-from archnet_fx.passes.canonicalize import canonicalize_passes
 from archnet_fx.passes.layernorm import CANDIDATES, NormMatch, affine_init, fit_rsqrt
-from archnet_fx.infra.manager import PassManager
-from archnet_fx.surrogate.observe import observe
 from surrogate_check import (assert_body_legal, assert_grads_flow, forms, max_rel_error,
                              surrogates)
 
@@ -141,13 +137,12 @@ class NotANorm(nn.Module):
 
 def run_family(model, ex, target, prefer: str = "emulation", calib=None, method: str = "auto",
                gm=None):
-    """Canonicalize, calibrate and run only this family's SurrogatePass, as legalize does."""
-    gm = gm if gm is not None else ax.capture(model, ex, method=method)
-    canon = PassManager("canonicalize", canonicalize_passes(), verify=False).run(gm).module
-    tgt = ax.load_target(target)
-    watch = {v.node for v in ax.check(canon, tgt).unsupported}
-    ranges = observe(canon, calibration_batches(calib, ex), watch) if watch else {}
-    return canon, family_pass("layernorm", tgt, ranges, prefer=prefer)(canon)
+    """Canonicalize, calibrate (on ``calib``, else the example alone) and run only this
+    family's pass, as legalize does: ``(canonical graph, result)``."""
+    canon, res, _ = run_one_family("layernorm", gm if gm is not None else model, ex, target,
+                                   calib=[ex] if calib is None else calib, method=method,
+                                   prefer=prefer)
+    return canon, res
 
 
 def _out(m, ex):
