@@ -8,13 +8,13 @@
 Steps:
 
 1. **convert** — a module that still holds fake quantizers (a :class:`TransformResult`'s module)
-   goes through :func:`archnet_fx.quant.convert.convert` for the target;
+   goes through the ``convert`` pipeline (:func:`archnet_fx.pipelines.convert_passes`) for the target;
 2. **prepare** a private copy for the legacy TorchScript exporter (``torch.onnx.export(...,
    dynamo=False)``; the dynamo exporter needs onnxscript): guard and assert nodes of
    ``torch.export`` graphs are removed (they check shapes in Python), ``aten.sym_size`` becomes
    ``Tensor.size`` and the ATen ops fed by it become their Tensor-method spellings, so the batch
    dimension is traced symbolically (otherwise the tracer bakes it in as a constant);
-3. **export** — :class:`~archnet_fx.quant.convert.Quantize`/``Dequantize`` map to ONNX
+3. **export** — :class:`~archnet_fx.quant.qdq.Quantize`/``Dequantize`` map to ONNX
    ``QuantizeLinear``/``DequantizeLinear`` through ``torch.autograd.Function`` symbolics: uint8/
    int8 (uint16/int16 for 16-bit activations) by the zero point's type, per-channel with
    ``axis``. int4 weights are emitted as a private ``archnet.DequantizeLinear4`` op and rewritten
