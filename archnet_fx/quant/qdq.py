@@ -136,7 +136,14 @@ def _qdq_op(g: Any, op: str, x: Any, mod: Any) -> Any:
         z = g.op("Constant", value_t=mod.zero_point.detach().round().to(dt))
         return g.op(op, x, s, z, **attrs)
     z = g.op("Constant", value_t=mod.zero_point.detach().round().to(torch.int32))
-    return g.op(f"archnet::{op}", x, s, z, zp_type_i=onnx_type, **attrs)
+    out = g.op(f"archnet::{op}", x, s, z, zp_type_i=onnx_type, **attrs)
+    # A custom op's output has no inferred type: give it the input's shape (the exporter needs
+    # it, e.g. for a convolution's kernel), float for DequantizeLinear.
+    ty = x.type()
+    if op == "DequantizeLinear" and hasattr(ty, "with_dtype"):
+        ty = ty.with_dtype(torch.float32)
+    out.setType(ty)
+    return out
 
 
 #: Q/DQ modules being exported, by id (autograd.Function symbolics take ints, not modules).
