@@ -62,6 +62,8 @@ from archnet_fx.ir.opkinds import node_kind, onnx_kind
 from archnet_fx.infra.graphpass import copy_graph_module
 from archnet_fx.targets import Target, load_target
 from archnet_fx.quant.qdq import EXPORTING
+from archnet_fx.export.verify import (MAX_FLIP_FRACTION, compare_exported, dump_golden,
+                                      ort_session)
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +102,17 @@ def _prepare(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     while changed:
         changed = False
         for n in list(g.nodes):
-            if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            if n.op != "call_function" or n in sizes:
                 continue
             leaves = pytree.tree_leaves((n.args, n.kwargs))
             if not any(isinstance(a, torch.fx.Node) and a in sizes for a in leaves):
+                continue
+            if not isinstance(n.target, torch._ops.OpOverload):
+                # size arithmetic (operator.mul of a batch size and a head count, ...): its
+                # result is a traced size too, which the ATen ops fed by it must accept
+                if not _is_tensor(n):
+                    sizes.add(n)
+                    changed = True
                 continue
             name = n.target.overloadpacket.__name__
             if isinstance(n.args[0], torch.fx.Node) and n.args[0] not in sizes and \
@@ -151,11 +160,13 @@ class ExportReport:
     prologue_nodes: list[str] = field(default_factory=list)
     rewrites: Counter = field(default_factory=Counter)   # runtime rewrites applied to the file
     convert_record: Any = None   # the PassRecord of the convert pass, when export converted
-    max_abs_diff: float | None = None
+    max_abs_diff: float | None = None    # outputs, onnxruntime vs torch, each on its own
     checked: bool = False
-    #: whether the file also ran at twice the example batch (None: not tried). A graph whose
-    #: legalization folded the batch size into constants (fx-captured reshapes) cannot.
+    #: batch sizes the file was run at in onnxruntime (batch 1, the example's, 8); empty when
+    #: the inputs have no batch dimension or the export has a fixed batch
+    batch_sizes: list[int] = field(default_factory=list)
     dynamic_batch: bool | None = None
+    exactness: Any = None    # ExactnessReport: every Q node's integers, ORT vs torch vs intref
 
     def __str__(self) -> str:
         qdq = self.op_counts.get("QuantizeLinear", 0), self.op_counts.get("DequantizeLinear", 0)
@@ -163,8 +174,10 @@ class ExportReport:
         s = (f"{self.path}: opset {self.opset}, inputs {self.input_names}, {n} nodes "
              f"({qdq[0]} QuantizeLinear, {qdq[1]} DequantizeLinear), "
              f"{len(self.prologue_nodes)} in the host prologue")
-        if self.max_abs_diff is not None:
-            s += f", onnxruntime vs torch max |Δ| {self.max_abs_diff:.3g}"
+        if self.exactness is not None:
+            s += f"; integers: {self.exactness.summary()}"
+        if self.batch_sizes:
+            s += f"; runs at batch {', '.join(map(str, self.batch_sizes))}"
         return s
 
 
@@ -635,16 +648,24 @@ def _resolve(result_or_module: Any, target: Any) -> tuple[torch.nn.Module, Targe
 
 def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_inputs: Any = None,
                 target: str | Target | None = None, opset: int | None = None, check: bool = True,
-                atol: float = 1e-2, onehot_gather: bool = False) -> ExportReport:
+                atol: float = 1e-4, onehot_gather: bool = False, dynamic_batch: bool = True,
+                max_flip_fraction: float = MAX_FLIP_FRACTION,
+                golden: str | os.PathLike | None = None) -> ExportReport:
     """Export a transform result (or a converted / fake-quantized / float GraphModule) to ONNX.
 
-    See the module docstring. ``atol`` is relative to the output's magnitude:
-    ``max|onnx − torch| ≤ atol·max(1, max|y|)``; onnxruntime's QuantizeLinear may round a value
-    that sits on a rounding boundary one step differently (it divides in its own order), which
-    moves an output by about one activation step times a weight — well inside 1e-2; networks
-    that amplify such flips fall back to a per-sample cosine check (:func:`_verify`).
+    See the module docstring. The check is integer-exact
+    (:func:`archnet_fx.export.verify.compare_exported`): every Quantize node's integers in
+    onnxruntime equal torch's, fed the same upstream integers, except at most
+    ``max_flip_fraction`` of all elements, each within one step (float summation order at a
+    rounding boundary); and each output, computed from onnxruntime's integers, is within
+    ``atol·max|y|`` of onnxruntime's. ``report.exactness`` holds the figures per Q node, the
+    integer reference's agreement and the propagated (end-to-end) differences.
+    ``dynamic_batch=True`` (default) exports a symbolic batch dimension and runs the file at
+    batch 1, the example's and 8; a graph that pins the batch raises ``ExportError`` naming the
+    node (then export with ``dynamic_batch=False`` for the example's batch).
     ``check=False`` skips the checker, legality and onnxruntime verification (the file is still
-    written atomically).
+    written atomically). ``golden=`` writes every Q/DQ tensor of the example run to that
+    ``.npz`` (:func:`~archnet_fx.export.verify.dump_golden`).
     ``onehot_gather=True`` rewrites exact one-hot × table products into row gathers *after* the
     legality check (:func:`onehot_to_gather`): a CPU-runtime form whose embedding costs a lookup
     instead of a (tokens × vocabulary × width) matmul; the chip's file keeps the matmul.
@@ -705,8 +726,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     with torch.no_grad():
         ref = flat(*values)
     out_names = [f"output_{i}" for i in range(len(ref))] if len(ref) > 1 else ["output"]
-    dyn = {n: {0: "batch"} for n in names if n in batched}
-    dyn.update({o: {0: "batch"} for o in out_names})
+    dyn = {n: {0: "batch"} for n in names if n in batched} if dynamic_batch else {}
+    if dyn:
+        dyn.update({o: {0: "batch"} for o in out_names if ref[out_names.index(o)].dim()})
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -725,7 +747,10 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                                   custom_opsets={"archnet": 1} if needs21 else None)
         except Exception as e:  # noqa: BLE001 - re-raised typed
             log.debug("torch.onnx.export failed", exc_info=True)
-            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: "
+                              f"{_first_paragraph(str(e))} (the exporter's full message and "
+                              f"graph are logged at DEBUG level: archnet-fx -v, or "
+                              f"logging.getLogger('archnet_fx').setLevel('DEBUG'))") from e
         model = onnx.load(tmp)
         retyped = _typed_rewrite(model)
         if opset > 20:
@@ -758,9 +783,21 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                 report.rewrites["onehot_to_gather"] = onehot_to_gather(model)
                 report.op_counts = Counter(n.op_type for n in model.graph.node)
                 onnx.save(model, tmp)
-            report.max_abs_diff = _verify(tmp, names, values, ref, atol)
+            _tidy(model)
+            onnx.save(model, tmp)
+            report.exactness = _verify(tmp, prepared, names, values, atol, max_flip_fraction,
+                                       tgt.quant.accumulator_bits if tgt is not None else 32)
+            report.max_abs_diff = report.exactness.output_max_abs_diff
             report.checked = True
-            report.dynamic_batch = _try_double_batch(tmp, names, values, batched)
+            if dyn:
+                report.batch_sizes = _check_batches(tmp, names, values, batched, out_names)
+                report.dynamic_batch = True
+            if golden is not None:
+                dump_golden(prepared, dict(zip(names, values)) if kwargs_call
+                            else tuple(values), golden)
+        else:
+            _tidy(model)
+            onnx.save(model, tmp)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give it a normal file's mode
@@ -775,76 +812,90 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     return report
 
 
-def ort_session(path: str | os.PathLike, *, threads: int | None = None, level: str = "all"):
-    """An onnxruntime CPU session (``level``: "basic" keeps Q/DQ as float emulation)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def _first_paragraph(text: str, limit: int = 600) -> str:
+    """The cause of an exporter error without the graph dump that follows it."""
+    para = text.strip().split("\n\n", 1)[0]
+    lines = [ln for ln in para.splitlines() if not ln.lstrip().startswith(("%", "graph("))]
+    para = " ".join(ln.strip() for ln in lines[:6])
+    return para if len(para) <= limit else para[:limit] + " …"
 
 
-def _try_double_batch(path: str, names: list[str], values: list[torch.Tensor],
-                      batched: set[str]) -> bool | None:
-    if not any(n in batched for n in names):
-        return None
-    feed = {n: (torch.cat([v, v]) if n in batched else v).cpu().numpy()
-            for n, v in zip(names, values)}
+def _tidy(model: Any) -> None:
+    """Drop initializers nothing reads (the runtime would warn about each on load) and the
+    exporter's intermediate shape annotations, which the rewrites can leave stale (the runtime
+    infers them again)."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    del model.graph.value_info[:]
+
+
+_ORT_NODE = __import__("re").compile(r"running (\w+) node\. Name:'([^']*)'")
+
+
+def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batched: set[str],
+                   out_names: list[str]) -> list[int]:
+    """Run the file at batch 1, the example's and 8 (rows of the example, repeated); raise
+    :class:`ExportError` naming the node that pins the batch."""
+    import numpy as np
+
+    ref_batch = next(int(v.shape[0]) for n, v in zip(names, values) if n in batched)
+    sess = ort_session(path, level="basic")
+    sizes = sorted({1, ref_batch, 8})
+    for b in sizes:
+        rows = torch.arange(b) % ref_batch
+        feed = {n: (v[rows] if n in batched else v).detach().cpu().numpy()
+                for n, v in zip(names, values)}
+        try:
+            outs = sess.run(None, feed)
+        except Exception as e:  # noqa: BLE001 - re-raised typed
+            msg = str(e)
+            m = _ORT_NODE.search(msg)
+            where = f"{m.group(1)} node '{m.group(2)}'" if m else "a node"
+            raise ExportError(
+                f"the exported graph pins the batch size: onnxruntime fails at batch {b} in "
+                f"{where} ({_first_paragraph(msg.split('Status Message:')[-1], 300)}); the "
+                f"example's batch is {ref_batch}. A reshape or expand of the captured graph "
+                f"holds the batch as a constant; export with dynamic_batch=False for a fixed "
+                f"batch of {ref_batch}") from e
+        for o, name in zip(outs, out_names):
+            if np.ndim(o) and np.shape(o)[0] != b:
+                raise ExportError(f"the exported graph pins the batch size: output {name} has "
+                                  f"batch {np.shape(o)[0]} for input batch {b}; export with "
+                                  f"dynamic_batch=False for a fixed batch of {ref_batch}")
+            if np.issubdtype(np.asarray(o).dtype, np.floating) and not np.isfinite(o).all():
+                raise ExportError(f"output {name} is not finite at batch {b}")
+    return sizes
+
+
+def _verify(path: str, gm: torch.fx.GraphModule, names: list[str], values: list[torch.Tensor],
+            atol: float, max_flip_fraction: float, accumulator_bits: int) -> Any:
+    """Integer-exact check of the file against the module it was exported from (see
+    :mod:`archnet_fx.export.verify`); :class:`ExportError` when it fails."""
     try:
-        ort_session(path, level="basic").run(None, feed)
-        return True
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
-        log.warning("exported model does not run at twice the example batch (%s): the graph "
-                    "has the batch size baked into constants", str(e).splitlines()[0][:200])
-        return False
-
-
-def _verify(path: str, names: list[str], values: list[torch.Tensor], ref: tuple,
-            atol: float, min_cos: float = 0.98) -> float:
-    """onnxruntime vs torch on the example inputs.
-
-    Passes when ``max|Δ| ≤ atol·max(1, max|y|)`` per output. Deep quantized networks can be
-    *chaotic*: onnxruntime sums in another order, a value on a rounding boundary quantizes one
-    step differently, and the flip grows through later layers (all-MiniLM-L6-v2 with emulation
-    surrogates, calibrated but untrained: a few 1-step flips in layer 1 become 15-step
-    differences at layer 6's softmax, per-sample cosine of the hidden states 0.990 (padding
-    tokens included), of the mean-pooled embeddings 0.995).
-    That is not an export error, so the fallback criterion is that every sample's output keeps
-    cosine ≥ ``min_cos`` to torch's (a wrong scale, zero point or layout gives cosines far below);
-    a warning reports the numbers.
-    """
-    try:
-        sess = ort_session(path, level="basic")
-        outs = sess.run(None, {n: v.detach().cpu().numpy() for n, v in zip(names, values)})
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"onnxruntime could not run the exported model: {e}") from e
-    worst = 0.0
-    for i, (o, r) in enumerate(zip(outs, ref)):
-        r = r.detach().float()
-        o = torch.from_numpy(o).float()
-        if o.shape != r.shape:
-            raise ExportError(f"output {i}: onnxruntime shape {tuple(o.shape)} vs torch "
-                              f"{tuple(r.shape)}")
-        d = float((o - r).abs().max()) if r.numel() else 0.0
-        tol = atol * max(1.0, float(r.abs().max()) if r.numel() else 1.0)
-        worst = max(worst, d)
-        if d <= tol:
-            continue
-        rows = max(1, r.shape[0]) if r.dim() else 1
-        cos = torch.nn.functional.cosine_similarity(o.reshape(rows, -1).double(),
-                                                    r.reshape(rows, -1).double(), dim=1)
-        if not bool((cos >= min_cos).all()):
-            raise ExportError(f"output {i}: onnxruntime differs from torch by {d:.3g} > {tol:.3g}"
-                              f" and per-sample cosine {float(cos.min()):.4f} < {min_cos}")
-        log.warning("output %d: onnxruntime differs from torch by up to %.3g (> %.3g) but every "
-                    "sample keeps cosine ≥ %.4f: rounding-boundary flips amplified by the "
-                    "network, not an export error", i, d, tol, float(cos.min()))
-    return worst
+        rep = compare_exported(path, gm, names, values, accumulator_bits=accumulator_bits,
+                               max_flip_fraction=max_flip_fraction)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised typed
+        raise ExportError(f"onnxruntime could not run the exported model: "
+                          f"{_first_paragraph(str(e), 400)}") from e
+    if rep.unmapped:
+        log.info("%d Quantize node(s) have no counterpart in the file (shared quantizers): %s",
+                 len(rep.unmapped), ", ".join(rep.unmapped[:5]))
+    if not rep.ok:
+        worst = sorted(rep.per_node, key=lambda r: (-r[3], -r[2]))[:3]
+        raise ExportError(
+            f"onnxruntime's integers differ from torch's beyond float-order rounding: "
+            f"{rep.torch_local.differ} of {rep.torch_local.elements} "
+            f"({rep.torch_local.fraction:.2e} > {max_flip_fraction:g} allowed) by up to "
+            f"{rep.torch_local.max_steps} step(s), worst at "
+            + ", ".join(f"{n} ({d} differ, max {m})" for n, _, d, m in worst)
+            + "; a wrong scale, zero point or layout in the export")
+    if rep.output_rel_diff > atol:
+        raise ExportError(f"onnxruntime's outputs differ from torch's, given the same integers, "
+                          f"by {rep.output_rel_diff:.3g}·max|y| > atol {atol:g}")
+    log.info("export check: %s", rep.summary())
+    return rep

@@ -96,42 +96,39 @@ def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 
 
 class _LSQ(torch.autograd.Function):
-    """``y = (clamp(round(x/s + z), qmin, qmax) − z)·s`` with LSQ's straight-through gradients.
+    """``y = round(clamp(x/s, qmin − z, qmax − z))·s`` (``= (q − z)·s`` with ``q`` the integer
+    of ONNX ``QuantizeLinear``, computed in its order) with LSQ's straight-through gradients.
 
     One fused node instead of a dozen autograd ones (fake quantization of every activation is
     most of a distillation step's elementwise work). ``s`` and ``z`` come broadcastable to ``x``
-    (``z`` may be None: symmetric); with ``inside = qmin ≤ x/s + z ≤ qmax``:
-    ``∂y/∂x = inside``, ``∂y/∂s = (q − z) − inside·x/s``, ``∂y/∂z = −s·(1 − inside)`` — what
-    autograd gives for the composition with round as identity (tested).
+    (``z`` may be None: symmetric; it holds integers); with ``inside = qmin − z ≤ x/s ≤ qmax −
+    z``: ``∂y/∂x = inside``, ``∂y/∂s = (q − z) − inside·x/s``, ``∂y/∂z = −s·(1 − inside)`` —
+    what autograd gives for the composition with round as identity (tested).
     """
 
     @staticmethod
+    def _bounds(z, qmin: int, qmax: int):
+        return (qmin, qmax) if z is None else (qmin - z, qmax - z)
+
+    @staticmethod
     def forward(ctx, x, s, z, qmin: int, qmax: int):  # noqa: D401
-        v = x / s
-        if z is not None:
-            v = v + z
-        q = torch.round(v).clamp_(qmin, qmax)
+        lo, hi = _LSQ._bounds(z, qmin, qmax)
+        q = torch.round(torch.clamp(x / s, lo, hi))
         ctx.save_for_backward(x, s, z)
         ctx.qrange = (qmin, qmax)
-        if z is not None:
-            q = q - z
         return q.mul_(s)
 
     @staticmethod
     def backward(ctx, g):
         x, s, z = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
+        lo, hi = _LSQ._bounds(z, *ctx.qrange)
         v = x / s
-        if z is not None:
-            v = v + z
-        inside = (v >= qmin) & (v <= qmax)
+        inside = (v >= lo) & (v <= hi)
         gx = g * inside if ctx.needs_input_grad[0] else None
         gs = gz = None
         if ctx.needs_input_grad[1]:
-            q = torch.round(v).clamp_(qmin, qmax)
-            if z is not None:
-                q = q - z
-            ds = q - torch.where(inside, x / s, torch.zeros_like(x))
+            q = torch.round(torch.clamp(v, lo, hi))
+            ds = q - torch.where(inside, v, torch.zeros_like(x))
             gs = (g * ds).sum_to_size(s.shape)
         if z is not None and ctx.needs_input_grad[2]:
             gz = (g * (~inside)).mul_(-s).sum_to_size(z.shape)
@@ -234,7 +231,8 @@ class FakeQuant(nn.Module):
         with torch.no_grad():
             s = self._shape(self.effective_step(), x)
             z = self._shape(self.integer_zero_point(), x)
-            return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax).to(torch.int32)
+            v = torch.clamp(x / s, self.qmin - z, self.qmax - z)
+            return (torch.round(v) + z).to(torch.int32)
 
     # ---------------------------------------------------------------- initialisation
     def _observe(self, x: torch.Tensor) -> None:

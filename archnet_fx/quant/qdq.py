@@ -1,6 +1,6 @@
 """Explicit integer quantize / dequantize modules and their ONNX lowering.
 
-:class:`Quantize` computes ``q = round(clamp(x/s + z, qmin, qmax))`` (float32 holding integers),
+:class:`Quantize` computes ``q = round(clamp(x/s, qmin − z, qmax − z)) + z`` (float32 holding integers,
 :class:`Dequantize` ``x̂ = (q − z)·s``; :class:`QParams` is their scale, zero point, range, bits
 and axis. Under ``torch.onnx.export`` each module lowers through :class:`QuantizeFn` /
 :class:`DequantizeFn` to ONNX ``QuantizeLinear`` / ``DequantizeLinear`` with its own scale and
@@ -84,7 +84,13 @@ class QDQBase(nn.Module):
 
 
 class Quantize(QDQBase):
-    """``q = round(clamp(x/s + z, qmin, qmax))`` — float32 tensor holding integers."""
+    """``q = round(clamp(x/s, qmin − z, qmax − z)) + z`` — float32 tensor holding integers.
+
+    The operations and their order are ONNX ``QuantizeLinear``'s as onnxruntime computes it
+    (divide by the scale, clamp to the range shifted by the zero point, round half to even, add
+    the zero point), so the same float input gives the same integers bit for bit. (Adding the
+    zero point *before* rounding, ``round(x/s + z)``, differs when ``x/s + z`` is inexact in
+    float32.)"""
 
     archnet_qdq = "quantize"
 
@@ -93,7 +99,8 @@ class Quantize(QDQBase):
             return QuantizeFn.apply(x, self)  # defined below; lowers to QuantizeLinear
         s = self._shape(self.scale, x).to(x.dtype)
         z = self._shape(self.zero_point, x).to(x.dtype)
-        return torch.round(torch.clamp(x / s + z, self.qmin, self.qmax))
+        v = torch.minimum(torch.maximum(x / s, self.qmin - z), self.qmax - z)
+        return torch.round(v) + z
 
 
 class Dequantize(QDQBase):
