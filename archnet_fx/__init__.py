@@ -19,8 +19,9 @@ from typing import Any
 from archnet_fx.capture import capture
 from archnet_fx.cost.latency import LatencyReport, estimate_latency, fit_cost_params
 from archnet_fx.errors import (ArchnetError, BitWidthError, CalibrationError, CaptureError,
-                               ChoiceError, ExportError, InputError, PipelineError, TargetError,
-                               UnsupportedOpError, VerificationError)
+                               CheckpointError, ChoiceError, DeviceError, ExportError, InputError,
+                               OptionError, PipelineError, TargetError, UnsupportedOpError,
+                               VerificationError)
 from archnet_fx.export.onnx import export_onnx
 from archnet_fx.infra.graphpass import GraphPass
 from archnet_fx.infra.manager import PassManager, PipelineResult
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchnetError", "BitWidthError", "CalibrationError", "CaptureError", "ChoiceError",
+    "CheckpointError", "DeviceError", "OptionError",
     "GraphPass",
     "InputError", "LegalityReport", "PassManager", "PassRecord", "PassResult", "PipelineError",
     "PipelineResult", "Target", "TargetError", "UnsupportedOpError", "VerificationError",

@@ -39,7 +39,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from archnet_fx.errors import CalibrationError, CaptureError, InputError
+from archnet_fx.errors import CalibrationError, CaptureError, InputError, OptionError
 from archnet_fx.ir.opkinds import MODULE_KINDS, annotate_kinds
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
 from archnet_fx.ir.shapes import propagate_shapes, shape_example
@@ -201,7 +201,14 @@ def _guard_inputs(specs: tuple, *values) -> None:
     for spec, v in zip(specs, values):
         if v is None or not isinstance(v, torch.Tensor):
             continue
-        name, shape, batched = spec
+        name, shape, batched = spec[:3]
+        dtype = spec[3] if len(spec) > 3 else None
+        if dtype is not None and not _dtype_ok(v.dtype, dtype):
+            raise InputError(
+                f"input '{name}' has dtype {v.dtype} but the captured graph takes {dtype} (the "
+                f"example's): convert it with .to({dtype})"
+                + (" — token ids and masks are integer tensors" if v.is_floating_point()
+                   and not dtype.is_floating_point else ""))
         if v.dim() != len(shape):
             raise InputError(
                 f"input '{name}' has {v.dim()} dimensions (shape {tuple(v.shape)}) but the "
@@ -219,6 +226,13 @@ def _guard_inputs(specs: tuple, *values) -> None:
 torch.fx.node.has_side_effect(_guard_inputs)
 
 
+def _dtype_ok(got: torch.dtype, want: torch.dtype) -> bool:
+    """The captured graph takes the example's dtypes: a float64 input to float32 weights fails
+    inside torch, float token ids fail in the embedding, and a torch.export graph checks integer
+    dtypes exactly."""
+    return got == want
+
+
 def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...]) -> None:
     phs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     ph_list = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -230,7 +244,7 @@ def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...]) -> Non
         if node is None:
             continue
         nodes.append(node)
-        spec_t.append((s.name, s.shape, s.batched))
+        spec_t.append((s.name, s.shape, s.batched, s.dtype))
     if not nodes:
         return
     with gm.graph.inserting_after(ph_list[-1]):
@@ -374,7 +388,7 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
     if method not in ("auto", "fx", "export"):
-        raise ValueError(f"method must be 'auto', 'fx' or 'export', got {method!r}")
+        raise OptionError(f"method must be 'auto', 'fx' or 'export', got {method!r}")
     args, kwargs = normalize_inputs(example_inputs)
     names = _input_names(model, args, kwargs)
     specs = _specs(args, kwargs, names)
@@ -402,6 +416,7 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
             gm = _export(work, args, kwargs, specs, batch)
             used = "export"
         except Exception as e:  # noqa: BLE001
+            _eager_check(work, args, kwargs, names, model)
             parts = [f"could not capture {type(model).__name__}."]
             if fx_err is not None:
                 where = _user_frame(fx_err)
@@ -445,6 +460,25 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
         propagate_shapes(gm, args, kwargs)
     annotate_kinds(gm)
     return gm
+
+
+def _eager_check(work: nn.Module, args: tuple, kwargs: dict, names: list[str],
+                 model: nn.Module) -> None:
+    """After tracing failed: when the model fails on the example inputs eagerly too, the inputs
+    (wrong dtype, shape, missing key) are the problem, not capturability: :class:`InputError`."""
+    try:
+        with torch.no_grad():
+            work(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised typed
+        vals = list(args) + list(kwargs.values())
+        desc = ", ".join(f"{n}: {tuple(v.shape)} {v.dtype}" for n, v in zip(names, vals)
+                         if isinstance(v, torch.Tensor))
+        where = _user_frame(e)
+        raise InputError(f"{type(model).__name__} fails on the example inputs themselves, "
+                         f"before any capture: {type(e).__name__}: {_first_line(e)}"
+                         + (f"\n  at {where}" if where else "")
+                         + f"\nThe inputs were {desc}. Fix the example inputs (token ids are "
+                         f"integer tensors; float inputs have the model's dtype)") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,8 +10,14 @@ class ArchnetError(Exception):
     """Base class of every archnet_fx error."""
 
 
-class TargetError(ArchnetError, ValueError):
-    """Unknown target name or malformed target description file."""
+class OptionError(ArchnetError, ValueError, TypeError):
+    """An option (keyword argument or command-line flag) of the wrong type or value, or one that
+    does not exist; the message names it and what it accepts."""
+
+
+class TargetError(ArchnetError, ValueError, TypeError):
+    """Unknown target name, a target argument that is neither a name, a path nor a Target, or a
+    malformed target description file."""
 
 
 class BitWidthError(TargetError):
@@ -22,8 +28,8 @@ class CaptureError(ArchnetError, RuntimeError):
     """The model could be captured neither by torch.fx nor by torch.export."""
 
 
-class InputError(ArchnetError, ValueError):
-    """Example inputs or runtime inputs of the wrong kind or shape."""
+class InputError(ArchnetError, ValueError, TypeError):
+    """Example inputs or runtime inputs of the wrong kind, shape or dtype."""
 
 
 class ChoiceError(ArchnetError, ValueError):
@@ -44,6 +50,15 @@ class PipelineError(ArchnetError, RuntimeError):
 
 class VerificationError(PipelineError):
     """A pass produced a graph that fails lint or differs numerically from its input."""
+
+
+class DeviceError(ArchnetError, RuntimeError):
+    """A device (``device="cuda:1"``) this machine does not have."""
+
+
+class CheckpointError(ArchnetError, ValueError):
+    """A checkpoint directory that is a file, unreadable, or holds a checkpoint of other
+    settings."""
 
 
 class ExportError(ArchnetError, RuntimeError):

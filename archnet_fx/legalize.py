@@ -35,7 +35,7 @@ import torch.fx
 
 from archnet_fx.ir.meta import EXAMPLE_META_KEY
 from archnet_fx.capture import calibration_batches
-from archnet_fx.errors import ChoiceError, UnsupportedOpError
+from archnet_fx.errors import ChoiceError, OptionError, UnsupportedOpError
 from archnet_fx.legality import LegalityReport, check
 from archnet_fx.infra.graphpass import recompile_now
 from archnet_fx.infra.manager import PassManager, PipelineResult
@@ -118,9 +118,10 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
     to ``choices`` and distillation.
     """
     if select not in SELECTS:
-        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        raise OptionError(f"select must be one of {SELECTS}, got {select!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
     before = torch.get_num_threads()
     gc_was_on = gc.isenabled()
     if threads is not None:

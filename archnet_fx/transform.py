@@ -43,7 +43,7 @@ from archnet_fx.ir.meta import CAPTURE_META_KEY
 from archnet_fx.capture import calibration_batches
 from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_check, distill,
                                       match_values)
-from archnet_fx.errors import CalibrationError
+from archnet_fx.errors import CalibrationError, CheckpointError, OptionError
 from archnet_fx.legality import LegalityReport
 from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
@@ -52,6 +52,7 @@ from archnet_fx.infra.manager import PassManager
 from archnet_fx.pipelines import as_graph_module
 from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled
 from archnet_fx.surrogate.base import DEFAULT_STYLE
+from archnet_fx.surrogate.driver import LegalizeOptions
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,10 @@ def _validate_batches(gm: torch.fx.GraphModule, batches: Sequence[tuple[tuple, d
             if not isinstance(v, torch.Tensor):
                 raise CalibrationError(f"calibration batch {i}: input '{spec.name}' is a "
                                        f"{type(v).__name__}, not a tensor")
+            if v.dtype != spec.dtype:
+                raise CalibrationError(f"calibration batch {i}: input '{spec.name}' has dtype "
+                                       f"{v.dtype} but the model was captured with {spec.dtype} "
+                                       f"(the example's); convert it with .to({spec.dtype})")
             want = spec.shape
             shape = tuple(v.shape)
             start = 1 if spec.batched else 0
@@ -186,8 +191,8 @@ def _split_holdout(batches: list, holdout: int | float) -> tuple[list, list]:
     n = len(batches)
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or holdout < 0 or \
             (isinstance(holdout, float) and holdout >= 1):
-        raise ValueError(f"holdout must be a number of batches (int >= 0) or a fraction in "
-                         f"[0, 1), got {holdout!r}")
+        raise OptionError(f"holdout must be a number of batches (int >= 0) or a fraction in "
+                          f"[0, 1), got {holdout!r}")
     h = int(holdout) if isinstance(holdout, int) else round(holdout * n)
     if holdout and h == 0:
         h = 1
@@ -195,6 +200,58 @@ def _split_holdout(batches: list, holdout: int | float) -> tuple[list, list]:
         return batches, []
     h = min(h, n - 1)
     return batches[:n - h], batches[n - h:]
+
+
+# --------------------------------------------------------------------------- resume
+
+SETTINGS_NAME = "transform_settings.json"
+
+
+def _settings(model: torch.nn.Module, target: str, w_bits: int, a_bits: int,
+              opts: DistillOptions, *rest: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint (cheap to compute:
+    checked before capture). The parameter names and shapes stand for the model."""
+    params = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items()
+                    if isinstance(v, torch.Tensor))
+    return {"target": target, "bits": [w_bits, a_bits],
+            "options": {k: str(v) for k, v in opts.fingerprint_fields().items()},
+            "transform": [repr(r) for r in rest], "params": repr(params)}
+
+
+def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list) -> None:
+    """Refuse a checkpoint directory written with other settings before any work; record this
+    run's settings beside the checkpoint otherwise."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from archnet_fx.train.distill import CHECKPOINT_NAME
+
+    if checkpoint_dir is None:
+        return
+    d = Path(checkpoint_dir)
+    settings = dict(settings, batches=[repr([tuple(t.shape) for t in pytree.tree_leaves(b)
+                                             if isinstance(t, torch.Tensor)]) for b in batches])
+    f = d / SETTINGS_NAME
+    if (d / CHECKPOINT_NAME).exists() and f.exists():
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read the settings of the checkpoint ({e}); "
+                                  f"delete {d} or pass another checkpoint_dir") from None
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise CheckpointError(f"checkpoint_dir {str(d)!r} holds a checkpoint of other "
+                                  f"settings (they differ in: {', '.join(diff)}); pass the same "
+                                  f"model, target, options and calibration data to resume, or "
+                                  f"another checkpoint_dir (or delete it) to start afresh")
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{SETTINGS_NAME}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(settings, fh)
+    os.replace(tmp, f)
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -262,16 +319,36 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                               checkpoint_dir=checkpoint_dir, device=device, seed=seed,
                               **distill_options)
     except TypeError as e:
+        if isinstance(e, OptionError):
+            raise
         known = ", ".join(f for f in DistillOptions.__dataclass_fields__)
-        raise ValueError(f"transform: unknown option ({e}); distillation options: {known}"
-                         ) from None
+        unknown = sorted(set(distill_options) - set(DistillOptions.__dataclass_fields__))
+        raise OptionError(f"transform: unknown option(s) {', '.join(unknown) or e}; transform's "
+                          f"own options are documented in help(archnet_fx.transform), "
+                          f"distillation options: {known}") from None
     surrogate_mode(quantize_surrogates)
     _split_holdout([], holdout)  # validates holdout
     if granularity is not None and (isinstance(granularity, bool)
                                     or not isinstance(granularity, int) or granularity < 1):
-        raise ValueError(f"granularity must be a positive integer (number of blocks) or None, "
-                         f"got {granularity!r}")
+        raise OptionError(f"granularity must be a positive integer (number of blocks) or None, "
+                          f"got {granularity!r}")
+    if cut_nodes is not None and (isinstance(cut_nodes, str) or not all(
+            isinstance(c, str) for c in cut_nodes)):
+        raise OptionError(f"cut_nodes must be a list of node names, got {cut_nodes!r}")
+    if select not in ("order", "latency"):
+        raise OptionError(f"select must be 'order' or 'latency', got {select!r}")
+    LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback)  # validates prefer
+    if choices is not None and not isinstance(choices, Mapping):
+        raise OptionError(f"choices must be a mapping {{kind or node: candidate or style}}, "
+                          f"got {type(choices).__name__}")
+    for name, flag in (("allow_host_fallback", allow_host_fallback), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise OptionError(f"{name} must be a bool, got {flag!r}")
+    settings = _settings(model, tgt.name, w_bits, a_bits, opts, holdout, choices, granularity,
+                         cut_nodes, prefer, allow_host_fallback, quantize_surrogates,
+                         surrogate_weight_bits, select)
     batches = calibration_batches(calib_data, example_inputs, warn_example="transform")
+    _check_resume(checkpoint_dir, settings, batches)
     notes: list[str] = []
     if calib_data is None:
         notes.append("no calib_data: distilled on the example inputs only")

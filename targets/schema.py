@@ -398,7 +398,8 @@ class QuantSpec(_Record):
         a = self.default_act_bits if act_bits is None else act_bits
         for label, v in (("weight_bits", w), ("act_bits", a)):
             if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{label} must be an int or None, got {_describe(v)}")
+                raise BitWidthError(f"{label} must be an int or None, got {_describe(v)} "
+                                    f"(allowed: {', '.join(map(str, self.weight_bits if label == 'weight_bits' else self.act_bits))})")
         bad = []
         if w not in self.weight_bits:
             bad.append(f"weight_bits={w} (allowed: {', '.join(map(str, self.weight_bits))})")
@@ -504,7 +505,7 @@ def load_target(name_or_path: str | os.PathLike | Target) -> Target:
     if isinstance(name_or_path, Target):
         return name_or_path
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(
+        raise TargetError(
             f"target must be a built-in name, a path to a .toml file or a Target, got {_describe(name_or_path)}"
         )
     if isinstance(name_or_path, str) and name_or_path in list_targets():

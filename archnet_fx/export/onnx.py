@@ -678,6 +678,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     from archnet_fx.infra.manager import PassManager
     from archnet_fx.quant.fakequant import quantizers
 
+    path = _check_path(path)
     module, tgt = _resolve(result_or_module, target)
     convert_record = None
     if not isinstance(module, torch.fx.GraphModule):
@@ -715,6 +716,13 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     if len(values) != len(names):
         raise InputError(f"export_onnx: example inputs give {len(values)} tensors for inputs "
                          f"{names}")
+    if info is not None:
+        for spec in info.specs:
+            v = dict(zip(names, values)).get(spec.name)
+            if isinstance(v, torch.Tensor) and v.dtype != spec.dtype:
+                raise InputError(f"export_onnx: input '{spec.name}' has dtype {v.dtype} but the "
+                                 f"model was captured with {spec.dtype}; convert it with "
+                                 f".to({spec.dtype})")
     needs21 = any(isinstance(m, Dequantize) and m.bits <= 4 or
                   (getattr(m, "archnet_qdq", "") and m.bits > 8) for m in module.modules())
     opset = opset or (INT4_OPSET if needs21 else DEFAULT_OPSET)
@@ -730,7 +738,6 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     if dyn:
         dyn.update({o: {0: "batch"} for o in out_names if ref[out_names.index(o)].dim()})
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -810,6 +817,27 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         raise
     log.info("exported %s", report)
     return report
+
+
+def _check_path(path: Any) -> Path:
+    """The output path, checked before any work: a file name in a directory we can write."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"path must be a file name such as 'model.onnx', got "
+                          f"{type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{str(path)!r} is a directory; pass a file name such as "
+                          f"{str(path / 'model.onnx')!r}")
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: {str(probe)!r} is a file, not a "
+                          f"directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {str(path)!r}: directory {str(probe)!r} is not "
+                          f"writable; pass a path in a directory you can write to")
+    return path
 
 
 def _first_paragraph(text: str, limit: int = 600) -> str:

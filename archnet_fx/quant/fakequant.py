@@ -65,6 +65,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.errors import OptionError
 from archnet_fx.ir.dataflow import activations, is_float
 from archnet_fx.ir.meta import KIND_META_KEY
 from archnet_fx.ir.opkinds import node_kind, target_name
@@ -669,7 +670,7 @@ def surrogate_mode(mode: str | bool) -> str:
     if mode is False:
         return "none"
     if mode not in SURROGATE_MODES:
-        raise ValueError(f"quantize_surrogates must be one of {SURROGATE_MODES} or a bool, got "
+        raise OptionError(f"quantize_surrogates must be one of {SURROGATE_MODES} or a bool, got "
                          f"{mode!r}")
     return mode
 

@@ -58,6 +58,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from archnet_fx.errors import CalibrationError, CheckpointError, DeviceError, OptionError
 from archnet_fx.ir.dataflow import input_dependent
 from archnet_fx.train.partition import Block, bind_inputs
 from archnet_fx.infra.records import PassRecord
@@ -100,9 +101,9 @@ class DistillOptions:
     progress: bool = True              # tqdm bars
 
     def __post_init__(self) -> None:
-        def bad(name: str, want: str) -> ValueError:
-            return ValueError(f"DistillOptions.{name} must be {want}, got "
-                              f"{getattr(self, name)!r}")
+        def bad(name: str, want: str) -> OptionError:
+            return OptionError(f"DistillOptions.{name} must be {want}, got "
+                               f"{getattr(self, name)!r}")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -134,13 +135,16 @@ class DistillOptions:
             raise bad("stop_after", "a positive integer or None")
         if self.device is not None:
             try:
-                torch.device(self.device)
+                dev = torch.device(self.device)
             except (RuntimeError, TypeError) as e:
                 raise bad("device", "a torch device such as 'cpu' or 'cuda'") from e
+            check_device(dev)
         for name in ("checkpoint_dir", "spill_dir"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, (str, os.PathLike)):
                 raise bad(name, "a path or None")
+            if v is not None:
+                _check_dir(Path(v), name)
         if not isinstance(self.progress, bool):
             raise bad("progress", "a bool")
 
@@ -505,6 +509,35 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def check_device(dev: torch.device) -> None:
+    """:class:`DeviceError` unless this machine has ``dev`` (tried with a one-element tensor)."""
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        raise DeviceError(f"device {str(dev)!r} is not available on this machine "
+                          f"({str(e).splitlines()[0][:160]}); devices here: {', '.join(have)}. "
+                          f"Pass device='cpu' or leave device unset") from None
+
+
+def _check_dir(path: Path, option: str) -> None:
+    """A directory option must name a directory, or a path one can be created at, writable."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{option}={str(path)!r} is a file, not a directory; pass a "
+                              f"directory (it is created if missing)")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise CheckpointError(f"{option}={str(path)!r}: {str(probe)!r} is a file, so the "
+                              f"directory cannot be created")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{option}={str(path)!r}: {str(probe)!r} is not writable; pass a "
+                              f"directory you can write to")
+
+
 def _fingerprint(blocks: Sequence[Block], batches: Sequence[tuple[tuple, dict]],
                  opts: DistillOptions, student: torch.nn.Module) -> str:
     def shapes(v: Any) -> Any:
@@ -774,12 +807,12 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
     """
     opts = options if options is not None else DistillOptions()
     if not isinstance(opts, DistillOptions):
-        raise TypeError(f"options must be a DistillOptions, got {type(opts).__name__}")
+        raise OptionError(f"options must be a DistillOptions, got {type(opts).__name__}")
     if not blocks:
-        raise ValueError("no blocks to distill: partition the student first")
+        raise OptionError("no blocks to distill: partition the student first")
     batches = list(batches)
     if not batches:
-        raise ValueError("no calibration batches to distill on")
+        raise CalibrationError("no calibration batches to distill on")
     t_start = time.perf_counter()
     vmap = dict(value_map) if value_map is not None else match_values(teacher, student, records)
     run = _Run(student, teacher, blocks, batches, opts, vmap)
@@ -793,7 +826,7 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
     if ckpt_path is not None and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt.get("fingerprint") != fp:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {ckpt_path} was made with a different student, blocks, batches or "
                 "options; delete it or pass another checkpoint_dir")
         student.load_state_dict(ckpt["state"])

@@ -50,6 +50,7 @@ import networkx as nx
 import torch
 import torch.fx
 
+from archnet_fx.errors import InputError, OptionError
 from archnet_fx.ir.dataflow import input_dependent
 from archnet_fx.ir.opkinds import META_KINDS, node_kind
 
@@ -249,17 +250,17 @@ def partition(gm: torch.fx.GraphModule, granularity: int | None = None,
     automatic modes avoid such cuts, ``cut_nodes`` raises ``ValueError`` with the reason.
     """
     if granularity is not None and cut_nodes is not None:
-        raise ValueError("give granularity or cut_nodes, not both")
+        raise OptionError("give granularity or cut_nodes, not both")
     if granularity is not None and (not isinstance(granularity, int) or isinstance(granularity,
                                                                                    bool)
                                     or granularity < 1):
-        raise ValueError(f"granularity must be a positive integer (number of blocks) or None, "
+        raise OptionError(f"granularity must be a positive integer (number of blocks) or None, "
                          f"got {granularity!r}")
     g = to_networkx(gm)
     order = _order(gm, g)
     acts = _activation_nodes(gm, order)
     if not acts:
-        raise ValueError("the graph computes nothing from its inputs: nothing to partition")
+        raise InputError("the graph computes nothing from its inputs: nothing to partition")
     pos = {n: i for i, n in enumerate(acts)}
     last = _last_uses(acts, pos)
     n_acts = len(acts)
@@ -299,15 +300,15 @@ def partition(gm: torch.fx.GraphModule, granularity: int | None = None,
         for c in cut_nodes:
             if c not in names:
                 known = any(n.name == c for n in gm.graph.nodes)
-                raise ValueError(f"cut node {c!r} " + ("computes no activation (a constant or "
+                raise OptionError(f"cut node {c!r} " + ("computes no activation (a constant or "
                                                          "graph input): cut after a node that "
                                                          "depends on the inputs"
                                                          if known else "is not in the graph"))
             i = pos[names[c]]
             if i == n_acts - 1:
-                raise ValueError(f"cut node {c!r} is the last node: nothing left after it")
+                raise OptionError(f"cut node {c!r} is the last node: nothing left after it")
             if not allowed(i):
-                raise ValueError(f"cannot cut after {c!r}: {reasons.get(i, 'not allowed')}")
+                raise OptionError(f"cannot cut after {c!r}: {reasons.get(i, 'not allowed')}")
             cuts.append(i)
         cuts = sorted(set(cuts))
         names_for = None
@@ -485,7 +486,7 @@ def bind_inputs(gm: torch.fx.GraphModule, args: Sequence[Any] = (),
     kwargs = dict(kwargs or {})
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(phs):
-        raise TypeError(f"{len(args)} positional inputs for a graph with {len(phs)} inputs")
+        raise InputError(f"{len(args)} positional inputs for a graph with {len(phs)} inputs")
     env: dict[str, Any] = {}
     for n, v in zip(phs, args):
         env[n.name] = v
