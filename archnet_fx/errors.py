@@ -32,7 +32,7 @@ class InputError(ArchnetError, ValueError, TypeError):
     """Example inputs or runtime inputs of the wrong kind, shape or dtype."""
 
 
-class ChoiceError(ArchnetError, ValueError):
+class ChoiceError(OptionError):
     """A surrogate choice (``choices={kind or node: candidate or style}``) that names nothing."""
 
 
