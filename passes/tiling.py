@@ -37,7 +37,10 @@ All rules are exact up to float re-association (max abs error ~1e-6 on unit-scal
 state 1e-5). New weights are trainable parameters (``archnet.from_pass`` provenance on each node);
 every form of the op is read through :func:`~archnet_fx.ir.opargs.weighted_op` and
 :func:`~archnet_fx.ir.opargs.call_kwargs`, so module calls, ``F.conv2d`` and ATen ops all work.
-Dilated convs, transposed convs and non-zero padding modes are refused with the reason.
+Dilated, strided, grouped and depthwise convs tile the same way (a tile at kernel offset ``a``
+starts ``a·dilation`` input positions in); ``reflect``/``replicate``/``circular`` padding is
+written out first with slices and a concat (exact), then the tiles pad with zeros. Transposed
+convs are refused with the reason.
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ class ConvSpec:
     groups: int = 1
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
+    padding_mode: str = "zeros"           # zeros | reflect | replicate | circular
 
 
 def _tuple(v: Any, nd: int) -> tuple[int, ...]:
@@ -105,8 +109,7 @@ def read_op(node: torch.fx.Node, ctx: RewriteContext, kind: str) -> ConvSpec:
         raise Refuse(f"{nd}-D conv")
     if op.module is not None:
         m = op.module
-        if getattr(m, "padding_mode", "zeros") != "zeros":
-            raise Refuse(f"padding_mode={m.padding_mode!r}")
+        spec.padding_mode = getattr(m, "padding_mode", "zeros")
         stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
     else:
         kw = call_kwargs(node, ctx.gm) or {}
@@ -233,8 +236,12 @@ def _match_tiles(single: bool):
         if v is None:
             return None
         spec, allowed = v
-        if any(d != 1 for d in spec.dilation):
-            raise Refuse("dilated conv")
+        if spec.padding_mode != "zeros" and any(any(p) for p in spec.pad):
+            tgt: Target = ctx.options
+            lacking = [k for k in ("slice", "concat") if not tgt.supports(k)]
+            if lacking:
+                raise Refuse(f"padding_mode={spec.padding_mode!r} is written out with slices and "
+                             f"a concat, and the target has no {' or '.join(lacking)}")
         if spec.in_shape is None or spec.out_shape is None:
             raise Refuse("shapes unknown (run shape propagation)")
         ks = tuple(int(k) for k in spec.op.weight.shape[2:])
@@ -246,17 +253,22 @@ def _match_tiles(single: bool):
     return match
 
 
-def _tile_padding(a: int, size: int, pl: int, s: int, length: int, n_out: int
+def _tile_padding(a: int, size: int, pl: int, s: int, length: int, n_out: int, d: int = 1
                   ) -> tuple[int, int]:
-    """Smallest symmetric padding P (and output offset) so a conv of ``size`` at kernel offset
-    ``a`` lines up with the original output: (a − pl + P) divisible by s, long enough."""
-    p = max(0, pl - a)
+    """Smallest symmetric padding P (and output offset) so a conv of ``size`` taps at kernel
+    offset ``a`` (dilation ``d``: the tile starts ``a·d`` input positions in) lines up with the
+    original output: (a·d − pl + P) divisible by s, long enough."""
+    p = max(0, pl - a * d)
     while True:
-        if (a - pl + p) % s == 0:
-            off = (a - pl + p) // s
-            if (length + 2 * p - size) // s + 1 >= off + n_out:
+        if (a * d - pl + p) % s == 0:
+            off = (a * d - pl + p) // s
+            if _conv_len(length, p, size, s, d) >= off + n_out:
                 return p, off
         p += 1
+
+
+def _conv_len(length: int, pad: int, size: int, stride: int, dilation: int) -> int:
+    return (length + 2 * pad - dilation * (size - 1) - 1) // stride + 1
 
 
 def _build_tiles(m: KernelTiling, ctx: RewriteContext) -> torch.fx.Node:
@@ -265,6 +277,11 @@ def _build_tiles(m: KernelTiling, ctx: RewriteContext) -> torch.fx.Node:
     spec = m.spec
     weight = spec.op.weight.detach()
     bias = None if spec.op.bias is None else spec.op.bias.detach()
+    x, pad_left, lengths = spec.op.input, [p[0] for p in spec.pad], list(spec.in_shape[2:])
+    if spec.padding_mode != "zeros":
+        x = _explicit_padding(ctx, x, spec)
+        lengths = [n + l + r for n, (l, r) in zip(lengths, spec.pad)]
+        pad_left = [0] * spec.nd
     parts = []
     for t, tile in enumerate(m.tiles):
         idx = (slice(None), slice(None)) + tuple(slice(a, a + u) for a, u, _ in tile)
@@ -276,19 +293,47 @@ def _build_tiles(m: KernelTiling, ctx: RewriteContext) -> torch.fx.Node:
             w = F.pad(w, pad_w)
         paddings, offsets = [], []
         for i, (a, u, size) in enumerate(tile):
-            p, off = _tile_padding(a, size, spec.pad[i][0], spec.stride[i], spec.in_shape[2 + i],
-                                   spec.out_shape[2 + i])
+            p, off = _tile_padding(a, size, pad_left[i], spec.stride[i], lengths[i],
+                                   spec.out_shape[2 + i], spec.dilation[i])
             paddings.append(p)
             offsets.append(off)
-        y = _conv_node(ctx, spec.op.input, w.contiguous(), bias if t == 0 else None,
-                       spec.stride, paddings, spec.groups, _hint(spec.node))
-        full = ((spec.in_shape[2 + i] + 2 * paddings[i] - tile[i][2]) // spec.stride[i] + 1
-                for i in range(spec.nd))
+        y = _conv_node(ctx, x, w.contiguous(), bias if t == 0 else None,
+                       spec.stride, paddings, spec.groups, _hint(spec.node), spec.dilation)
+        full = (_conv_len(lengths[i], paddings[i], tile[i][2], spec.stride[i],
+                          spec.dilation[i]) for i in range(spec.nd))
         for i, (off, length) in enumerate(zip(offsets, full)):
             if off or length != spec.out_shape[2 + i]:
                 y = _narrow(ctx, y, 2 + i, off, spec.out_shape[2 + i])
         parts.append(y)
     return _sum(ctx, parts)
+
+
+def _explicit_padding(ctx: RewriteContext, x: torch.fx.Node, spec: ConvSpec) -> torch.fx.Node:
+    """``reflect`` / ``replicate`` / ``circular`` padding written out with slices and a concat
+    per spatial dim (exact; the tiles then pad with zeros only, which the conv does itself)::
+
+        reflect:   x[p], …, x[1] | x | x[n−2], …, x[n−1−p]
+        replicate: x[0] × p      | x | x[n−1] × p
+        circular:  x[n−p:]       | x | x[:p]
+    """
+    for i, (left, right) in enumerate(spec.pad):
+        dim, n = 2 + i, spec.in_shape[2 + i]
+        if not left and not right:
+            continue
+        mode = spec.padding_mode
+        if mode == "reflect":
+            lo = [_narrow(ctx, x, dim, j, 1) for j in range(left, 0, -1)]
+            hi = [_narrow(ctx, x, dim, n - 1 - j, 1) for j in range(1, right + 1)]
+        elif mode == "replicate":
+            lo = [_narrow(ctx, x, dim, 0, 1)] * left
+            hi = [_narrow(ctx, x, dim, n - 1, 1)] * right
+        elif mode == "circular":
+            lo = [_narrow(ctx, x, dim, n - left, left)] if left else []
+            hi = [_narrow(ctx, x, dim, 0, right)] if right else []
+        else:
+            raise Refuse(f"padding_mode={mode!r}")
+        x = ctx.call_function(torch.cat, (lo + [x] + hi, dim))
+    return x
 
 
 KERNEL_RULES = (

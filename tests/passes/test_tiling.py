@@ -129,11 +129,32 @@ def test_does_not_fire_on_allowed_kernels() -> None:
     assert_pass(res, before, fired={}, hist={"conv": 1}, **EXACT)
 
 
-def test_dilated_conv_is_refused() -> None:
+def test_dilated_conv_tiles_exactly() -> None:
+    # 5×5 taps at dilation 2 (a 9×9 footprint): tiles of 3 and 2 (padded to 3) taps, each
+    # starting tap·dilation positions in
     before, res = run_pass(tile_kernels(NPU_B), _conv(3, 4, 5, padding=4, dilation=2),
                            (_x(2, 3, 9, 9),))
-    assert_pass(res, before, fired={}, hist={"conv": 1}, refused={"tile_kernel": "dilated"},
-                **EXACT)
+    assert_pass(res, before, fired={"tile_kernel": 1}, hist=None, **EXACT)
+    assert ax.check(res.module, NPU_B).ok
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_of_module_convs_are_written_out(mode) -> None:
+    # capture turns a padded conv into pad + conv (the elementwise family legalizes the pad);
+    # a graph that keeps the conv as a module call (symbolic_trace, Conv2d a leaf) is tiled
+    # with its padding written out as slices + concat
+    from archnet_fx.ir.shapes import propagate_shapes
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 5, padding=2, groups=4, padding_mode=mode)
+    gm = torch.fx.symbolic_trace(nn.Sequential(conv))
+    x = _x(2, 4, 8, 8)
+    propagate_shapes(gm, (x,))
+    res = tile_kernels(NPU_B)(gm)
+    assert res.record.rule_hits == {"tile_kernel": 1}
+    assert ax.check(res.module, NPU_B).ok
+    with torch.no_grad():
+        assert (res.module(x) - conv(x)).abs().max() <= 1e-5
 
 
 # --------------------------------------------------------------------------- channels
