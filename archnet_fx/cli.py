@@ -297,10 +297,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_transform(args: argparse.Namespace) -> int:
     """Legalize, fake-quantize, distill, convert to Q/DQ and export ONNX."""
-    from archnet_fx.export.onnx import export_onnx
+    from archnet_fx.export.onnx import check_output_path, export_onnx
     from archnet_fx.targets import load_target
     from archnet_fx.transform import transform
 
+    check_output_path(args.out)            # before any work: a directory, under a file, ...
+    if args.golden:
+        check_output_path(args.golden)
     tgt = load_target(args.target)
     tgt.quant.check_bits(args.weight_bits, args.act_bits)  # fail early on bad bits
     model, ex, name = resolve_model(args.model, args.input_shape, args.batch)
@@ -309,8 +312,11 @@ def cmd_transform(args: argparse.Namespace) -> int:
                     steps=args.steps, holdout=0, progress=False, prefer=_prefer(args),
                     choices=args.choice or None, select=args.select)
     print(res.report)
-    rep = export_onnx(res, args.out, target=tgt)
+    rep = export_onnx(res, args.out, target=tgt, dynamic_batch=not args.fixed_batch,
+                      golden=args.golden)
     print(f"\nwrote {rep}")
+    if args.verbose and rep.exactness is not None:
+        print("\n" + rep.exactness.table())
     return 0
 
 
@@ -402,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--act-bits", type=int, help="activation bits (default: the target's)")
     sp.add_argument("--steps", type=int, default=50, help="distillation steps per block")
     sp.add_argument("--batch", type=int, default=8, help="batch size of built-in examples")
+    sp.add_argument("--fixed-batch", action="store_true",
+                    help="export the example's batch size (for graphs that pin it)")
+    sp.add_argument("--golden", metavar="NPZ",
+                    help="also write every Q/DQ tensor of the example run to this .npz")
     sp.add_argument("--input-shape", action="append", default=[],
                     help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
     _surrogate_options(sp, "lossless candidates by default order or by the latency estimate")
@@ -413,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:   # the exporter's full message when it fails
+        logging.getLogger("archnet_fx.export").setLevel(logging.DEBUG)
     try:
         return int(args.fn(args) or 0)
     except (ArchnetError, ImportError) as e:

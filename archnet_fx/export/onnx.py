@@ -67,7 +67,7 @@ from archnet_fx.export.verify import (MAX_FLIP_FRACTION, compare_exported, dump_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_onnx", "ExportReport", "onnx_legality", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "ExportReport", "onnx_legality", "DEFAULT_OPSET", "check_output_path"]
 
 DEFAULT_OPSET = 17          # int8/uint8 per-channel Q/DQ
 INT4_OPSET = 21             # INT4 / INT16 Q/DQ
@@ -678,7 +678,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     from archnet_fx.infra.manager import PassManager
     from archnet_fx.quant.fakequant import quantizers
 
-    path = _check_path(path)
+    path = check_output_path(path)
     module, tgt = _resolve(result_or_module, target)
     convert_record = None
     if not isinstance(module, torch.fx.GraphModule):
@@ -757,7 +757,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: "
                               f"{_first_paragraph(str(e))} (the exporter's full message and "
                               f"graph are logged at DEBUG level: archnet-fx -v, or "
-                              f"logging.getLogger('archnet_fx').setLevel('DEBUG'))") from e
+                              f"logging.getLogger('archnet_fx.export').setLevel('DEBUG'))") from e
         model = onnx.load(tmp)
         retyped = _typed_rewrite(model)
         if opset > 20:
@@ -819,7 +819,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     return report
 
 
-def _check_path(path: Any) -> Path:
+def check_output_path(path: Any) -> Path:
     """The output path, checked before any work: a file name in a directory we can write."""
     if not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"path must be a file name such as 'model.onnx', got "
