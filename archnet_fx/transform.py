@@ -222,9 +222,9 @@ def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list) 
     """Refuse a checkpoint directory written with other settings before any work; record this
     run's settings beside the checkpoint otherwise."""
     import json
-    import os
-    import tempfile
     from pathlib import Path
+
+    from archnet_fx.infra.instruments import atomic_write_text
 
     from archnet_fx.train.distill import CHECKPOINT_NAME
 
@@ -247,11 +247,7 @@ def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list) 
                                   f"model, target, options and calibration data to resume, or "
                                   f"another checkpoint_dir (or delete it) to start afresh")
         return
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{SETTINGS_NAME}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(settings, fh)
-    os.replace(tmp, f)
+    atomic_write_text(f, json.dumps(settings))
 
 
 # --------------------------------------------------------------------------- fidelity

@@ -37,6 +37,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from archnet_fx.infra.instruments import atomic_write
 from archnet_fx.quant.intref import IntegerInterpreter
 from archnet_fx.quant.qdq import Dequantize, Quantize
 
@@ -328,18 +329,7 @@ def dump_golden(gm: torch.fx.GraphModule, example_inputs: Any, path: str | os.Pa
             arrays[f"input.{i}"] = t.detach().cpu().numpy()
     for i, t in enumerate(t for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)):
         arrays[f"output.{i}"] = t.detach().cpu().numpy()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:

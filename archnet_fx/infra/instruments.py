@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import networkx as nx
 import torch.fx
@@ -106,12 +106,18 @@ def to_dot(g: nx.DiGraph, title: str = "graph") -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename (no partial files)."""
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write(path: str | os.PathLike, write: Any, binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it into place;
+    on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
