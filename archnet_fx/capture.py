@@ -203,7 +203,8 @@ def _guard_inputs(specs: tuple, *values) -> None:
             continue
         name, shape, batched = spec[:3]
         dtype = spec[3] if len(spec) > 3 else None
-        if dtype is not None and not _dtype_ok(v.dtype, dtype):
+        strict = bool(spec[4]) if len(spec) > 4 else True
+        if dtype is not None and not _dtype_ok(v.dtype, dtype, strict):
             raise InputError(
                 f"input '{name}' has dtype {v.dtype} but the captured graph takes {dtype} (the "
                 f"example's): convert it with .to({dtype})"
@@ -226,14 +227,21 @@ def _guard_inputs(specs: tuple, *values) -> None:
 torch.fx.node.has_side_effect(_guard_inputs)
 
 
-def _dtype_ok(got: torch.dtype, want: torch.dtype) -> bool:
-    """The captured graph takes the example's dtypes: a float64 input to float32 weights fails
-    inside torch, float token ids fail in the embedding, and a torch.export graph checks integer
-    dtypes exactly."""
-    return got == want
+def _dtype_ok(got: torch.dtype, want: torch.dtype, strict: bool) -> bool:
+    """Floats must match exactly (a float64 input to float32 weights fails inside torch), and a
+    torch.export graph checks every dtype exactly (``strict``); an fx graph takes integer inputs
+    (ids, masks) of any integer type, and bool for bool."""
+    if strict or want.is_floating_point or got.is_floating_point:
+        return got == want
+
+    def kind(d: torch.dtype) -> str:
+        return "bool" if d == torch.bool else "float" if d.is_floating_point else \
+            "complex" if d.is_complex else "int"
+    return kind(got) == kind(want)
 
 
-def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...]) -> None:
+def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...], strict: bool = True
+                  ) -> None:
     phs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     ph_list = [n for n in gm.graph.nodes if n.op == "placeholder"]
     nodes, spec_t = [], []
@@ -244,7 +252,7 @@ def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...]) -> Non
         if node is None:
             continue
         nodes.append(node)
-        spec_t.append((s.name, s.shape, s.batched, s.dtype))
+        spec_t.append((s.name, s.shape, s.batched, s.dtype, strict))
     if not nodes:
         return
     with gm.graph.inserting_after(ph_list[-1]):
@@ -446,7 +454,7 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
                        specs=specs, model_class=type(model).__qualname__,
                        fx_error=None if fx_err is None else f"{type(fx_err).__name__}: "
                        f"{_first_line(fx_err)}")
-    _insert_guard(gm, specs)
+    _insert_guard(gm, specs, strict=used == "export")
     gm.meta[CAPTURE_META_KEY] = info
     gm.meta[EXAMPLE_META_KEY] = (args, kwargs)
     # Shapes are recorded for one sample (batch 1 where the batch is dynamic): what passes

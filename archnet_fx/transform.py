@@ -30,6 +30,7 @@ is deterministic for a seed. The student runs where the model's parameters are (
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -207,32 +208,45 @@ def _split_holdout(batches: list, holdout: int | float) -> tuple[list, list]:
 SETTINGS_NAME = "transform_settings.json"
 
 
-def _settings(model: torch.nn.Module, target: str, w_bits: int, a_bits: int,
-              opts: DistillOptions, *rest: Any) -> dict[str, Any]:
+def _digest(tensors: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _settings(model: Any, target: str, w_bits: int, a_bits: int, opts: DistillOptions,
+              holdout: Any, choices: Any, granularity: Any, cut_nodes: Any, prefer: str,
+              *rest: Any) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint (cheap to compute:
-    checked before capture). The parameter names and shapes stand for the model."""
-    params = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items()
-                    if isinstance(v, torch.Tensor))
+    checked before capture): target, bits, options (normalised), and a digest of the model's
+    parameters and buffers."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else {}
     return {"target": target, "bits": [w_bits, a_bits],
             "options": {k: str(v) for k, v in opts.fingerprint_fields().items()},
-            "transform": [repr(r) for r in rest], "params": repr(params)}
+            "transform": [repr(float(holdout)) if isinstance(holdout, (int, float)) else
+                          repr(holdout), repr(sorted((choices or {}).items())),
+                          repr(granularity), repr(tuple(cut_nodes or ())), prefer,
+                          *[repr(r) for r in rest]],
+            "model": _digest(v for _, v in sorted(state.items()))}
 
 
-def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list) -> None:
-    """Refuse a checkpoint directory written with other settings before any work; record this
-    run's settings beside the checkpoint otherwise."""
+def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list
+                  ) -> dict[str, Any]:
+    """Refuse a checkpoint directory written with other settings, before any work. Returns the
+    settings (with the calibration data's digest) for :func:`_record_settings`."""
     import json
     from pathlib import Path
 
-    from archnet_fx.infra.instruments import atomic_write_text
-
     from archnet_fx.train.distill import CHECKPOINT_NAME
 
+    settings = dict(settings, batches=_digest(t for b in batches
+                                              for t in pytree.tree_leaves(b)))
     if checkpoint_dir is None:
-        return
+        return settings
     d = Path(checkpoint_dir)
-    settings = dict(settings, batches=[repr([tuple(t.shape) for t in pytree.tree_leaves(b)
-                                             if isinstance(t, torch.Tensor)]) for b in batches])
     f = d / SETTINGS_NAME
     if (d / CHECKPOINT_NAME).exists() and f.exists():
         try:
@@ -246,8 +260,23 @@ def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list) 
                                   f"settings (they differ in: {', '.join(diff)}); pass the same "
                                   f"model, target, options and calibration data to resume, or "
                                   f"another checkpoint_dir (or delete it) to start afresh")
+    return settings
+
+
+def _record_settings(checkpoint_dir: Any, settings: dict[str, Any]) -> None:
+    """Write this run's settings beside the checkpoint it is about to start (not when a
+    checkpoint without settings exists: distillation's own fingerprint judges that one)."""
+    import json
+    from pathlib import Path
+
+    from archnet_fx.infra.instruments import atomic_write_text
+    from archnet_fx.train.distill import CHECKPOINT_NAME
+
+    if checkpoint_dir is None:
         return
-    atomic_write_text(f, json.dumps(settings))
+    d = Path(checkpoint_dir)
+    if not (d / CHECKPOINT_NAME).exists():
+        atomic_write_text(d / SETTINGS_NAME, json.dumps(settings))
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -328,15 +357,16 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                                     or not isinstance(granularity, int) or granularity < 1):
         raise OptionError(f"granularity must be a positive integer (number of blocks) or None, "
                           f"got {granularity!r}")
-    if cut_nodes is not None and (isinstance(cut_nodes, str) or not all(
+    if cut_nodes is not None and (isinstance(cut_nodes, str) or not isinstance(
+            cut_nodes, Sequence) or not all(
             isinstance(c, str) for c in cut_nodes)):
         raise OptionError(f"cut_nodes must be a list of node names, got {cut_nodes!r}")
     if select not in ("order", "latency"):
         raise OptionError(f"select must be 'order' or 'latency', got {select!r}")
-    LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback)  # validates prefer
     if choices is not None and not isinstance(choices, Mapping):
         raise OptionError(f"choices must be a mapping {{kind or node: candidate or style}}, "
                           f"got {type(choices).__name__}")
+    LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback)  # validates prefer
     for name, flag in (("allow_host_fallback", allow_host_fallback), ("verify", verify)):
         if not isinstance(flag, bool):
             raise OptionError(f"{name} must be a bool, got {flag!r}")
@@ -344,7 +374,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                          cut_nodes, prefer, allow_host_fallback, quantize_surrogates,
                          surrogate_weight_bits, select)
     batches = calibration_batches(calib_data, example_inputs, warn_example="transform")
-    _check_resume(checkpoint_dir, settings, batches)
+    settings = _check_resume(checkpoint_dir, settings, batches)
     notes: list[str] = []
     if calib_data is None:
         notes.append("no calib_data: distilled on the example inputs only")
@@ -391,6 +421,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         seconds["fidelity"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        _record_settings(checkpoint_dir, settings)
         drep = distill(student, teacher, blocks, train, opts, value_map=vmap)
         seconds["distill"] = time.perf_counter() - t0
 

@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     n_int = sum(r.get("integers", 0) for r in rows)
     n_diff = sum(r.get("torch_differ", 0) for r in rows)
     print(f"\n{len(rows) - failures}/{len(rows)} cells ran; torch vs onnxruntime: {n_diff} of "
-          f"{n_int:,} integers differ ({n_diff / max(1, n_int):.2e}), each by one step at most "
-          f"(max {max((r.get('torch_max_steps', 0) for r in rows), default=0)}); "
+          f"{n_int:,} integers differ ({n_diff / max(1, n_int):.2e}), by at most "
+          f"{max((r.get('torch_max_steps', 0) for r in rows), default=0)} step(s); "
           f"load average at end: {os.getloadavg()[0]:.2f}")
     out = Path(__file__).parent / "results" / "export_matrix.json"
     out.parent.mkdir(parents=True, exist_ok=True)

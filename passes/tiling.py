@@ -372,6 +372,8 @@ def _match_channels(node: torch.fx.Node, ctx: RewriteContext) -> Any:
     if max(in_channels(op), out_channels(op)) <= lim.max_channels:
         return None
     spec = read_op(node, ctx, kind)
+    if spec.padding_mode != "zeros" and any(any(p) for p in spec.pad):
+        raise Refuse(f"padding_mode={spec.padding_mode!r}: channel chunks would pad with zeros")
     if kind == "conv" and spec.groups > 1:
         g = spec.groups
         per = max(in_channels(op) // g, out_channels(op) // g)

@@ -26,10 +26,12 @@ Steps:
    attention-mask arithmetic; shape arithmetic) must have an op type whose archnet kind
    (:data:`archnet_fx.ir.opkinds.ONNX_KINDS`) the target supports, else :class:`~archnet_fx.errors.ExportError` names
    the node;
-5. **verify** — onnxruntime (CPUExecutionProvider, basic graph optimizations so Q/DQ stay float
-   emulations) on the example inputs vs the torch module: ``max|Δ| ≤ atol·max(1, max|y|)``, or,
-   for networks that amplify rounding-boundary flips, per-sample cosine ≥ 0.98 (see
-   :func:`_verify`); then once more at twice the batch (``ExportReport.dynamic_batch``);
+5. **verify** — integer-exact (:mod:`archnet_fx.export.verify`): onnxruntime (basic graph
+   optimizations, so Q/DQ stay float emulations) runs the file with every QuantizeLinear's
+   integers exposed; the torch module computes each Q node from onnxruntime's upstream integers
+   and must agree except for one-step flips on a small share (float summation order at a
+   rounding boundary); outputs computed from the same integers agree within ``atol``; then the
+   file runs at batch 1, the example's and 8 (``ExportReport.batch_sizes``);
 6. **runtime rewrites** (exact; the ops they make are the ones they replace, or a ``Mul``
    where the target has ``mul``): ``Transpose(DequantizeLinear(W))`` becomes
    ``DequantizeLinear(Wᵀ)`` (:func:`fold_weight_transposes`, so onnxruntime sees the
@@ -165,6 +167,8 @@ class ExportReport:
     #: batch sizes the file was run at in onnxruntime (batch 1, the example's, 8); empty when
     #: the inputs have no batch dimension or the export has a fixed batch
     batch_sizes: list[int] = field(default_factory=list)
+    #: True when the file has a symbolic batch and ran at those sizes (a graph that pins the
+    #: batch raises instead); None when not checked or exported with a fixed batch
     dynamic_batch: bool | None = None
     exactness: Any = None    # ExactnessReport: every Q node's integers, ORT vs torch vs intref
 
@@ -679,6 +683,8 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     from archnet_fx.quant.fakequant import quantizers
 
     path = check_output_path(path)
+    if golden is not None:
+        golden = check_output_path(golden)
     module, tgt = _resolve(result_or_module, target)
     convert_record = None
     if not isinstance(module, torch.fx.GraphModule):
@@ -735,8 +741,12 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         ref = flat(*values)
     out_names = [f"output_{i}" for i in range(len(ref))] if len(ref) > 1 else ["output"]
     dyn = {n: {0: "batch"} for n in names if n in batched} if dynamic_batch else {}
+    ex_batch = next((int(v.shape[0]) for n, v in zip(names, values) if n in batched), None)
+    # outputs whose first dimension is the example's batch follow it; others (reductions over
+    # the batch, constants, (seq, batch, …) layouts) keep their shape
+    batched_out = [o for o, r in zip(out_names, ref) if r.dim() and r.shape[0] == ex_batch]
     if dyn:
-        dyn.update({o: {0: "batch"} for o in out_names if ref[out_names.index(o)].dim()})
+        dyn.update({o: {0: "batch"} for o in batched_out})
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -797,11 +807,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
             report.max_abs_diff = report.exactness.output_max_abs_diff
             report.checked = True
             if dyn:
-                report.batch_sizes = _check_batches(tmp, names, values, batched, out_names)
+                report.batch_sizes = _check_batches(tmp, names, values, batched, out_names,
+                                                    set(batched_out))
                 report.dynamic_batch = True
-            if golden is not None:
-                dump_golden(prepared, dict(zip(names, values)) if kwargs_call
-                            else tuple(values), golden)
         else:
             _tidy(model)
             onnx.save(model, tmp)
@@ -810,6 +818,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give it a normal file's mode
         os.replace(tmp, path)
         EXPORTING.clear()
+        if golden is not None:
+            dump_golden(prepared, dict(zip(names, values)) if kwargs_call else tuple(values),
+                        golden)
     except BaseException:
         EXPORTING.clear()
         if os.path.exists(tmp):
@@ -864,7 +875,7 @@ _ORT_NODE = __import__("re").compile(r"running (\w+) node\. Name:'([^']*)'")
 
 
 def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batched: set[str],
-                   out_names: list[str]) -> list[int]:
+                   out_names: list[str], batched_out: set[str]) -> list[int]:
     """Run the file at batch 1, the example's and 8 (rows of the example, repeated); raise
     :class:`ExportError` naming the node that pins the batch."""
     import numpy as np
@@ -889,7 +900,7 @@ def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batc
                 f"holds the batch as a constant; export with dynamic_batch=False for a fixed "
                 f"batch of {ref_batch}") from e
         for o, name in zip(outs, out_names):
-            if np.ndim(o) and np.shape(o)[0] != b:
+            if name in batched_out and np.shape(o)[0] != b:
                 raise ExportError(f"the exported graph pins the batch size: output {name} has "
                                   f"batch {np.shape(o)[0]} for input batch {b}; export with "
                                   f"dynamic_batch=False for a fixed batch of {ref_batch}")
@@ -903,13 +914,22 @@ def _verify(path: str, gm: torch.fx.GraphModule, names: list[str], values: list[
     """Integer-exact check of the file against the module it was exported from (see
     :mod:`archnet_fx.export.verify`); :class:`ExportError` when it fails."""
     try:
+        ort_session(path, level="basic")
+    except Exception as e:  # noqa: BLE001 - re-raised typed
+        raise ExportError(f"onnxruntime could not load the exported model: "
+                          f"{_first_paragraph(str(e), 400)}") from e
+    try:
         rep = compare_exported(path, gm, names, values, accumulator_bits=accumulator_bits,
                                max_flip_fraction=max_flip_fraction)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised typed
-        raise ExportError(f"onnxruntime could not run the exported model: "
-                          f"{_first_paragraph(str(e), 400)}") from e
+        raise ExportError(f"the integer comparison of the exported model with the torch module "
+                          f"failed: {type(e).__name__}: {_first_paragraph(str(e), 400)}") from e
+    if rep.unmapped and not rep.q_nodes:
+        raise ExportError(f"none of the module's {len(rep.unmapped)} Quantize nodes could be "
+                          f"found in the exported file, so its integers cannot be checked; "
+                          f"export with check=False to skip the check")
     if rep.unmapped:
         log.info("%d Quantize node(s) have no counterpart in the file (shared quantizers): %s",
                  len(rep.unmapped), ", ".join(rep.unmapped[:5]))
@@ -921,7 +941,8 @@ def _verify(path: str, gm: torch.fx.GraphModule, names: list[str], values: list[
             f"({rep.torch_local.fraction:.2e} > {max_flip_fraction:g} allowed) by up to "
             f"{rep.torch_local.max_steps} step(s), worst at "
             + ", ".join(f"{n} ({d} differ, max {m})" for n, _, d, m in worst)
-            + "; a wrong scale, zero point or layout in the export")
+            + "; a wrong scale, zero point or layout in the export (allowed: one-step flips on "
+            f"at most {max_flip_fraction:g} of all integers and 5 % of any node's)")
     if rep.output_rel_diff > atol:
         raise ExportError(f"onnxruntime's outputs differ from torch's, given the same integers, "
                           f"by {rep.output_rel_diff:.3g}·max|y| > atol {atol:g}")

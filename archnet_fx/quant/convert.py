@@ -34,9 +34,8 @@ folded into the producing op) and carry ``archnet_qdq`` so tools can find them.
 
 Numerics: the converted float path quantizes as ONNX ``QuantizeLinear`` does in onnxruntime,
 ``round(clamp(x/s, qmin − z, qmax − z)) + z`` (so the exported file computes the same integers),
-and dequantizes as ``(q − z)·s``. :class:`FakeQuant` rounds ``x/s + z``; the two agree except
-where ``x/s + z`` is inexact in float32 right at a rounding boundary (one step, rare), and up to
-float rounding of the straight-through estimator (``(round(v) − v) + v`` is ``round(v)`` to
+and dequantizes as ``(q − z)·s``; :class:`FakeQuant` computes the same ``round(clamp(x/s, qmin −
+z, qmax − z))·s``, so the two agree up to float rounding of the straight-through estimator (``(round(v) − v) + v`` is ``round(v)`` to
 within one ulp): the tests use ``atol = 1e-5·max|y|``.
 
 Uninitialised or disabled quantizers are identities in the fake-quantized module and are dropped

@@ -144,7 +144,8 @@ class DistillOptions:
             if v is not None and not isinstance(v, (str, os.PathLike)):
                 raise bad(name, "a path or None")
             if v is not None:
-                _check_dir(Path(v), name)
+                _check_dir(Path(v), name, CheckpointError if name == "checkpoint_dir"
+                           else OptionError)
         if not isinstance(self.progress, bool):
             raise bad("progress", "a bool")
 
@@ -520,10 +521,10 @@ def check_device(dev: torch.device) -> None:
                           f"Pass device='cpu' or leave device unset") from None
 
 
-def _check_dir(path: Path, option: str) -> None:
+def _check_dir(path: Path, option: str, error: type = CheckpointError) -> None:
     """A directory option must name a directory, or a path one can be created at, writable."""
     if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{option}={str(path)!r} is a file, not a directory; pass a "
+        raise error(f"{option}={str(path)!r} is a file, not a directory; pass a "
                               f"directory (it is created if missing)")
     probe = path
     while not probe.exists():
@@ -531,10 +532,10 @@ def _check_dir(path: Path, option: str) -> None:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise CheckpointError(f"{option}={str(path)!r}: {str(probe)!r} is a file, so the "
+        raise error(f"{option}={str(path)!r}: {str(probe)!r} is a file, so the "
                               f"directory cannot be created")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise CheckpointError(f"{option}={str(path)!r}: {str(probe)!r} is not writable; pass a "
+        raise error(f"{option}={str(path)!r}: {str(probe)!r} is not writable; pass a "
                               f"directory you can write to")
 
 

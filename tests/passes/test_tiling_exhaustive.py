@@ -37,11 +37,15 @@ def _conv(dims, k, s, d, g, p, mode, c=8):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_every_conv_tiles_exactly_on_npu_b(case):
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_every_conv_tiles_exactly_on_npu_b(case, form):
+    # "module": inside a model the conv stays a module call (its padding mode read from the
+    # module); "functional": a bare conv is traced into F.pad + conv
     torch.manual_seed(0)
     conv = _conv(*case).eval()
+    model = nn.Sequential(conv) if form == "module" else conv
     ex = torch.randn(2, 8, *([13] * case[0]))
-    leg = ax.legalize(conv, "npu_b", ex, verify=False)
+    leg = ax.legalize(model, "npu_b", ex, verify=False)
     assert ax.check(leg.module, "npu_b").ok
     with torch.no_grad():
         assert (leg.module(ex) - conv(ex)).abs().max() <= 1e-5
