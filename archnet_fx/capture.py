@@ -26,6 +26,7 @@ torch.Size([5, 4])
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -58,6 +59,7 @@ class InputSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     batched: bool  # whether dim 0 is the dynamic batch dimension
+    seq: bool = False   # whether dim 1 is the dynamic sequence dimension (up to max_seq_len)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class CaptureInfo:
     model_class: str
     fx_error: str | None = None       # why symbolic tracing failed, when it did
     notes: list[str] = field(default_factory=list)
+    max_seq_len: int | None = None    # dim 1 of the ``seq`` inputs is dynamic up to this
 
 
 class LeafTracer(torch.fx.Tracer):
@@ -215,13 +218,25 @@ def _guard_inputs(specs: tuple, *values) -> None:
                 f"input '{name}' has {v.dim()} dimensions (shape {tuple(v.shape)}) but the "
                 f"captured graph expects {len(shape)} (example shape {shape}): pass inputs shaped "
                 "like the example inputs given to capture()")
+        max_seq = spec[5] if len(spec) > 5 else None
         start = 1 if batched else 0
+        if max_seq is not None and v.dim() >= 2:
+            if not 2 <= v.shape[1] <= max_seq:
+                raise InputError(
+                    f"input '{name}' has sequence length {v.shape[1]} but the captured graph "
+                    f"takes 2 to {max_seq} (max_seq_len): trim or pad it, or capture again with "
+                    f"a larger max_seq_len")
+            start = 2
         if tuple(v.shape[start:]) != tuple(shape[start:]):
-            want = ("(batch, " + ", ".join(map(str, shape[1:])) + ")") if batched else str(shape)
+            want = ("(batch, " + ("seq, " if start == 2 else "")
+                    + ", ".join(map(str, shape[start:])) + ")") if batched else str(shape)
             raise InputError(
                 f"input '{name}' has shape {tuple(v.shape)} but the captured graph expects "
-                f"{want}: only the batch dimension is dynamic; pad/trim to that shape or capture "
-                "again with example inputs of the shape you will use")
+                f"{want}: only the batch" + (" and sequence dimensions are" if start == 2 else
+                                             " dimension is")
+                + " dynamic; pad/trim to that shape or capture again with example inputs of "
+                "the shape you will use" + ("" if start == 2 else
+                                            " (or with max_seq_len= for any sequence length)"))
 
 
 torch.fx.node.has_side_effect(_guard_inputs)
@@ -240,8 +255,8 @@ def _dtype_ok(got: torch.dtype, want: torch.dtype, strict: bool) -> bool:
     return kind(got) == kind(want)
 
 
-def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...], strict: bool = True
-                  ) -> None:
+def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...], strict: bool = True,
+                  max_seq_len: int | None = None) -> None:
     phs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     ph_list = [n for n in gm.graph.nodes if n.op == "placeholder"]
     nodes, spec_t = [], []
@@ -252,7 +267,8 @@ def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...], strict
         if node is None:
             continue
         nodes.append(node)
-        spec_t.append((s.name, s.shape, s.batched, s.dtype, strict))
+        spec_t.append((s.name, s.shape, s.batched, s.dtype, strict,
+                       max_seq_len if s.seq else None))
     if not nodes:
         return
     with gm.graph.inserting_after(ph_list[-1]):
@@ -318,7 +334,7 @@ def _assert_same(ref: Any, got: Any) -> None:
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, specs: tuple[InputSpec, ...],
-            batch: int | None) -> torch.fx.GraphModule:
+            batch: int | None, max_seq_len: int | None = None) -> torch.fx.GraphModule:
     ex_args, ex_kwargs = args, kwargs
     if batch == 1:
         # torch.export specialises size-1 dimensions; trace on a batch of 2, keep it dynamic.
@@ -329,13 +345,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, specs: tuple[InputSpec,
         ex_args = tuple(dup(a) for a in args)
         ex_kwargs = {k: dup(v) for k, v in kwargs.items()}
     bdim = torch.export.Dim("batch", min=1, max=1 << 20)
+    sdim = torch.export.Dim("seq", min=2, max=max_seq_len) if max_seq_len else None
     spec_by_name = {s.name: s for s in specs}
 
     def dyn(name, v):
         if not isinstance(v, torch.Tensor):
             return None
         s = spec_by_name.get(name)
-        return {0: bdim} if s is not None and s.batched else None
+        if s is None or not s.batched:
+            return None
+        return {0: bdim, 1: sdim} if s.seq and sdim is not None else {0: bdim}
 
     names = _input_names(model, args, kwargs)
     dyn_args = tuple(dyn(n, a) for n, a in zip(names, args))
@@ -382,11 +401,23 @@ def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     return names + list(kwargs)
 
 
-def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> torch.fx.GraphModule:
+def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto",
+            max_seq_len: int | str | None = None) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule, shape-annotated, with op kinds in ``node.meta``.
 
     ``example_inputs`` is a tensor, a tuple of tensors or a dict of keyword tensors shaped like a
     real batch. ``method`` is ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
+    ``max_seq_len``: make dimension 1 of the sequence inputs dynamic too, from 2 up to this
+    length — the sequence inputs are the batched inputs of rank ≥ 2 whose dimension 1 equals the
+    first such input's (token ids, their masks; ``(batch, seq, features)`` tensors). The graph
+    must compute with the length it is given, not a constant: an fx trace is checked at a second
+    length against the model (and replaced by a ``torch.export`` capture with a symbolic
+    sequence dimension when it does not match); a model that fixes the length raises
+    :class:`CaptureError` naming where. Shapes in ``node.meta`` are the example's length.
+    ``"auto"``: sequence models — those with integer token-id inputs of shape ``(batch, seq)`` —
+    get a dynamic sequence up to the example's length, falling back to the fixed length (with a
+    note in ``CaptureInfo.notes``) when the model fixes it; other models a fixed shape.
+    ``None`` (default): fixed.
     The caller's model is never modified. ``node.meta["tensor_meta"]`` holds the shapes of one
     sample (batch 1 along the dynamic batch dimension; the whole example if the model cannot
     run on one sample); the example itself is kept whole in ``gm.meta``.
@@ -401,6 +432,21 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
     names = _input_names(model, args, kwargs)
     specs = _specs(args, kwargs, names)
     batch = _batch_size(args, kwargs)
+    if isinstance(max_seq_len, str) and max_seq_len == "auto":
+        seq = _auto_seq_len(specs)
+        if seq is None:
+            return capture(model, example_inputs, method=method, max_seq_len=None)
+        try:
+            return capture(model, example_inputs, method=method, max_seq_len=seq)
+        except CaptureError as e:
+            gm = capture(model, example_inputs, method=method, max_seq_len=None)
+            note = (f"sequence length fixed at {seq}: the model does not capture with a "
+                    f"dynamic one ({str(e).splitlines()[0][:200]})")
+            gm.meta[CAPTURE_META_KEY].notes.append(note)
+            log.info(note)
+            return gm
+    if max_seq_len is not None:
+        specs = _seq_specs(specs, max_seq_len)
 
     work = copy.deepcopy(model)
     work.eval()
@@ -414,17 +460,30 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
     if method in ("auto", "fx"):
         try:
             gm = _trace_fx(work, args, kwargs)
+            if max_seq_len is not None:
+                _check_seq_generic(gm, work, args, kwargs, names, specs)
             used = "fx"
         except Exception as e:  # noqa: BLE001 - any tracing failure means "try export"
             fx_err = e
+            gm = None
             log.info("symbolic_trace failed (%s: %s); falling back to torch.export",
                      type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     if gm is None and method in ("auto", "export"):
         try:
-            gm = _export(work, args, kwargs, specs, batch)
+            gm = _export(work, args, kwargs, specs, batch, max_seq_len)
             used = "export"
         except Exception as e:  # noqa: BLE001
             _eager_check(work, args, kwargs, names, model)
+            if max_seq_len is not None and "Constraints violated (seq)" in str(e):
+                import re
+                m = re.search(r"Dim\('seq', (?:min=\d+, )?max=(\d+)\)", str(e))
+                raise CaptureError(
+                    f"{type(model).__name__} does not take every sequence length up to "
+                    f"max_seq_len={max_seq_len}: " + (
+                        f"it supports at most {m.group(1)} (e.g. its position table); pass "
+                        f"max_seq_len={m.group(1)} or less" if m else
+                        f"torch.export: {_first_line(e)}; capture without max_seq_len for the "
+                        f"example's fixed length")) from None
             parts = [f"could not capture {type(model).__name__}."]
             if fx_err is not None:
                 where = _user_frame(fx_err)
@@ -452,9 +511,10 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
 
     info = CaptureInfo(method=used, input_names=tuple(names), kwargs_call=bool(kwargs),
                        specs=specs, model_class=type(model).__qualname__,
+                       max_seq_len=max_seq_len,
                        fx_error=None if fx_err is None else f"{type(fx_err).__name__}: "
                        f"{_first_line(fx_err)}")
-    _insert_guard(gm, specs, strict=used == "export")
+    _insert_guard(gm, specs, strict=used == "export", max_seq_len=max_seq_len)
     gm.meta[CAPTURE_META_KEY] = info
     gm.meta[EXAMPLE_META_KEY] = (args, kwargs)
     # Shapes are recorded for one sample (batch 1 where the batch is dynamic): what passes
@@ -468,6 +528,70 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto") -> t
         propagate_shapes(gm, args, kwargs)
     annotate_kinds(gm)
     return gm
+
+
+def dynamic_seq(gm: Any) -> tuple[int, int] | None:
+    """``(example length, max_seq_len)`` when ``gm`` was captured with a dynamic sequence
+    dimension (:func:`capture` ``max_seq_len=``), else None. A pass that would bake a length
+    into a constant checks a length equal to the example's against this and uses a
+    length-generic form (exact for any length up to the maximum) or refuses."""
+    info = getattr(gm, "meta", {}).get(CAPTURE_META_KEY)
+    if info is None or not getattr(info, "max_seq_len", None):
+        return None
+    seq = next((s.shape[1] for s in info.specs if s.seq), None)
+    return None if seq is None else (int(seq), int(info.max_seq_len))
+
+
+def _auto_seq_len(specs: tuple[InputSpec, ...]) -> int | None:
+    """The example's sequence length for a model with integer ``(batch, seq)`` inputs (token
+    ids), seq ≥ 2; None for other models."""
+    for s in specs:
+        if s.batched and len(s.shape) == 2 and not s.dtype.is_floating_point \
+                and s.dtype != torch.bool and s.shape[1] >= 2:
+            return int(s.shape[1])
+    return None
+
+
+def _seq_specs(specs: tuple[InputSpec, ...], max_seq_len: Any) -> tuple[InputSpec, ...]:
+    """Mark the sequence inputs (see :func:`capture`); :class:`OptionError` for a bad max."""
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise OptionError(f"max_seq_len must be an integer >= 2 or None, got {max_seq_len!r}")
+    seq = _auto_seq_len(specs) or next((s.shape[1] for s in specs
+                                         if s.batched and len(s.shape) >= 2), None)
+    if seq is None:
+        raise InputError("max_seq_len was given but no input has a sequence dimension (a "
+                         "batched input of rank >= 2, such as (batch, seq) token ids)")
+    if seq > max_seq_len:
+        raise InputError(f"the example inputs have sequence length {seq} > max_seq_len="
+                         f"{max_seq_len}: pass a max_seq_len of at least {seq}")
+    if seq < 2:
+        raise InputError("example inputs of sequence length 1 cannot mark a dynamic sequence "
+                         "dimension (capture specialises size-1 dimensions): use length >= 2")
+    return tuple(dataclasses.replace(s, seq=s.batched and len(s.shape) >= 2
+                                     and s.shape[1] == seq) for s in specs)
+
+
+def _seq_variant(v: Any, spec: InputSpec | None, length: int) -> Any:
+    """``v`` cut or tiled along dimension 1 to ``length`` (a sequence input), else ``v``."""
+    if spec is None or not spec.seq or not isinstance(v, torch.Tensor):
+        return v
+    idx = torch.arange(length) % v.shape[1]
+    return v.index_select(1, idx)
+
+
+def _check_seq_generic(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
+                       names: list[str], specs: tuple[InputSpec, ...]) -> None:
+    """An fx trace must compute with the sequence length it is given: run it at another length
+    and compare with the model (RuntimeError otherwise: capture falls back to torch.export)."""
+    by_name = {s.name: s for s in specs}
+    seq = next(s.shape[1] for s in specs if s.seq)
+    other = seq - 1 if seq > 2 else seq + 1
+    a2 = tuple(_seq_variant(a, by_name.get(n), other) for n, a in zip(names, args))
+    k2 = {k: _seq_variant(v, by_name.get(k), other) for k, v in kwargs.items()}
+    with torch.no_grad():
+        ref = model(*a2, **k2)
+        got = gm(*a2, **k2)
+    _assert_same(ref, got)
 
 
 def _eager_check(work: nn.Module, args: tuple, kwargs: dict, names: list[str],

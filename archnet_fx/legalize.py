@@ -97,8 +97,8 @@ def _validate_choices(choices: Mapping[str, str]) -> None:
 def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any = None,
              calib_data: Iterable | None = None, *, choices: Mapping[str, str] | None = None,
              prefer: str = DEFAULT_STYLE, allow_host_fallback: bool = False, knots: int = 32,
-             verify: bool = True, threads: int | None = 1, select: str = "order"
-             ) -> LegalizeResult:
+             verify: bool = True, threads: int | None = 1, select: str = "order",
+             max_seq_len: int | str | None = None) -> LegalizeResult:
     """Rewrite ``model`` so that ``check(result.module, target)`` has no unsupported node.
 
     ``threads``: torch intra-op threads while legalizing (restored afterwards; ``None`` leaves
@@ -107,6 +107,12 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
     region waits for a descheduled thread: all-MiniLM-L6-v2 took 11–17 s with torch's 2 threads
     on a loaded 2-core box, 1.2 s with 1. The results are the same (bit-identical on MiniLM:
     tensors this small mostly run on one thread either way).
+
+    ``max_seq_len``: capture (an ``nn.Module``) with a dynamic sequence dimension up to this
+    length (:func:`archnet_fx.capture`); surrogates then take length-generic forms where a
+    row is the sequence (the softmax row max pools in ceil mode, its row sum is the target's
+    sum or a ones-matmul), so the legalized graph runs at every length from 2 to the maximum.
+    ``"auto"``: for models with token-id inputs, up to the example's length.
 
     ``select``: ``"order"`` (default) takes, per node, the first candidate in the order above.
     ``"latency"`` then revisits every node whose candidate is lossless (style exact or host:
@@ -131,7 +137,8 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
     # time and free nothing; collect once, afterwards.
     gc.disable()
     run = functools.partial(_legalize, model, target, example_inputs, calib_data, prefer=prefer,
-                            allow_host_fallback=allow_host_fallback, knots=knots, verify=verify)
+                            allow_host_fallback=allow_host_fallback, knots=knots, verify=verify,
+                            max_seq_len=max_seq_len)
     try:
         res = run(choices=choices)
         return _select_by_latency(res, run, choices) if select == "latency" else res
@@ -181,7 +188,8 @@ def _select_by_latency(res: LegalizeResult, run: Callable[..., LegalizeResult],
 
 def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
               calib_data: Iterable | None, *, choices: Mapping[str, str] | None, prefer: str,
-              allow_host_fallback: bool, knots: int, verify: bool) -> LegalizeResult:
+              allow_host_fallback: bool, knots: int, verify: bool,
+              max_seq_len: int | str | None = None) -> LegalizeResult:
     tgt = load_target(target)
     options = LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback, knots)
     _validate_choices(options.choices)
@@ -190,7 +198,7 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
         batches = calibration_batches(calib_data, limit=CALIB_LIMIT)
         first = batches[0]
         example_inputs = first[1] if first[1] else first[0]
-    gm = as_graph_module(model, example_inputs)
+    gm = as_graph_module(model, example_inputs, max_seq_len)
     if example_inputs is None:
         a, k = gm.meta[EXAMPLE_META_KEY]
         example_inputs = k if k else a

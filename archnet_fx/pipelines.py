@@ -86,14 +86,16 @@ def convert_passes(target: Target | None) -> list[GraphPass]:
     return [ConvertPass(target)]
 
 
-def as_graph_module(model: torch.nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
-    """``model`` if it is already a captured GraphModule, else ``capture(model, example_inputs)``."""
+def as_graph_module(model: torch.nn.Module, example_inputs: Any,
+                    max_seq_len: int | str | None = None) -> torch.fx.GraphModule:
+    """``model`` if it is already a captured GraphModule, else ``capture(model, example_inputs,
+    max_seq_len=max_seq_len)``."""
     if isinstance(model, torch.fx.GraphModule) and CAPTURE_META_KEY in model.meta:
         return model
     if example_inputs is None:
         raise InputError(f"{type(model).__name__} is not captured yet and no example_inputs were "
                          "given: pass example_inputs=(tensor, ...) or a dict of keyword tensors")
-    return capture(model, example_inputs)
+    return capture(model, example_inputs, max_seq_len=max_seq_len)
 
 
 def canonicalize(model: torch.nn.Module, example_inputs: Any = None, *, verify: bool = True

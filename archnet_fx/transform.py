@@ -325,13 +325,17 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               cut_nodes: Sequence[str] | None = None, prefer: str = DEFAULT_STYLE,
               allow_host_fallback: bool = False, quantize_surrogates: str | bool = "structural",
               surrogate_weight_bits: int | None = None, verify: bool = True,
-              select: str = "order", **distill_options: Any) -> TransformResult:
+              select: str = "order", max_seq_len: int | str | None = None,
+              **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
     Extra keyword arguments go to :class:`~archnet_fx.train.distill.DistillOptions` (``lr_surrogate``,
     ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``, ``memory_budget_mb``,
     ``spill_dir``, ``stop_after``, ``progress``). ``select="latency"`` lets legalization pick
     among lossless candidates by estimated latency (see :func:`archnet_fx.legalize`).
+    ``max_seq_len`` (an int, or ``"auto"``: the calibration data's length for models with
+    token-id inputs): the result runs at any sequence length from 2 up to it (see
+    :func:`archnet_fx.capture`); calibration batches keep the example's shape.
     """
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -361,6 +365,10 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             cut_nodes, Sequence) or not all(
             isinstance(c, str) for c in cut_nodes)):
         raise OptionError(f"cut_nodes must be a list of node names, got {cut_nodes!r}")
+    if max_seq_len is not None and max_seq_len != "auto" and (
+            isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise OptionError(f"max_seq_len must be an integer >= 2, 'auto' or None, got "
+                          f"{max_seq_len!r}")
     if select not in ("order", "latency"):
         raise OptionError(f"select must be 'order' or 'latency', got {select!r}")
     if choices is not None and not isinstance(choices, Mapping):
@@ -372,7 +380,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             raise OptionError(f"{name} must be a bool, got {flag!r}")
     settings = _settings(model, tgt.name, w_bits, a_bits, opts, holdout, choices, granularity,
                          cut_nodes, prefer, allow_host_fallback, quantize_surrogates,
-                         surrogate_weight_bits, select)
+                         surrogate_weight_bits, select, max_seq_len)
     batches = calibration_batches(calib_data, example_inputs, warn_example="transform")
     settings = _check_resume(checkpoint_dir, settings, batches)
     notes: list[str] = []
@@ -384,7 +392,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        teacher = as_graph_module(model, example_inputs)
+        teacher = as_graph_module(model, example_inputs, max_seq_len)
         seconds["capture"] = time.perf_counter() - t0
         _validate_batches(teacher, batches)
         train, held = _split_holdout(batches, holdout)

@@ -69,6 +69,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.capture import dynamic_seq
 from archnet_fx.infra.rules import Refuse, Replacement
 from archnet_fx.surrogate.hinge import hinge_sum, tracing
 from archnet_fx.ir.opargs import call_kwargs
@@ -90,22 +91,27 @@ KNOT_ALPHA = 0.25
 
 
 class RowMax(nn.Module):
-    """Max over the last axis, keeping it (size 1), as a ``max_pool`` whose kernel spans the row."""
+    """Max over the last axis, keeping it (size 1), as a ``max_pool`` whose kernel spans the row.
 
-    def __init__(self, rank: int, n: int) -> None:
+    ``ceil=True`` (a row whose length varies up to ``n``, the dynamic sequence): the pool runs
+    in ceil mode, so one window covers a row of any length ≤ ``n`` (the part of the window past
+    the row's end is ignored) — exact for every length."""
+
+    def __init__(self, rank: int, n: int, ceil: bool = False) -> None:
         super().__init__()
         if not 1 <= rank <= 5:
             raise ValueError(f"row max supports ranks 1..5, got {rank}")
-        self.rank, self.n = int(rank), int(n)
+        self.rank, self.n, self.ceil = int(rank), int(n), bool(ceil)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.ceil
         if self.rank == 1:
-            return F.max_pool1d(x.unsqueeze(0), self.n).squeeze(0)
+            return F.max_pool1d(x.unsqueeze(0), self.n, ceil_mode=c).squeeze(0)
         if self.rank == 2:  # (C, L) unbatched
-            return F.max_pool1d(x, self.n)
+            return F.max_pool1d(x, self.n, ceil_mode=c)
         if self.rank in (3, 4):  # (C, H, W) unbatched or (B, C, H, W)
-            return F.max_pool2d(x, (1, self.n))
-        return F.max_pool3d(x, (1, 1, self.n))
+            return F.max_pool2d(x, (1, self.n), ceil_mode=c)
+        return F.max_pool3d(x, (1, 1, self.n), ceil_mode=c)
 
 
 class ExpPWL(nn.Module):
@@ -199,18 +205,19 @@ class SoftmaxPWL(_RowSoftmax):
     """Near-exact softmax / log_softmax over the last axis (see the module docstring)."""
 
     def __init__(self, kind: str, rank: int, n: int, lo: float, knots: int, mode: str | None,
-                 samples: torch.Tensor | None = None, dim: int | None = None) -> None:
+                 samples: torch.Tensor | None = None, dim: int | None = None,
+                 reduce: str | None = None, dynamic: bool = False) -> None:
         super().__init__()
         self.replaces, self.style = kind, "emulation"
         self.dim = dim  # None: the last axis; else the axis swapped with the last one
         self.lo = float(lo)
-        self.rowmax = RowMax(rank, n)
+        self.rowmax = RowMax(rank, n, ceil=dynamic)
         z = None
         if samples is not None and samples.numel() and samples.shape[-1] == n:
             z = (samples - _valid_max(samples)).clamp(min=self.lo)
             z = torch.where(torch.isfinite(z), z, torch.full_like(z, self.lo))
         self.exp = ExpPWL(self.lo, knots, z)
-        self._normalizer(kind, n, knots, mode)
+        self._normalizer(kind, n, knots, mode, reduce)
 
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         return self.exp(torch.clamp(z, min=self.lo))
@@ -264,11 +271,11 @@ class SoftmaxPow(_RowSoftmax):
 
     def __init__(self, rank: int, n: int, a: float, squarings: int, knots: int,
                  mode: str | None, square: nn.Module, dim: int | None = None,
-                 reduce: str | None = None) -> None:
+                 reduce: str | None = None, dynamic: bool = False) -> None:
         super().__init__()
         self.replaces, self.style = "softmax", "emulation"
         self.dim = dim
-        self.rowmax = RowMax(rank, n)
+        self.rowmax = RowMax(rank, n, ceil=dynamic)
         self.exp = PowKernel(a, squarings, square)
         # 1/s with knots/2 breakpoints (16 at the default 32; softmax_pwl: 64): after the
         # Newton step a row-scale error of 2e-4 (64: 3e-6), far below the kernel's own, for a
@@ -373,13 +380,27 @@ def _row_scale_mode(ctx: Any) -> str:
     return mul.mode
 
 
+def row_length(m: SoftmaxMatch, ctx: Any, reduce: str | None) -> tuple[int, str | None, bool]:
+    """``(n, reduce, dynamic)`` for the row max / row sum of ``m``. In a graph captured with a
+    dynamic sequence (:func:`archnet_fx.capture.dynamic_seq`), a row as long as the example's
+    sequence is taken to vary up to ``max_seq_len``: the row max pools with a window of that
+    length in ceil mode, and the row sum is the target's sum or a ones-matmul (a ones-linear or
+    a mean would bake the length in); exact for every length, also when the row is in fact
+    fixed."""
+    dyn = dynamic_seq(ctx.gm)
+    if dyn is None or m.n != dyn[0]:
+        return m.n, reduce, False
+    return max(dyn[1], m.n), ("sum" if ctx.target.supports("sum") else "ones_matmul"), True
+
+
 def _build_pwl(m: SoftmaxMatch, ctx: Any) -> Replacement:
     node = m.anchor
     kind = ctx.kind(node)
     mode = _row_scale_mode(ctx) if kind == "softmax" else None
     rows = _rows(node, ctx, m)
-    mod = SoftmaxPWL(kind, m.rank, m.n, exp_floor(rows), ctx.options.knots, mode,
-                     rows.float() if rows is not None else None, m.dim)
+    n, reduce, dynamic = row_length(m, ctx, None)
+    mod = SoftmaxPWL(kind, m.rank, n, exp_floor(rows), ctx.options.knots, mode,
+                     rows.float() if rows is not None else None, m.dim, reduce, dynamic)
     return Replacement(mod, (m.input,))
 
 
@@ -459,8 +480,9 @@ def _build_pow(m: SoftmaxMatch, ctx: Any) -> Replacement:
     if isinstance(square, str):
         raise Refuse(f"the power kernel squares activations: {square}")
     a = pow_kernel_init(_rows(m.anchor, ctx, m), POW_SQUARINGS)
-    return Replacement(SoftmaxPow(m.rank, m.n, a, POW_SQUARINGS, ctx.options.knots, mode, square,
-                      m.dim, RowSum.best_for(ctx.target)), (m.input,))
+    n, reduce, dynamic = row_length(m, ctx, RowSum.best_for(ctx.target))
+    return Replacement(SoftmaxPow(m.rank, n, a, POW_SQUARINGS, ctx.options.knots, mode, square,
+                      m.dim, reduce, dynamic), (m.input,))
 
 
 _BASE = frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "clamp", "max_pool"})

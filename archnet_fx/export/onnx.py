@@ -117,7 +117,9 @@ def _prepare(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                     changed = True
                 continue
             name = n.target.overloadpacket.__name__
-            if isinstance(n.args[0], torch.fx.Node) and n.args[0] not in sizes and \
+            if name == "slice":   # aten.slice(x, dim, start, end, step): no Tensor.slice
+                n.target = _slice
+            elif isinstance(n.args[0], torch.fx.Node) and n.args[0] not in sizes and \
                     hasattr(torch.Tensor, name):
                 n.op, n.target = "call_method", name
             elif hasattr(torch, name):
@@ -130,6 +132,12 @@ def _prepare(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _slice(x: torch.Tensor, dim: int = 0, start: Any = None, end: Any = None,
+           step: int = 1) -> torch.Tensor:
+    """``aten.slice`` as Python indexing, which the tracer exports with traced bounds."""
+    return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
 
 
 def _is_tensor(n: torch.fx.Node) -> bool:
@@ -171,6 +179,10 @@ class ExportReport:
     #: batch raises instead); None when not checked or exported with a fixed batch
     dynamic_batch: bool | None = None
     exactness: Any = None    # ExactnessReport: every Q node's integers, ORT vs torch vs intref
+    #: sequence lengths the file ran at (a graph captured with max_seq_len): 2, half the
+    #: maximum and the maximum, each integer-checked like the example (``seq_exactness``)
+    seq_lengths: list[int] = field(default_factory=list)
+    seq_exactness: dict[int, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         qdq = self.op_counts.get("QuantizeLinear", 0), self.op_counts.get("DequantizeLinear", 0)
@@ -182,6 +194,8 @@ class ExportReport:
             s += f"; integers: {self.exactness.summary()}"
         if self.batch_sizes:
             s += f"; runs at batch {', '.join(map(str, self.batch_sizes))}"
+        if self.seq_lengths:
+            s += f" and sequence length {', '.join(map(str, self.seq_lengths))}"
         return s
 
 
@@ -709,10 +723,13 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         args, kwargs = normalize_inputs(example_inputs)
     info = module.meta.get(CAPTURE_META_KEY)
     phs = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    seq_inputs: set[str] = set()
     if info is not None:
         names = list(info.input_names)
         kwargs_call = bool(info.kwargs_call)
         batched = {s.name for s in info.specs if s.batched}
+        if getattr(info, "max_seq_len", None):
+            seq_inputs = {s.name for s in info.specs if s.seq}
     else:
         names, kwargs_call = [str(p) for p in phs], bool(kwargs) and not args
         batched = set(names)
@@ -747,6 +764,13 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     batched_out = [o for o, r in zip(out_names, ref) if r.dim() and r.shape[0] == ex_batch]
     if dyn:
         dyn.update({o: {0: "batch"} for o in batched_out})
+    ex_seq = next((int(v.shape[1]) for n, v in zip(names, values) if n in seq_inputs), None)
+    seq_out = [o for o, r in zip(out_names, ref) if ex_seq and r.dim() >= 2
+               and r.shape[1] == ex_seq]
+    for n in seq_inputs:
+        dyn.setdefault(n, {})[1] = "seq"
+    for o in seq_out:
+        dyn.setdefault(o, {})[1] = "seq"
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -806,10 +830,15 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                                        tgt.quant.accumulator_bits if tgt is not None else 32)
             report.max_abs_diff = report.exactness.output_max_abs_diff
             report.checked = True
-            if dyn:
+            if dynamic_batch and batched:
                 report.batch_sizes = _check_batches(tmp, names, values, batched, out_names,
                                                     set(batched_out))
                 report.dynamic_batch = True
+            if seq_inputs:
+                report.seq_lengths, report.seq_exactness = _check_lengths(
+                    tmp, prepared, names, values, seq_inputs, out_names, set(seq_out),
+                    info.max_seq_len, max_flip_fraction,
+                    tgt.quant.accumulator_bits if tgt is not None else 32, atol)
         else:
             _tidy(model)
             onnx.save(model, tmp)
@@ -907,6 +936,39 @@ def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batc
             if np.issubdtype(np.asarray(o).dtype, np.floating) and not np.isfinite(o).all():
                 raise ExportError(f"output {name} is not finite at batch {b}")
     return sizes
+
+
+def _check_lengths(path: str, gm: torch.fx.GraphModule, names: list[str],
+                   values: list[torch.Tensor], seq_inputs: set[str], out_names: list[str],
+                   seq_out: set[str], max_seq_len: int, max_flip_fraction: float,
+                   accumulator_bits: int, atol: float) -> tuple[list[int], dict[int, Any]]:
+    """Run the file at sequence lengths 2, max/2 and max (the example's rows cut or tiled along
+    the sequence) and check each integer by integer against the torch module at that length;
+    :class:`ExportError` naming the node where the graph fixes the length."""
+    lengths = sorted({2, max(2, max_seq_len // 2), max_seq_len})
+    reports = {}
+    for n_len in lengths:
+        idx = torch.arange(n_len) % next(int(v.shape[1]) for k, v in zip(names, values)
+                                          if k in seq_inputs)
+        vals = [v.index_select(1, idx) if k in seq_inputs else v for k, v in zip(names, values)]
+        try:
+            rep = compare_exported(path, gm, names, vals, accumulator_bits=accumulator_bits,
+                                   max_flip_fraction=max_flip_fraction)
+        except Exception as e:  # noqa: BLE001 - re-raised typed
+            msg = str(e)
+            m = _ORT_NODE.search(msg)
+            where = f"{m.group(1)} node '{m.group(2)}'" if m else type(e).__name__
+            raise ExportError(
+                f"the exported graph does not run at sequence length {n_len} (captured with "
+                f"max_seq_len={max_seq_len}): {where}: "
+                f"{_first_paragraph(msg.split('Status Message:')[-1], 300)}. A node of the "
+                f"legalized graph fixes the length; capture without max_seq_len for a "
+                f"fixed-length export") from e
+        if not rep.ok or rep.output_rel_diff > atol:
+            raise ExportError(f"at sequence length {n_len} onnxruntime's integers differ from "
+                              f"torch's: {rep.summary()}")
+        reports[n_len] = rep
+    return lengths, reports
 
 
 def _verify(path: str, gm: torch.fx.GraphModule, names: list[str], values: list[torch.Tensor],

@@ -133,11 +133,14 @@ class RowSum(nn.Module):
 
     ``reduce=None``: a matmul with a constant vector (a ``linear``, legal wherever linears
     are); ``"sum"``: the target's sum reduction; ``"mean"``: its mean reduction times ``n``
-    (exact up to float rounding). A reduction reads the row once, where a CPU runtime runs the
+    (exact up to float rounding); ``"ones_matmul"``: a matmul with a column of ones built from
+    the row itself (``x·0 + 1`` of a one-column slice of its transpose) — exact for rows of any
+    length, for a row axis whose length varies (the dynamic sequence), on targets without a sum
+    reduction (``x`` must be finite). A reduction reads the row once, where a CPU runtime runs the
     ones-linear as a one-column matrix product (MiniLM's attention rows: ~2 ms against ~0.3 ms
     per 6.3 M-element tensor in onnxruntime)."""
 
-    REDUCTIONS = (None, "sum", "mean")
+    REDUCTIONS = (None, "sum", "mean", "ones_matmul")
 
     def __init__(self, n: int, scale: float = 1.0, reduce: str | None = None):
         super().__init__()
@@ -158,5 +161,9 @@ class RowSum(nn.Module):
             return torch.nn.functional.linear(x, self.w)
         if self.reduce == "sum":
             s = x.sum(-1, keepdim=True)
+            return s if self.scale == 1.0 else s * self.scale
+        if self.reduce == "ones_matmul":
+            ones = x.transpose(-1, -2)[..., :1] * 0.0 + 1.0
+            s = torch.matmul(x, ones)
             return s if self.scale == 1.0 else s * self.scale
         return x.mean(-1, keepdim=True) * (self.n * self.scale)
