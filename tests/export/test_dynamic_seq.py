@@ -1,0 +1,119 @@
+"""Dynamic sequence length (``max_seq_len=``): capture, legalize, transform, latency and export
+accept every length from 2 to the maximum; the exported file is checked integer by integer at
+three lengths; a model that fixes its length is refused or (``"auto"``) kept fixed with a note."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import archnet_fx as ax
+from archnet_fx.capture import dynamic_seq
+from archnet_fx.cli import main
+from archnet_fx.demo import zoo
+from archnet_fx.export.onnx import ort_session
+
+
+def _cut(ex, n):
+    return {k: v[:, :n] for k, v in ex.items()} if isinstance(ex, dict) else \
+        tuple(v[:, :n] for v in ex)
+
+
+def _call(m, ex):
+    out = m(**ex) if isinstance(ex, dict) else m(*ex)
+    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+    return out
+
+
+@pytest.mark.parametrize("name, target", [("bert_tiny", "npu_a"), ("bert_tiny", "npu_b"),
+                                          ("decoder", "npu_b"), ("transformer", "dsp_c")])
+def test_legalized_graph_runs_at_every_length(name, target):
+    if name == "bert_tiny":
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, ex = zoo.get_model(name, batch_size=2)
+    seq = (next(iter(ex.values())) if isinstance(ex, dict) else ex[0]).shape[1]
+    leg = ax.legalize(model, target, ex, max_seq_len=seq, verify=False)
+    assert dynamic_seq(leg.module) == (seq, seq) and ax.check(leg.module, target).ok
+    for n in (2, seq // 2 + 1, seq):
+        with torch.no_grad():
+            a, b = _call(model, _cut(ex, n)), _call(leg.module, _cut(ex, n))
+        assert b.shape == a.shape
+        assert float(nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0)) > 0.999
+
+
+def test_transform_export_runs_at_three_lengths_integer_checked(tmp_path):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, ex = zoo.get_model("bert_tiny", batch_size=4)
+    res = ax.transform(model, "npu_a", ex, [ex], steps=1, max_seq_len=16, progress=False)
+    rep = ax.export_onnx(res, tmp_path / "b.onnx")
+    assert rep.seq_lengths == [2, 8, 16]
+    assert all(r.ok and r.q_nodes == rep.exactness.q_nodes for r in rep.seq_exactness.values())
+    dims = [d.dim_param or d.dim_value
+            for d in onnx.load(tmp_path / "b.onnx").graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    sess = ort_session(tmp_path / "b.onnx", level="basic")
+    for b, n in ((1, 5), (3, 11)):
+        feed = {k: v[:1].repeat(b, 1)[:, :n].numpy() for k, v in ex.items()}
+        (y, *_) = sess.run(None, feed)
+        assert y.shape[:2] == (b, n) and np.isfinite(y).all()
+    # the latency model takes any length too
+    short = ax.estimate_latency(res.module, "npu_a", {k: v[:1, :4] for k, v in ex.items()})
+    full = ax.estimate_latency(res.module, "npu_a", {k: v[:1] for k, v in ex.items()})
+    assert 0 < short.summary()["total_us"] < full.summary()["total_us"]
+
+
+def test_guard_accepts_2_to_max_and_names_the_limit():
+    pytest.importorskip("transformers")
+    model, ex = zoo.get_model("bert_tiny")
+    gm = ax.capture(model, ex, max_seq_len=16)
+    gm(**_cut(ex, 3))
+    longer = {k: torch.cat([v, v], 1) for k, v in ex.items()}
+    with pytest.raises(ax.InputError, match=r"sequence length 32 .* 2 to 16 \(max_seq_len\)"):
+        gm(**longer)
+    fixed = ax.capture(model, ex)
+    with pytest.raises(ax.InputError, match=r"only the batch dimension is dynamic.*max_seq_len"):
+        fixed(**_cut(ex, 3))
+
+
+class _FixedLength(nn.Module):
+    """Mixes positions with a Linear over the sequence axis: the length is part of the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, ids):
+        return self.mix(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_model_that_fixes_its_length():
+    model, ids = _FixedLength().eval(), torch.randint(0, 50, (2, 6))
+    with pytest.raises(ax.CaptureError):
+        ax.capture(model, ids, max_seq_len=6)
+    gm = ax.capture(model, ids, max_seq_len="auto")       # the default of the CLI
+    assert dynamic_seq(gm) is None
+    assert any("sequence length fixed at 6" in n for n in gm.meta["archnet.capture"].notes)
+
+
+def test_bad_max_seq_len():
+    model, ex = zoo.get_model("decoder")
+    with pytest.raises(ax.OptionError, match="max_seq_len must be"):
+        ax.capture(model, ex, max_seq_len=1)
+    with pytest.raises(ax.InputError, match=r"sequence length 16 > max_seq_len=8"):
+        ax.capture(model, ex, max_seq_len=8)
+    with pytest.raises(ax.OptionError, match="max_seq_len must be"):
+        ax.transform(model, "npu_a", ex, max_seq_len="long")
+
+
+def test_cli_transform_is_dynamic_by_default_for_token_models(tmp_path):
+    out = tmp_path / "d.onnx"
+    assert main(["transform", "decoder", "-t", "npu_b", "-o", str(out), "--steps", "1",
+                 "--batch", "2"]) == 0
+    dims = [d.dim_param or d.dim_value
+            for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
