@@ -8,7 +8,9 @@ QuantizeLinear's integers with the torch module's (fed the same upstream integer
 integer reference (:mod:`archnet_fx.export.verify`). The table gives, per cell:
 
 * ``batches``: the batch sizes the file ran at;
-* ``integers``: how many quantized integers were compared (example batch);
+* ``lengths``: for sequence models (token-id inputs, transformed with ``max_seq_len`` = the
+  example's length), the sequence lengths the file ran at and was integer-checked at;
+* ``integers``: how many quantized integers were compared (example batch, every length);
 * ``torch≠ORT``: how many differ between torch and onnxruntime (local), and the largest
   difference in steps — the export check allows one-step flips on ≤ 1 % of them (float
   summation order at a rounding boundary);
@@ -70,21 +72,39 @@ def _batches(model_name: str, n: int, seed: int) -> list:
     return out
 
 
+def _seq_len(ex) -> int | None:
+    """The example's sequence length for models with token-id inputs (None otherwise)."""
+    vals = list(ex.values()) if isinstance(ex, dict) else list(ex if isinstance(ex, tuple)
+                                                                 else (ex,))
+    return next((int(v.shape[1]) for v in vals if isinstance(v, torch.Tensor) and v.dim() == 2
+                 and not v.is_floating_point()), None)
+
+
 def run_cell(name: str, target: str, w_bits: int, steps: int, n_batches: int,
              out_dir: Path) -> dict:
     torch.manual_seed(0)
     model, ex = zoo.get_model(name, batch_size=4)
     t0 = time.perf_counter()
+    seq = _seq_len(ex)
     res = ax.transform(model, target, ex, _batches(name, n_batches, 1), weight_bits=w_bits,
-                       steps=steps, holdout=1, progress=False)
+                       steps=steps, holdout=1, progress=False, max_seq_len=seq)
     t_tr = time.perf_counter() - t0
     t0 = time.perf_counter()
     rep = ax.export_onnx(res, out_dir / f"{name}_{target}_w{w_bits}.onnx")
     t_ex = time.perf_counter() - t0
     e = rep.exactness
+    for r in rep.seq_exactness.values():     # the other lengths' integers count too
+        if r is not e:
+            e.torch_local.elements += r.torch_local.elements
+            e.torch_local.differ += r.torch_local.differ
+            e.torch_local.max_steps = max(e.torch_local.max_steps, r.torch_local.max_steps)
+            e.intref_local.elements += r.intref_local.elements
+            e.intref_local.differ += r.intref_local.differ
+            e.intref_local.max_steps = max(e.intref_local.max_steps, r.intref_local.max_steps)
     cos = [r["cosine"] for r in res.report.fidelity_of("distilled")]
     return {"model": name, "target": target, "bits": f"W{w_bits}A{res.report.act_bits}",
-            "opset": rep.opset, "batches": rep.batch_sizes, "q_nodes": e.q_nodes,
+            "opset": rep.opset, "batches": rep.batch_sizes, "lengths": rep.seq_lengths,
+            "q_nodes": e.q_nodes,
             "integers": e.torch_local.elements, "torch_differ": e.torch_local.differ,
             "torch_max_steps": e.torch_local.max_steps, "intref_differ": e.intref_local.differ,
             "intref_max_steps": e.intref_local.max_steps,
@@ -121,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for r in rows:
         if not r["ok"]:
-            table.append((r["model"], r["target"], r["bits"], "FAILED", r["error"][:60],
+            table.append((r["model"], r["target"], r["bits"], "FAILED", "", r["error"][:60],
                           "", "", "", ""))
             continue
         table.append((r["model"], r["target"], r["bits"], ",".join(map(str, r["batches"])),
-                      f"{r['integers']:,}",
+                      ",".join(map(str, r["lengths"])) or "fixed", f"{r['integers']:,}",
                       f"{r['torch_differ']} ({r['torch_differ'] / max(1, r['integers']):.1e})"
                       f", max {r['torch_max_steps']}",
                       f"{r['intref_differ']} ({r['intref_differ'] / max(1, r['integers']):.1e})"
@@ -133,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['propagated_fraction']:.1e}",
                       f"{r['transform_s'] + r['export_s']:.1f}"))
     print()
-    print(tabulate(table, headers=["model", "target", "bits", "batches", "integers",
+    print(tabulate(table, headers=["model", "target", "bits", "batches", "lengths", "integers",
                                    "torch≠ORT (local)", "intref≠ORT (local)", "propagated",
                                    "s"], tablefmt="github"))
     n_int = sum(r.get("integers", 0) for r in rows)
