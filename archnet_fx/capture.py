@@ -73,6 +73,7 @@ class CaptureInfo:
     fx_error: str | None = None       # why symbolic tracing failed, when it did
     notes: list[str] = field(default_factory=list)
     max_seq_len: int | None = None    # dim 1 of the ``seq`` inputs is dynamic up to this
+    seq_auto: bool = False            # chosen by max_seq_len="auto" (fixed again if it fails)
 
 
 class LeafTracer(torch.fx.Tracer):
@@ -437,7 +438,9 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto",
         if seq is None:
             return capture(model, example_inputs, method=method, max_seq_len=None)
         try:
-            return capture(model, example_inputs, method=method, max_seq_len=seq)
+            gm = capture(model, example_inputs, method=method, max_seq_len=seq)
+            gm.meta[CAPTURE_META_KEY].seq_auto = True
+            return gm
         except CaptureError as e:
             gm = capture(model, example_inputs, method=method, max_seq_len=None)
             note = (f"sequence length fixed at {seq}: the model does not capture with a "

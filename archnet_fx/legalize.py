@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.fx
 
-from archnet_fx.ir.meta import EXAMPLE_META_KEY
-from archnet_fx.capture import calibration_batches
+from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
+from archnet_fx.capture import calibration_batches, dynamic_seq
 from archnet_fx.errors import ChoiceError, OptionError, UnsupportedOpError
 from archnet_fx.legality import LegalityReport, check
 from archnet_fx.infra.graphpass import recompile_now
@@ -49,6 +49,8 @@ from archnet_fx.targets import Target, load_target
 log = logging.getLogger(__name__)
 
 SELECTS = ("order", "latency")
+#: Names the refusal of a legalized graph that only runs at the example's sequence length.
+SEQ_FIXED_MARK = "does not run at sequence lengths"
 #: Calibration batches legalization observes (input ranges for the emulation fits).
 CALIB_LIMIT = 16
 
@@ -98,7 +100,7 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
              calib_data: Iterable | None = None, *, choices: Mapping[str, str] | None = None,
              prefer: str = DEFAULT_STYLE, allow_host_fallback: bool = False, knots: int = 32,
              verify: bool = True, threads: int | None = 1, select: str = "order",
-             max_seq_len: int | str | None = None) -> LegalizeResult:
+             max_seq_len: int | str | None = "auto") -> LegalizeResult:
     """Rewrite ``model`` so that ``check(result.module, target)`` has no unsupported node.
 
     ``threads``: torch intra-op threads while legalizing (restored afterwards; ``None`` leaves
@@ -112,7 +114,8 @@ def legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any =
     length (:func:`archnet_fx.capture`); surrogates then take length-generic forms where a
     row is the sequence (the softmax row max pools in ceil mode, its row sum is the target's
     sum or a ones-matmul), so the legalized graph runs at every length from 2 to the maximum.
-    ``"auto"``: for models with token-id inputs, up to the example's length.
+    ``"auto"`` (default): for models with token-id inputs, up to the example's length, and the
+    example's fixed length when the model or a rewrite fixes it; None: the example's length.
 
     ``select``: ``"order"`` (default) takes, per node, the first candidate in the order above.
     ``"latency"`` then revisits every node whose candidate is lossless (style exact or host:
@@ -189,7 +192,7 @@ def _select_by_latency(res: LegalizeResult, run: Callable[..., LegalizeResult],
 def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
               calib_data: Iterable | None, *, choices: Mapping[str, str] | None, prefer: str,
               allow_host_fallback: bool, knots: int, verify: bool,
-              max_seq_len: int | str | None = None) -> LegalizeResult:
+              max_seq_len: int | str | None = "auto") -> LegalizeResult:
     tgt = load_target(target)
     options = LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback, knots)
     _validate_choices(options.choices)
@@ -231,11 +234,60 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
         fb = PassManager("host_fallback", pipelines.host_fallback_passes(tgt)).run(module)
         module, records = fb.module, records + fb.records
         after = check(module, tgt)
+    if not _seq_generic(module, gm, example_inputs):
+        # "auto" chose a dynamic sequence, but a rewrite fixed the length: legalize the
+        # fixed-length capture instead (an explicit max_seq_len raises)
+        if getattr(gm.meta[CAPTURE_META_KEY], "seq_auto", False) and \
+                not isinstance(model, torch.fx.GraphModule):
+            log.info("the legalized graph does not run at other sequence lengths; keeping the "
+                     "example's length")
+            return _legalize(model, target, example_inputs, calib_data, choices=choices,
+                             prefer=prefer, allow_host_fallback=allow_host_fallback,
+                             knots=knots, verify=verify, max_seq_len=None)
+        raise UnsupportedOpError(
+            f"the graph legalized for {tgt.name} {SEQ_FIXED_MARK} below "
+            f"{dynamic_seq(gm)[0]} (a rewrite fixed the length): capture without max_seq_len "
+            f"for a fixed-length graph")
     chosen: dict[str, str] = {}
     for p in passes:
         chosen.update(getattr(p, "chosen", {}))
     return LegalizeResult(module, records, f"legalize[{tgt.name}]", target=tgt.name,
                           before=before, after=after, choices=chosen)
+
+
+def _seq_generic(module: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
+                 example_inputs: Any) -> bool:
+    """True unless ``module`` has a dynamic sequence and fails at a shorter length, or gives
+    outputs shaped unlike the teacher's (one forward of each at half the example's length, one
+    sample)."""
+    dyn = dynamic_seq(teacher)
+    if dyn is None:
+        return True
+    from torch.utils import _pytree as pytree
+
+    from archnet_fx.capture import normalize_inputs
+
+    seq = max(2, dyn[0] // 2)
+    info = teacher.meta[CAPTURE_META_KEY]
+    seq_names = {s.name for s in info.specs if s.seq}
+    args, kwargs = normalize_inputs(example_inputs)
+    names = list(info.input_names)
+
+    def cut(name: str, v: Any) -> Any:
+        return v[:1, :seq] if name in seq_names and isinstance(v, torch.Tensor) else \
+            (v[:1] if isinstance(v, torch.Tensor) and v.dim() else v)
+    a = tuple(cut(n, v) for n, v in zip(names, args))
+    k = {n: cut(n, v) for n, v in kwargs.items()}
+    try:
+        with torch.no_grad():
+            ref = [t for t in pytree.tree_leaves(teacher(*a, **k)) if isinstance(t, torch.Tensor)]
+            got = [t for t in pytree.tree_leaves(module(*a, **k)) if isinstance(t, torch.Tensor)]
+    except Exception as e:  # noqa: BLE001 - a fixed length shows as a shape error
+        log.info("legalized graph at sequence length %d: %s: %s", seq, type(e).__name__,
+                 str(e).splitlines()[0][:200] if str(e) else "")
+        return False
+    # shapes only: untrained structural surrogates may be far from the teacher at any length
+    return len(ref) == len(got) and all(r.shape == g.shape for r, g in zip(ref, got))
 
 
 def clear_caches() -> None:

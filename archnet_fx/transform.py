@@ -30,6 +30,7 @@ is deterministic for a seed. The student runs where the model's parameters are (
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import time
@@ -44,7 +45,7 @@ from archnet_fx.ir.meta import CAPTURE_META_KEY
 from archnet_fx.capture import calibration_batches
 from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_check, distill,
                                       match_values)
-from archnet_fx.errors import CalibrationError, CheckpointError, OptionError
+from archnet_fx.errors import CalibrationError, CheckpointError, OptionError, UnsupportedOpError
 from archnet_fx.legality import LegalityReport
 from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
@@ -54,6 +55,7 @@ from archnet_fx.pipelines import as_graph_module
 from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled
 from archnet_fx.surrogate.base import DEFAULT_STYLE
 from archnet_fx.surrogate.driver import LegalizeOptions
+from archnet_fx.legalize import SEQ_FIXED_MARK
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -325,7 +327,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               cut_nodes: Sequence[str] | None = None, prefer: str = DEFAULT_STYLE,
               allow_host_fallback: bool = False, quantize_surrogates: str | bool = "structural",
               surrogate_weight_bits: int | None = None, verify: bool = True,
-              select: str = "order", max_seq_len: int | str | None = None,
+              select: str = "order", max_seq_len: int | str | None = "auto",
               **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
@@ -333,9 +335,11 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
     ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``, ``memory_budget_mb``,
     ``spill_dir``, ``stop_after``, ``progress``). ``select="latency"`` lets legalization pick
     among lossless candidates by estimated latency (see :func:`archnet_fx.legalize`).
-    ``max_seq_len`` (an int, or ``"auto"``: the calibration data's length for models with
-    token-id inputs): the result runs at any sequence length from 2 up to it (see
-    :func:`archnet_fx.capture`); calibration batches keep the example's shape.
+    ``max_seq_len`` (default ``"auto"``: the calibration data's length for models with token-id
+    inputs; an int; None for the example's fixed length): the result runs at any sequence
+    length from 2 up to it (see :func:`archnet_fx.capture`); calibration batches keep the
+    example's shape. Under ``"auto"`` a model or rewrite that fixes the length keeps the
+    example's, with a note in the report.
     """
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -403,11 +407,21 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             held = train
 
         from archnet_fx.legalize import legalize
-
         t0 = time.perf_counter()
-        leg = legalize(teacher, tgt, example_inputs, [_as_call(b) for b in train],
-                       choices=choices, prefer=prefer, allow_host_fallback=allow_host_fallback,
-                       verify=verify, select=select)
+        run_legalize = functools.partial(
+            legalize, target=tgt, example_inputs=example_inputs,
+            calib_data=[_as_call(b) for b in train], choices=choices, prefer=prefer,
+            allow_host_fallback=allow_host_fallback, verify=verify, select=select)
+        try:
+            leg = run_legalize(teacher)
+        except UnsupportedOpError as e:
+            if not (SEQ_FIXED_MARK in str(e) and getattr(
+                    teacher.meta[CAPTURE_META_KEY], "seq_auto", False)):
+                raise
+            # max_seq_len="auto": a rewrite fixed the length, so keep the example's
+            teacher = as_graph_module(model, example_inputs, None)
+            notes.append(f"sequence length fixed at the example's: {str(e).splitlines()[0]}")
+            leg = run_legalize(teacher)
         seconds["legalize"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -668,7 +668,8 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                 target: str | Target | None = None, opset: int | None = None, check: bool = True,
                 atol: float = 1e-4, onehot_gather: bool = False, dynamic_batch: bool = True,
                 max_flip_fraction: float = MAX_FLIP_FRACTION,
-                golden: str | os.PathLike | None = None) -> ExportReport:
+                golden: str | os.PathLike | None = None, dynamic_seq: bool = True
+                ) -> ExportReport:
     """Export a transform result (or a converted / fake-quantized / float GraphModule) to ONNX.
 
     See the module docstring. The check is integer-exact
@@ -681,6 +682,8 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     ``dynamic_batch=True`` (default) exports a symbolic batch dimension and runs the file at
     batch 1, the example's and 8; a graph that pins the batch raises ``ExportError`` naming the
     node (then export with ``dynamic_batch=False`` for the example's batch).
+    A module captured with a dynamic sequence (``max_seq_len``) gets a ``seq`` axis and is
+    checked at lengths 2, max/2 and max; ``dynamic_seq=False`` exports the example's length.
     ``check=False`` skips the checker, legality and onnxruntime verification (the file is still
     written atomically). ``golden=`` writes every Q/DQ tensor of the example run to that
     ``.npz`` (:func:`~archnet_fx.export.verify.dump_golden`).
@@ -728,7 +731,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         names = list(info.input_names)
         kwargs_call = bool(info.kwargs_call)
         batched = {s.name for s in info.specs if s.batched}
-        if getattr(info, "max_seq_len", None):
+        if getattr(info, "max_seq_len", None) and dynamic_seq:
             seq_inputs = {s.name for s in info.specs if s.seq}
     else:
         names, kwargs_call = [str(p) for p in phs], bool(kwargs) and not args
@@ -776,6 +779,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     report = ExportReport(path, opset, names, out_names, convert_record=convert_record)
+    retry_fixed = ""
     try:
         try:
             with torch.no_grad():
@@ -835,13 +839,20 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                                                     set(batched_out))
                 report.dynamic_batch = True
             if seq_inputs:
-                report.seq_lengths, report.seq_exactness = _check_lengths(
-                    tmp, prepared, names, values, seq_inputs, out_names, set(seq_out),
-                    info.max_seq_len, max_flip_fraction,
-                    tgt.quant.accumulator_bits if tgt is not None else 32, atol)
+                try:
+                    report.seq_lengths, report.seq_exactness = _check_lengths(
+                        tmp, prepared, names, values, seq_inputs, out_names, set(seq_out),
+                        info.max_seq_len, max_flip_fraction,
+                        tgt.quant.accumulator_bits if tgt is not None else 32, atol)
+                except ExportError as e:
+                    if not getattr(info, "seq_auto", False):
+                        raise
+                    retry_fixed = str(e)
         else:
             _tidy(model)
             onnx.save(model, tmp)
+        if retry_fixed:
+            raise _RetryFixed(retry_fixed)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give it a normal file's mode
@@ -850,13 +861,26 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         if golden is not None:
             dump_golden(prepared, dict(zip(names, values)) if kwargs_call else tuple(values),
                         golden)
-    except BaseException:
+    except BaseException as e:
         EXPORTING.clear()
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, _RetryFixed):
+            # capture chose the dynamic sequence ("auto"); the file does not take other
+            # lengths, so export the example's
+            log.warning("exporting the example's sequence length: %s", e)
+            return export_onnx(result_or_module, path, example_inputs=example_inputs,
+                               target=target, opset=opset, check=check, atol=atol,
+                               onehot_gather=onehot_gather, dynamic_batch=dynamic_batch,
+                               max_flip_fraction=max_flip_fraction, golden=golden,
+                               dynamic_seq=False)
         raise
     log.info("exported %s", report)
     return report
+
+
+class _RetryFixed(Exception):
+    """Internal: redo the export with the example's sequence length."""
 
 
 def check_output_path(path: Any) -> Path:
