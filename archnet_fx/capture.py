@@ -202,6 +202,12 @@ def _specs(args: tuple, kwargs: dict, names: Sequence[str]) -> tuple[InputSpec, 
 @torch.fx.wrap
 def _guard_inputs(specs: tuple, *values) -> None:
     """Raise :class:`InputError` when runtime inputs do not match the captured shapes."""
+    lengths = {spec[0]: int(v.shape[1]) for spec, v in zip(specs, values)
+               if len(spec) > 5 and spec[5] is not None and isinstance(v, torch.Tensor)
+               and v.dim() >= 2}
+    if len(set(lengths.values())) > 1:
+        raise InputError(f"the sequence inputs disagree on the length: {lengths}; pass them "
+                         f"with one sequence length")
     for spec, v in zip(specs, values):
         if v is None or not isinstance(v, torch.Tensor):
             continue

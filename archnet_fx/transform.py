@@ -215,7 +215,11 @@ def _digest(tensors: Iterable[Any]) -> str:
     for t in tensors:
         if isinstance(t, torch.Tensor):
             h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            try:   # the raw bytes, whatever the dtype (bf16 has no numpy type)
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                         .numpy().tobytes())
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass   # quantized / meta tensors: shape and dtype only
     return h.hexdigest()
 
 

@@ -213,7 +213,7 @@ class SoftmaxPWL(_RowSoftmax):
         self.lo = float(lo)
         self.rowmax = RowMax(rank, n, ceil=dynamic)
         z = None
-        if samples is not None and samples.numel() and samples.shape[-1] == n:
+        if samples is not None and samples.numel():   # rows of the example's length
             z = (samples - _valid_max(samples)).clamp(min=self.lo)
             z = torch.where(torch.isfinite(z), z, torch.full_like(z, self.lo))
         self.exp = ExpPWL(self.lo, knots, z)

@@ -731,7 +731,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         names = list(info.input_names)
         kwargs_call = bool(info.kwargs_call)
         batched = {s.name for s in info.specs if s.batched}
-        if getattr(info, "max_seq_len", None) and dynamic_seq:
+        if getattr(info, "max_seq_len", None) and dynamic_seq and \
+                (check or not getattr(info, "seq_auto", False)):
+            # (an automatic seq axis is only written when it is checked)
             seq_inputs = {s.name for s in info.specs if s.seq}
     else:
         names, kwargs_call = [str(p) for p in phs], bool(kwargs) and not args
@@ -865,7 +867,8 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         EXPORTING.clear()
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, _RetryFixed):
+        if isinstance(e, _RetryFixed) or (isinstance(e, ExportError) and seq_inputs
+                                           and getattr(info, "seq_auto", False)):
             # capture chose the dynamic sequence ("auto"); the file does not take other
             # lengths, so export the example's
             log.warning("exporting the example's sequence length: %s", e)

@@ -133,10 +133,10 @@ class RowSum(nn.Module):
 
     ``reduce=None``: a matmul with a constant vector (a ``linear``, legal wherever linears
     are); ``"sum"``: the target's sum reduction; ``"mean"``: its mean reduction times ``n``
-    (exact up to float rounding); ``"ones_matmul"``: a matmul with a column of ones built from
-    the row itself (``x·0 + 1`` of a one-column slice of its transpose) — exact for rows of any
-    length, for a row axis whose length varies (the dynamic sequence), on targets without a sum
-    reduction (``x`` must be finite). A reduction reads the row once, where a CPU runtime runs the
+    (exact up to float rounding); ``"ones_matmul"``: a matmul with a constant column of ``n``
+    ones sliced to the row's length — exact for rows of any length up to ``n``, for a row axis
+    whose length varies (the dynamic sequence), on targets without a sum reduction. A reduction
+    reads the row once, where a CPU runtime runs the
     ones-linear as a one-column matrix product (MiniLM's attention rows: ~2 ms against ~0.3 ms
     per 6.3 M-element tensor in onnxruntime)."""
 
@@ -149,6 +149,8 @@ class RowSum(nn.Module):
         self.reduce, self.n, self.scale = reduce, int(n), float(scale)
         if reduce is None:
             self.register_buffer("w", torch.full((1, n), float(scale)))
+        elif reduce == "ones_matmul":   # n: the longest row
+            self.register_buffer("ones", torch.ones(n, 1))
 
     @staticmethod
     def best_for(target: Any) -> str | None:
@@ -163,7 +165,6 @@ class RowSum(nn.Module):
             s = x.sum(-1, keepdim=True)
             return s if self.scale == 1.0 else s * self.scale
         if self.reduce == "ones_matmul":
-            ones = x.transpose(-1, -2)[..., :1] * 0.0 + 1.0
-            s = torch.matmul(x, ones)
+            s = torch.matmul(x, torch.narrow(self.ones, 0, 0, x.shape[-1]))
             return s if self.scale == 1.0 else s * self.scale
         return x.mean(-1, keepdim=True) * (self.n * self.scale)

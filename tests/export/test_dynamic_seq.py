@@ -117,3 +117,20 @@ def test_cli_transform_is_dynamic_by_default_for_token_models(tmp_path):
     dims = [d.dim_param or d.dim_value
             for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "seq"]
+
+
+def test_ones_matmul_row_sum_is_exact_per_row_at_any_length():
+    from archnet_fx.surrogate.products import RowSum
+    rs = RowSum(8, reduce="ones_matmul")
+    x = torch.tensor([[float("nan"), 1.0, 2.0], [1.0, 1.0, 1.0]])
+    y = rs(x)                                   # a NaN row does not poison the others
+    assert torch.isnan(y[0, 0]) and y[1, 0] == 3.0
+    z = torch.randn(2, 3, 5)
+    assert torch.allclose(rs(z), z.sum(-1, keepdim=True), atol=1e-6)
+
+
+def test_resume_settings_digest_takes_any_dtype():
+    from archnet_fx.transform import _digest
+    a = _digest([torch.ones(3, dtype=torch.bfloat16)])
+    b = _digest([torch.zeros(3, dtype=torch.bfloat16)])
+    assert a != b and len(a) == 64
