@@ -239,8 +239,8 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
     if not _seq_generic(module, gm, example_inputs):
         # "auto" chose a dynamic sequence, but a rewrite fixed the length: legalize the
         # fixed-length capture instead (an explicit max_seq_len raises)
-        if getattr(gm.meta[CAPTURE_META_KEY], "seq_auto", False) and \
-                not isinstance(model, torch.fx.GraphModule):
+        if getattr(gm.meta[CAPTURE_META_KEY], "seq_auto", False) and not (
+                isinstance(model, torch.fx.GraphModule) and CAPTURE_META_KEY in model.meta):
             log.info("the legalized graph does not run at other sequence lengths; keeping the "
                      "example's length")
             return _legalize(model, target, example_inputs, calib_data, choices=choices,

@@ -42,7 +42,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from archnet_fx.ir.meta import CAPTURE_META_KEY
-from archnet_fx.capture import calibration_batches
+from archnet_fx.capture import calibration_batches, dynamic_seq
 from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_check, distill,
                                       match_values)
 from archnet_fx.errors import CalibrationError, CheckpointError, OptionError, UnsupportedOpError
@@ -424,6 +424,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                 raise
             # max_seq_len="auto": a rewrite fixed the length, so keep the example's
             teacher = as_graph_module(model, example_inputs, None)
+            if dynamic_seq(teacher) is not None:   # the caller passed a captured graph
+                raise
             notes.append(f"sequence length fixed at the example's: {str(e).splitlines()[0]}")
             leg = run_legalize(teacher)
         seconds["legalize"] = time.perf_counter() - t0

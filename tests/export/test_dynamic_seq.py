@@ -134,3 +134,24 @@ def test_resume_settings_digest_takes_any_dtype():
     a = _digest([torch.ones(3, dtype=torch.bfloat16)])
     b = _digest([torch.zeros(3, dtype=torch.bfloat16)])
     assert a != b and len(a) == 64
+
+
+class _SumOverSeq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).transpose(1, 2).sum(-1))
+
+
+def test_a_rewrite_that_fixes_the_length_auto_keeps_it_explicit_refuses():
+    torch.manual_seed(0)
+    model, ids = _SumOverSeq().eval(), torch.randint(0, 50, (2, 6))
+    res = ax.legalize(model, "npu_a", ids, verify=False)        # default "auto"
+    assert dynamic_seq(res.module) is None and ax.check(res.module, "npu_a").ok
+    with pytest.raises(ax.UnsupportedOpError, match=r"does not run at sequence lengths below 6"):
+        ax.legalize(model, "npu_a", ids, max_seq_len=6, verify=False)
+    tr = ax.transform(model, "npu_a", ids, [ids], steps=1, progress=False)
+    assert dynamic_seq(tr.module) is None
