@@ -224,6 +224,19 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
     module = res.module
     recompile_now(module)
     after = check(module, tgt)
+    owned = not (isinstance(model, torch.fx.GraphModule) and CAPTURE_META_KEY in model.meta)
+    auto = owned and getattr(gm.meta[CAPTURE_META_KEY], "seq_auto", False)
+
+    def fixed_length(why: str) -> LegalizeResult:
+        # "auto" chose a dynamic sequence, but a rewrite needs the length fixed: legalize the
+        # fixed-length capture instead (an explicit max_seq_len raises)
+        log.info("%s; keeping the example's sequence length", why)
+        return _legalize(model, target, example_inputs, calib_data, choices=choices,
+                         prefer=prefer, allow_host_fallback=allow_host_fallback, knots=knots,
+                         verify=verify, max_seq_len=None)
+    if after.unsupported and auto:
+        return fixed_length(f"{len(after.unsupported)} node(s) have no legal form for a dynamic "
+                            f"sequence length")
     if after.unsupported:
         if not allow_host_fallback:
             lines = [f"  {v.node}: {v.kind} at {v.location} — {v.reason}"
@@ -232,20 +245,16 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
                 f"{len(after.unsupported)} node(s) have no legal replacement on {tgt.name}:\n"
                 + "\n".join(lines) + "\nFix: pass allow_host_fallback=True to run them on the "
                 "host, choose another candidate via choices=..., or use a target that has "
-                "these ops.")
+                "these ops." + (" The graph has a dynamic sequence length, and some forms "
+                                "(a mean over the sequence) exist only for a fixed one: "
+                                "max_seq_len=None keeps the example's length."
+                                if dynamic_seq(gm) else ""))
         fb = PassManager("host_fallback", pipelines.host_fallback_passes(tgt)).run(module)
         module, records = fb.module, records + fb.records
         after = check(module, tgt)
     if not _seq_generic(module, gm, example_inputs):
-        # "auto" chose a dynamic sequence, but a rewrite fixed the length: legalize the
-        # fixed-length capture instead (an explicit max_seq_len raises)
-        if getattr(gm.meta[CAPTURE_META_KEY], "seq_auto", False) and not (
-                isinstance(model, torch.fx.GraphModule) and CAPTURE_META_KEY in model.meta):
-            log.info("the legalized graph does not run at other sequence lengths; keeping the "
-                     "example's length")
-            return _legalize(model, target, example_inputs, calib_data, choices=choices,
-                             prefer=prefer, allow_host_fallback=allow_host_fallback,
-                             knots=knots, verify=verify, max_seq_len=None)
+        if auto:
+            return fixed_length("the legalized graph does not run at other sequence lengths")
         raise UnsupportedOpError(
             f"the graph legalized for {tgt.name} {SEQ_FIXED_MARK} below "
             f"{dynamic_seq(gm)[0]} (a rewrite fixed the length): capture without max_seq_len "

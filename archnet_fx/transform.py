@@ -55,7 +55,6 @@ from archnet_fx.pipelines import as_graph_module
 from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled
 from archnet_fx.surrogate.base import DEFAULT_STYLE
 from archnet_fx.surrogate.driver import LegalizeOptions
-from archnet_fx.legalize import SEQ_FIXED_MARK
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -419,10 +418,9 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         try:
             leg = run_legalize(teacher)
         except UnsupportedOpError as e:
-            if not (SEQ_FIXED_MARK in str(e) and getattr(
-                    teacher.meta[CAPTURE_META_KEY], "seq_auto", False)):
+            if not getattr(teacher.meta[CAPTURE_META_KEY], "seq_auto", False):
                 raise
-            # max_seq_len="auto": a rewrite fixed the length, so keep the example's
+            # max_seq_len="auto": a rewrite needs the length fixed, so keep the example's
             teacher = as_graph_module(model, example_inputs, None)
             if dynamic_seq(teacher) is not None:   # the caller passed a captured graph
                 raise

@@ -64,6 +64,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from archnet_fx.capture import dynamic_seq
 from archnet_fx.infra.rules import Refuse, Replacement
 from archnet_fx.ir.meta import EXAMPLE_META_KEY
 from archnet_fx.ir.shapes import propagate_shapes
@@ -269,16 +270,25 @@ class Reduce(Surrogate):
     adaptive average pooling (``avg_pool``; ×n for a sum)."""
 
     def __init__(self, kind: str, form: str, perm: tuple[int, ...] | None,
-                 flat: tuple[int, ...], n: int, out: tuple[int, ...], pool: tuple | None = None
+                 flat: tuple[int, ...], n: int, out: tuple[int, ...], pool: tuple | None = None,
+                 reduce: str | None = None, dim: int | None = None, keepdim: bool = False
                  ) -> None:
         super().__init__()
         self.replaces, self.style, self.form = kind, "exact", form
         self.perm, self.flat, self.out, self.pool = perm, flat, out, pool
         self.n = int(n)
+        self.dim, self.keepdim = dim, bool(keepdim)
         if form == "rowsum":
             self.row = RowSum(n, 1.0 / n if kind == "mean" else 1.0)
+        elif form == "rowsum_dynamic":   # one dim (of length n, or up to n when it varies)
+            self.row = RowSum(n, 1.0 / n if kind == "mean" else 1.0, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "rowsum_dynamic":
+            if self.perm is not None:
+                x = x.permute(*self.perm)
+            y = self.row(x).squeeze(-1)
+            return y.unsqueeze(self.dim) if self.keepdim else y
         if self.form == "rowsum":
             if self.perm is not None:
                 x = x.permute(*self.perm)
@@ -714,6 +724,22 @@ def _build_rowsum(plan: ReducePlan, ctx: Any) -> Replacement:
     node, x, dims, sx, so = plan.anchor, plan.x, plan.dims, plan.sx, plan.so
     kept = [d for d in range(len(sx)) if d not in dims]
     perm = tuple(kept + list(dims))
+    dyn = dynamic_seq(ctx.gm)
+    if dyn is not None and dyn[0] in sx[1:]:
+        # a graph whose sequence length varies: no reshape to fixed sizes; one reduced dim,
+        # summed by the target's sum or a ones-matmul when it is the sequence (a mean over a
+        # varying length would need a division by it: the avg_pool candidate takes those)
+        if len(dims) != 1:
+            raise Refuse("several reduced dims in a graph with a dynamic sequence length")
+        d = dims[0]
+        varies = sx[d] == dyn[0]
+        if varies and ctx.kind(node) == "mean":
+            raise Refuse("a mean over the dynamic sequence needs a division by its length")
+        reduce = ("sum" if ctx.target.supports("sum") else "ones_matmul") if varies else None
+        return Replacement(Reduce(ctx.kind(node), "rowsum_dynamic",
+                                  None if perm == tuple(range(len(sx))) else perm, (),
+                                  max(dyn[1], sx[d]) if varies else sx[d], (), reduce=reduce,
+                                  dim=d, keepdim=plan.keepdim), (x,))
     n = int(math.prod(sx[d] for d in dims))
     flat = (-1,) + tuple(sx[d] for d in kept[1:]) + (n,)
     return Replacement(Reduce(ctx.kind(node), "rowsum", None if perm == tuple(range(len(sx))) else perm,

@@ -136,22 +136,40 @@ def test_resume_settings_digest_takes_any_dtype():
     assert a != b and len(a) == 64
 
 
-class _SumOverSeq(nn.Module):
-    def __init__(self):
+class _SeqReductions(nn.Module):
+    """Sums over the sequence (length-generic on every target) and, with ``mean_seq``, a mean
+    over it (no exact form on npu_b, which has no mean: it would divide by the length)."""
+
+    def __init__(self, mean_seq: bool = False):
         super().__init__()
         self.emb = nn.Embedding(50, 8)
         self.fc = nn.Linear(8, 4)
+        self.mean_seq = mean_seq
 
     def forward(self, ids):
-        return self.fc(self.emb(ids).transpose(1, 2).sum(-1))
+        h = self.emb(ids)
+        y = self.fc(h.transpose(1, 2).sum(-1)) + self.fc(h).mean(-1, keepdim=True).sum(1)
+        return y + h.mean(1)[:, :4] if self.mean_seq else y
 
 
-def test_a_rewrite_that_fixes_the_length_auto_keeps_it_explicit_refuses():
+@pytest.mark.parametrize("target", ["npu_a", "npu_b", "dsp_c"])
+def test_sums_over_the_sequence_are_length_generic(target):
     torch.manual_seed(0)
-    model, ids = _SumOverSeq().eval(), torch.randint(0, 50, (2, 6))
-    res = ax.legalize(model, "npu_a", ids, verify=False)        # default "auto"
-    assert dynamic_seq(res.module) is None and ax.check(res.module, "npu_a").ok
-    with pytest.raises(ax.UnsupportedOpError, match=r"does not run at sequence lengths below 6"):
-        ax.legalize(model, "npu_a", ids, max_seq_len=6, verify=False)
-    tr = ax.transform(model, "npu_a", ids, [ids], steps=1, progress=False)
+    model, ids = _SeqReductions().eval(), torch.randint(0, 50, (2, 6))
+    res = ax.legalize(model, target, ids)          # default "auto", verified
+    assert dynamic_seq(res.module) == (6, 6) and ax.check(res.module, target).ok
+    for n in (2, 4, 6):
+        with torch.no_grad():
+            assert (res.module(ids[:, :n]) - model(ids[:, :n])).abs().max() <= 1e-5
+
+
+def test_no_length_generic_form_auto_keeps_the_length_explicit_refuses():
+    torch.manual_seed(0)
+    model, ids = _SeqReductions(mean_seq=True).eval(), torch.randint(0, 50, (2, 6))
+    res = ax.legalize(model, "npu_b", ids, verify=False)        # default "auto"
+    assert dynamic_seq(res.module) is None and ax.check(res.module, "npu_b").ok
+    with pytest.raises(ax.UnsupportedOpError, match=r"(?s)mean_1: mean at .*dynamic sequence "
+                                                    r"length.*max_seq_len=None"):
+        ax.legalize(model, "npu_b", ids, max_seq_len=6, verify=False)
+    tr = ax.transform(model, "npu_b", ids, [ids], steps=1, progress=False)
     assert dynamic_seq(tr.module) is None
