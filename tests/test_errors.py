@@ -201,3 +201,24 @@ def test_legalize_options(untouched):
         ax.legalize(model, "npu_a", ex, select="fast")
     with pytest.raises(ax.OptionError, match="method must be"):
         ax.capture(model, ex, method="jit")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"opset": "17"}, "opset must be an integer from 13"),
+    ({"opset": 9}, "opset must be an integer from 13"),
+    ({"atol": -1}, "atol must be a finite number"),
+    ({"max_flip_fraction": 2}, "max_flip_fraction must be"),
+    ({"dynamic_batch": "yes"}, "dynamic_batch must be True or False"),
+])
+def test_export_options(converted, tmp_path, kw, match):
+    with pytest.raises(ax.OptionError, match=match):
+        ax.export_onnx(converted, tmp_path / "m.onnx", target="npu_a", **kw)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_input_of_the_wrong_shape(converted, tmp_path):
+    with pytest.raises(ax.InputError, match=r"input 'input' has shape \(4, 16\) but the model "
+                                            r"was captured with \(4, 32\)"):
+        ax.export_onnx(converted, tmp_path / "m.onnx", target="npu_a",
+                       example_inputs=(_batches(1)[0][0][:, :16],))
+    assert os.listdir(tmp_path) == []

@@ -59,7 +59,7 @@ from torch.utils import _pytree as pytree
 
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
 from archnet_fx.capture import normalize_inputs
-from archnet_fx.errors import ExportError, InputError, PipelineError
+from archnet_fx.errors import ExportError, InputError, OptionError, PipelineError
 from archnet_fx.ir.opkinds import node_kind, onnx_kind
 from archnet_fx.infra.graphpass import copy_graph_module
 from archnet_fx.targets import Target, load_target
@@ -699,6 +699,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     from archnet_fx.infra.manager import PassManager
     from archnet_fx.quant.fakequant import quantizers
 
+    _check_options(opset=opset, check=check, atol=atol, onehot_gather=onehot_gather,
+                   dynamic_batch=dynamic_batch, max_flip_fraction=max_flip_fraction,
+                   dynamic_seq=dynamic_seq)
     path = check_output_path(path)
     if golden is not None:
         golden = check_output_path(golden)
@@ -751,6 +754,15 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                 raise InputError(f"export_onnx: input '{spec.name}' has dtype {v.dtype} but the "
                                  f"model was captured with {spec.dtype}; convert it with "
                                  f".to({spec.dtype})")
+            fixed_from = (2 if spec.seq and info.max_seq_len else 1) if spec.batched else 0
+            if isinstance(v, torch.Tensor) and (
+                    v.dim() != len(spec.shape)
+                    or tuple(v.shape[fixed_from:]) != tuple(spec.shape[fixed_from:])):
+                raise InputError(f"export_onnx: input '{spec.name}' has shape "
+                                 f"{tuple(v.shape)} but the model was captured with "
+                                 f"{tuple(spec.shape)} (only the batch"
+                                 + (" and sequence dimensions vary)" if fixed_from == 2
+                                    else " dimension varies)"))
     needs21 = any(isinstance(m, Dequantize) and m.bits <= 4 or
                   (getattr(m, "archnet_qdq", "") and m.bits > 8) for m in module.modules())
     opset = opset or (INT4_OPSET if needs21 else DEFAULT_OPSET)
@@ -890,6 +902,22 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
 
 class _RetryFixed(Exception):
     """Internal: redo the export with the example's sequence length."""
+
+
+def _check_options(*, opset: Any, atol: Any, max_flip_fraction: Any, **flags: Any) -> None:
+    """export_onnx's options, before any work (:class:`OptionError` naming the option)."""
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                              or not 13 <= opset <= INT4_OPSET):
+        raise OptionError(f"opset must be an integer from 13 to {INT4_OPSET} or None, got "
+                          f"{opset!r}")
+    for name, v, hi in (("atol", atol, None), ("max_flip_fraction", max_flip_fraction, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or \
+                (hi is not None and v > hi) or v != v or v == float("inf"):
+            raise OptionError(f"{name} must be a finite number >= 0"
+                              + (f" and <= {hi}" if hi is not None else "") + f", got {v!r}")
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise OptionError(f"{name} must be True or False, got {v!r}")
 
 
 def check_output_path(path: Any) -> Path:
