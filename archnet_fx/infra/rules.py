@@ -122,6 +122,11 @@ def apply_rule(rule: Any, node: torch.fx.Node, ctx: "RewriteContext", record: Pa
                         "Node or a Replacement")
     if new is not out:
         new.meta.setdefault(KIND_META_KEY, node_kind(new, ctx.gm))
+        # the replacement computes the replaced value (same shape and dtype): later rules of
+        # the same pass read its shape before the pass's shape refresh
+        for key in ("tensor_meta", "val"):
+            if key in out.meta and key not in new.meta:
+                new.meta[key] = out.meta[key]
         out.replace_all_uses_with(new)
         record.replaced[out.name] = new.name
         if not out.users:

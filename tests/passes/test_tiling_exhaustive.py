@@ -49,3 +49,31 @@ def test_every_conv_tiles_exactly_on_npu_b(case, form):
     assert ax.check(leg.module, "npu_b").ok
     with torch.no_grad():
         assert (leg.module(ex) - conv(ex)).abs().max() <= 1e-5
+
+
+class _ConvNeXtStage(nn.Module):
+    """A ConvNeXt stem (4×4, stride 4) then a block with a 7×7 depthwise conv: the stem's
+    rewrite (patchify) comes first in the same pass, and the depthwise conv reads its output."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 4, stride=4)
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.pw(torch.relu(self.dw(x)))
+
+
+@pytest.mark.parametrize("target", ["npu_a", "npu_b"])
+def test_convnext_stage_legalizes_and_exports(target, tmp_path):
+    torch.manual_seed(0)
+    model, ex = _ConvNeXtStage().eval(), torch.randn(2, 3, 32, 32)
+    leg = ax.legalize(model, target, ex)
+    assert ax.check(leg.module, target).ok
+    with torch.no_grad():
+        assert (leg.module(ex) - model(ex)).abs().max() <= 1e-5
+    res = ax.transform(model, target, ex, [ex], steps=1, progress=False)
+    rep = ax.export_onnx(res, tmp_path / "c.onnx")
+    assert rep.exactness.ok and rep.batch_sizes == [1, 2, 8]
