@@ -470,8 +470,10 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto",
         try:
             gm = _trace_fx(work, args, kwargs)
             if max_seq_len is not None:
-                _check_seq_generic(gm, work, args, kwargs, names, specs)
+                _check_seq_generic(gm, work, args, kwargs, names, specs, max_seq_len)
             used = "fx"
+        except CaptureError:
+            raise
         except Exception as e:  # noqa: BLE001 - any tracing failure means "try export"
             fx_err = e
             gm = None
@@ -589,14 +591,28 @@ def _seq_variant(v: Any, spec: InputSpec | None, length: int) -> Any:
 
 
 def _check_seq_generic(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
-                       names: list[str], specs: tuple[InputSpec, ...]) -> None:
+                       names: list[str], specs: tuple[InputSpec, ...],
+                       max_seq_len: int | None = None) -> None:
     """An fx trace must compute with the sequence length it is given: run it at another length
-    and compare with the model (RuntimeError otherwise: capture falls back to torch.export)."""
+    and compare with the model (RuntimeError otherwise: capture falls back to torch.export).
+    The model itself must run at ``max_seq_len`` (:class:`CaptureError` naming the length
+    otherwise: a position table shorter than the maximum)."""
     by_name = {s.name: s for s in specs}
     seq = next(s.shape[1] for s in specs if s.seq)
-    other = seq - 1 if seq > 2 else seq + 1
-    a2 = tuple(_seq_variant(a, by_name.get(n), other) for n, a in zip(names, args))
-    k2 = {k: _seq_variant(v, by_name.get(k), other) for k, v in kwargs.items()}
+
+    def at(length: int) -> tuple[tuple, dict]:
+        return (tuple(_seq_variant(a, by_name.get(n), length) for n, a in zip(names, args)),
+                {k: _seq_variant(v, by_name.get(k), length) for k, v in kwargs.items()})
+    if max_seq_len is not None and max_seq_len > seq:
+        a2, k2 = at(max_seq_len)
+        try:
+            with torch.no_grad():
+                model(*a2, **k2)
+        except Exception as e:  # noqa: BLE001 - re-raised typed
+            raise CaptureError(f"{type(model).__name__} does not run at sequence length "
+                               f"max_seq_len={max_seq_len}: {type(e).__name__}: "
+                               f"{_first_line(e)}; pass a smaller max_seq_len") from None
+    a2, k2 = at(seq - 1 if seq > 2 else seq + 1)
     with torch.no_grad():
         ref = model(*a2, **k2)
         got = gm(*a2, **k2)

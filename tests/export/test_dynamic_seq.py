@@ -173,3 +173,17 @@ def test_no_length_generic_form_auto_keeps_the_length_explicit_refuses():
         ax.legalize(model, "npu_b", ids, max_seq_len=6, verify=False)
     tr = ax.transform(model, "npu_b", ids, [ids], steps=1, progress=False)
     assert dynamic_seq(tr.module) is None
+
+
+def test_a_maximum_beyond_the_models_tables_is_refused_at_capture():
+    pytest.importorskip("transformers")
+    model, ex = zoo.get_model("bert_tiny")           # torch.export: 64 positions
+    with pytest.raises(ax.CaptureError, match=r"supports at most 64.*max_seq_len=64 or less"):
+        ax.capture(model, ex, max_seq_len=100)
+    model, ex = zoo.get_model("decoder")             # fx: its tables stop at 64 too
+    with pytest.raises(ax.CaptureError, match=r"does not run at sequence length "
+                                              r"max_seq_len=4096"):
+        ax.capture(model, ex, max_seq_len=4096)
+    gm = ax.capture(model, ex, max_seq_len=48)       # a maximum above the example's
+    ids = ex if isinstance(ex, torch.Tensor) else ex[0]
+    assert gm(ids.repeat(1, 3)[:, :48]).shape[1] == 48
