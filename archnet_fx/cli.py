@@ -320,6 +320,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
     print(f"\nwrote {rep}")
     if args.verbose and rep.exactness is not None:
         print("\n" + rep.exactness.table())
+    if args.verbose and rep.layer_sqnr:
+        print("\n" + rep.sqnr_table())
     return 0
 
 

@@ -65,7 +65,7 @@ from archnet_fx.infra.graphpass import copy_graph_module
 from archnet_fx.targets import Target, load_target
 from archnet_fx.quant.qdq import EXPORTING
 from archnet_fx.export.verify import (MAX_FLIP_FRACTION, compare_exported, dump_golden,
-                                      ort_session)
+                                      layer_sqnr, ort_session)
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,21 @@ class ExportReport:
     #: batch raises instead); None when not checked or exported with a fixed batch
     dynamic_batch: bool | None = None
     exactness: Any = None    # ExactnessReport: every Q node's integers, ORT vs torch vs intref
+    #: activation quantizer → SQNR (dB) of its quantized value against the float model (the
+    #: same graph with quantization off), when the export converted a fake-quantized module
+    layer_sqnr: dict[str, float] = field(default_factory=dict)
     #: sequence lengths the file ran at (a graph captured with max_seq_len): 2, half the
     #: maximum and the maximum, each integer-checked like the example (``seq_exactness``)
     seq_lengths: list[int] = field(default_factory=list)
     seq_exactness: dict[int, Any] = field(default_factory=dict)
+
+    def sqnr_table(self) -> str:
+        """Every activation quantizer's SQNR against the float model, lowest first."""
+        from tabulate import tabulate
+        rows = sorted(self.layer_sqnr.items(), key=lambda kv: kv[1])
+        return tabulate([(k, f"{v:.1f}") for k, v in rows],
+                        headers=["activation quantizer", "SQNR vs float (dB)"],
+                        tablefmt="github")
 
     def __str__(self) -> str:
         qdq = self.op_counts.get("QuantizeLinear", 0), self.op_counts.get("DequantizeLinear", 0)
@@ -707,6 +718,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         golden = check_output_path(golden)
     module, tgt = _resolve(result_or_module, target)
     convert_record = None
+    fq_module = None
     if not isinstance(module, torch.fx.GraphModule):
         raise ExportError(f"export_onnx takes a TransformResult or a torch.fx.GraphModule, got "
                           f"{type(module).__name__}")
@@ -719,6 +731,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
         except PipelineError as e:
             raise ExportError(f"converting fake quantizers to integer Q/DQ failed: "
                               f"{e.__cause__ or e}") from e
+        fq_module = module
         module, convert_record = conv_res.module, conv_res.records[0]
     if example_inputs is None:
         stored = module.meta.get(EXAMPLE_META_KEY)  # (args, kwargs) from capture
@@ -853,6 +866,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                                        tgt.quant.accumulator_bits if tgt is not None else 32)
             report.max_abs_diff = report.exactness.output_max_abs_diff
             report.checked = True
+            if fq_module is not None:
+                report.layer_sqnr = layer_sqnr(fq_module, *_module_inputs(fq_module, names,
+                                                                          values, kwargs_call))
             if dynamic_batch and batched:
                 report.batch_sizes = _check_batches(tmp, names, values, batched, out_names,
                                                     set(batched_out))
@@ -902,6 +918,12 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
 
 class _RetryFixed(Exception):
     """Internal: redo the export with the example's sequence length."""
+
+
+def _module_inputs(module: Any, names: list[str], values: list[Any], kwargs_call: bool
+                   ) -> tuple[tuple, dict]:
+    """(args, kwargs) to call ``module`` the way it was captured."""
+    return ((), dict(zip(names, values))) if kwargs_call else (tuple(values), {})
 
 
 def _check_options(*, opset: Any, atol: Any, max_flip_fraction: Any, **flags: Any) -> None:

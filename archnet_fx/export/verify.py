@@ -337,6 +337,55 @@ def dump_golden(gm: torch.fx.GraphModule, example_inputs: Any, path: str | os.Pa
     return atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
+def layer_sqnr(fq_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, float]:
+    """SQNR (dB) of every quantized activation against the float model: for each activation
+    quantizer of the fake-quantized module ``fq_module`` (what the export converts), the value
+    it receives with every quantizer off (the float model: the same graph, float weights)
+    against the value it emits with all of them on (the deployed integers, dequantized) — the
+    quantization noise accumulated up to that layer, layer by layer, as vendor tools report it.
+    Runs on a private copy; the caller's module is untouched."""
+    import copy
+
+    from archnet_fx.quant.fakequant import FakeQuant, fake_quant_enabled
+
+    m = copy.deepcopy(fq_module)
+    acts = {name: q for name, q in m.named_modules() if isinstance(q, FakeQuant)
+            and q.role == "act" and q.enabled and bool(q.initialized)}
+    floats: dict[str, list[torch.Tensor]] = {n: [] for n in acts}
+    sums: dict[str, list[float]] = {n: [0.0, 0.0] for n in acts}     # ‖x‖², ‖x − y‖²
+    calls: dict[str, int] = {n: 0 for n in acts}
+    handles = []
+
+    def pre(name: str):
+        def hook(_mod, inputs):
+            if not _mod.enabled and isinstance(inputs[0], torch.Tensor):
+                floats[name].append(inputs[0].detach().double())
+        return hook
+
+    def post(name: str):
+        def hook(_mod, _inputs, out):
+            if _mod.enabled and isinstance(out, torch.Tensor) and calls[name] < len(floats[name]):
+                x = floats[name][calls[name]]
+                calls[name] += 1
+                if x.shape == out.shape:
+                    sums[name][0] += float(x.pow(2).sum())
+                    sums[name][1] += float((x - out.detach().double()).pow(2).sum())
+        return hook
+    for name, q in acts.items():
+        handles.append(q.register_forward_pre_hook(pre(name)))
+        handles.append(q.register_forward_hook(post(name)))
+    try:
+        with torch.no_grad():
+            with fake_quant_enabled(m, False):
+                m(*args, **kwargs)
+            m(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (math.inf if e == 0 else 10 * math.log10(max(s, 1e-300) / e))
+            for n, (s, e) in sums.items() if calls[n]}
+
+
 def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
     """``10·log10(‖ref‖² / ‖ref − got‖²)`` in dB (inf when identical)."""
     noise = float((ref.double() - got.double()).pow(2).sum())

@@ -18,6 +18,7 @@ import archnet_fx as ax
 from archnet_fx.cli import main
 from archnet_fx.export.onnx import ort_session
 from archnet_fx.ir.opkinds import ONNX_KINDS
+from archnet_fx.demo import zoo
 from qdq_models import fake_quant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -368,3 +369,20 @@ def test_transformer_encoder_batch_is_dynamic_for_real(tmp_path):
     for b in (1, 3, 5):
         (y,) = sess.run(None, {rep.input_names[0]: np.random.randn(b, 6, 16).astype(np.float32)})
         assert y.shape == (b, 6, 16)
+
+
+def test_layer_sqnr_against_the_float_model(tmp_path):
+    torch.manual_seed(0)
+    model, ex = zoo.get_model("cnn", batch_size=4)
+    res = ax.transform(model, "npu_a", ex, [ex], steps=1, progress=False)
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in res.module.modules()]
+    r8 = ax.export_onnx(res, tmp_path / "a.onnx")
+    assert len(r8.layer_sqnr) == r8.exactness.q_nodes
+    assert all(v > 10 for v in r8.layer_sqnr.values())        # 8-bit: well above 10 dB
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks)
+            for m in res.module.modules()] == hooks              # the caller's module is clean
+    assert "SQNR vs float" in r8.sqnr_table()
+    # 4-bit weights quantize coarser: the deepest activation's SQNR drops
+    res4 = ax.transform(model, "npu_a", ex, [ex], weight_bits=4, steps=1, progress=False)
+    r4 = ax.export_onnx(res4, tmp_path / "b.onnx")
+    assert min(r4.layer_sqnr.values()) < min(r8.layer_sqnr.values())
