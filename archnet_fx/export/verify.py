@@ -144,21 +144,25 @@ def ort_q_values(path: str | os.PathLike, feed: dict[str, np.ndarray],
 
 
 class _Forced(torch.fx.Interpreter):
-    """The converted float path; with ``reference``, each Q node's own integers are recorded,
-    then replaced by the reference's (so its consumers see the reference's upstream)."""
+    """The converted float path; with ``reference``, each Q node's own integers are compared
+    (``compare(name, own, reference)``, as they are computed: nothing is kept), then replaced
+    by the reference's (so its consumers see the reference's upstream)."""
 
-    def __init__(self, gm: torch.fx.GraphModule,
-                 reference: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, ort: dict[str, torch.Tensor],
+                 force: bool, compare: Any) -> None:
         super().__init__(gm)
-        self.reference = reference
-        self.q_values: dict[str, torch.Tensor] = {}
+        self.reference = ort if force else None
+        self.ort, self.compare = ort, compare
+        self.seen: list[str] = []
         self.sqnr: dict[str, float] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
         mod = self.module.get_submodule(n.target) if n.op == "call_module" else None
         if isinstance(mod, Quantize):
-            self.q_values[n.name] = out
+            self.seen.append(n.name)
+            if n.name in self.ort:
+                self.compare(n.name, out, self.ort[n.name])
             x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
             if isinstance(x, torch.Tensor) and x.is_floating_point():
                 p = mod.qparams()
@@ -265,26 +269,35 @@ def compare_exported(path: str | os.PathLike, gm: torch.fx.GraphModule, names: l
     outs, ort_q = ort_q_values(path, feed, gm)
     args = _named_args(gm, names, values)
     rep = ExactnessReport(max_flip_fraction=max_flip_fraction)
-    with torch.no_grad():
-        forced = _Forced(gm, ort_q)
-        y = forced.run(*args)
-        free = _Forced(gm)
-        y_free = free.run(*args)
-        it = IntegerInterpreter(gm, accumulator_bits, reference=ort_q)
-        it.run(*args)
-    for name, q in forced.q_values.items():
-        ref = ort_q.get(name)
-        if ref is None:
-            rep.unmapped.append(name)
-            continue
-        rep.q_nodes += 1
+    def local(name: str, q: torch.Tensor, ref: torch.Tensor) -> None:
         node = _Diff()
         node.add(q, ref)
         rep.torch_local.add(q, ref)
         rep.per_node.append((name, node.elements, node.differ, node.max_steps))
-        rep.torch_propagated.add(free.q_values[name], ref)
-        if name in it.q_values:
-            rep.intref_local.add(it.q_values[name], ref)
+
+    class _IntRef(IntegerInterpreter):       # compares as it goes, keeps nothing
+        done: set = set()
+
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            q = self.q_values.pop(n.name, None)
+            if q is not None and n.name in ort_q:
+                rep.intref_local.add(q, ort_q[n.name])
+            self.done.add(n)
+            for a in n.all_input_nodes:      # integer side tables: drop what no one reads
+                if all(u in self.done for u in a.users):
+                    self._acc.pop(a, None)
+                    self._deq.pop(a, None)
+            return out
+
+    with torch.no_grad():
+        forced = _Forced(gm, ort_q, True, local)
+        y = forced.run(*args)
+        free = _Forced(gm, ort_q, False, lambda name, q, ref: rep.torch_propagated.add(q, ref))
+        y_free = free.run(*args)
+        _IntRef(gm, accumulator_bits, reference=ort_q).run(*args)
+    rep.q_nodes = len([n for n in forced.seen if n in ort_q])
+    rep.unmapped = [n for n in forced.seen if n not in ort_q]
     rep.sqnr = dict(free.sqnr)
     ys = [t for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
     ys_free = [t for t in pytree.tree_leaves(y_free) if isinstance(t, torch.Tensor)]
@@ -351,7 +364,7 @@ def layer_sqnr(fq_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[st
     m = copy.deepcopy(fq_module)
     acts = {name: q for name, q in m.named_modules() if isinstance(q, FakeQuant)
             and q.role == "act" and q.enabled and bool(q.initialized)}
-    floats: dict[str, list[torch.Tensor]] = {n: [] for n in acts}
+    floats: dict[str, list[Any]] = {n: [] for n in acts}
     sums: dict[str, list[float]] = {n: [0.0, 0.0] for n in acts}     # ‖x‖², ‖x − y‖²
     calls: dict[str, int] = {n: 0 for n in acts}
     handles = []
@@ -359,13 +372,14 @@ def layer_sqnr(fq_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[st
     def pre(name: str):
         def hook(_mod, inputs):
             if not _mod.enabled and isinstance(inputs[0], torch.Tensor):
-                floats[name].append(inputs[0].detach().double())
+                floats[name].append(inputs[0].detach().clone())
         return hook
 
     def post(name: str):
         def hook(_mod, _inputs, out):
             if _mod.enabled and isinstance(out, torch.Tensor) and calls[name] < len(floats[name]):
-                x = floats[name][calls[name]]
+                x = floats[name][calls[name]].double()
+                floats[name][calls[name]] = None    # free it once used
                 calls[name] += 1
                 if x.shape == out.shape:
                     sums[name][0] += float(x.pow(2).sum())
