@@ -870,8 +870,9 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
                 report.layer_sqnr = layer_sqnr(fq_module, *_module_inputs(fq_module, names,
                                                                           values, kwargs_call))
             if dynamic_batch and batched:
-                report.batch_sizes = _check_batches(tmp, names, values, batched, out_names,
-                                                    set(batched_out))
+                report.batch_sizes = _check_batches(
+                    tmp, names, values, batched, out_names, set(batched_out), prepared,
+                    max_flip_fraction, tgt.quant.accumulator_bits if tgt is not None else 32)
                 report.dynamic_batch = True
             if seq_inputs:
                 try:
@@ -987,9 +988,12 @@ _ORT_NODE = __import__("re").compile(r"running (\w+) node\. Name:'([^']*)'")
 
 
 def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batched: set[str],
-                   out_names: list[str], batched_out: set[str]) -> list[int]:
+                   out_names: list[str], batched_out: set[str],
+                   gm: torch.fx.GraphModule | None = None, max_flip_fraction: float = 0.01,
+                   accumulator_bits: int = 32) -> list[int]:
     """Run the file at batch 1, the example's and 8 (rows of the example, repeated); raise
-    :class:`ExportError` naming the node that pins the batch."""
+    :class:`ExportError` naming the node that pins the batch. At batch 1 (cheap) the integers
+    are checked against the torch module ``gm`` too, like the example's."""
     import numpy as np
 
     ref_batch = next(int(v.shape[0]) for n, v in zip(names, values) if n in batched)
@@ -1018,6 +1022,13 @@ def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batc
                                   f"dynamic_batch=False for a fixed batch of {ref_batch}")
             if np.issubdtype(np.asarray(o).dtype, np.floating) and not np.isfinite(o).all():
                 raise ExportError(f"output {name} is not finite at batch {b}")
+        if b == 1 and b != ref_batch and gm is not None:
+            one = [v[rows] if n in batched else v for n, v in zip(names, values)]
+            rep = compare_exported(path, gm, names, one, accumulator_bits=accumulator_bits,
+                                   max_flip_fraction=max_flip_fraction)
+            if not rep.ok:
+                raise ExportError(f"at batch 1 onnxruntime's integers differ from torch's: "
+                                  f"{rep.summary()}")
     return sizes
 
 
