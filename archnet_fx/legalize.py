@@ -235,8 +235,14 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
                          prefer=prefer, allow_host_fallback=allow_host_fallback, knots=knots,
                          verify=verify, max_seq_len=None)
     if after.unsupported and auto:
-        return fixed_length(f"{len(after.unsupported)} node(s) have no legal form for a dynamic "
-                            f"sequence length")
+        # maybe only the dynamic length lacks a form: the fixed length, fully on chip, wins;
+        # otherwise keep the dynamic graph (host fallback, or the error below)
+        try:
+            return _legalize(model, target, example_inputs, calib_data, choices=choices,
+                             prefer=prefer, allow_host_fallback=False, knots=knots,
+                             verify=verify, max_seq_len=None)
+        except UnsupportedOpError:
+            pass
     if after.unsupported:
         if not allow_host_fallback:
             lines = [f"  {v.node}: {v.kind} at {v.location} — {v.reason}"

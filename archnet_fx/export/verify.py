@@ -361,7 +361,7 @@ def layer_sqnr(fq_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[st
 
     from archnet_fx.quant.fakequant import FakeQuant, fake_quant_enabled
 
-    m = copy.deepcopy(fq_module)
+    m = copy.deepcopy(fq_module).eval()
     acts = {name: q for name, q in m.named_modules() if isinstance(q, FakeQuant)
             and q.role == "act" and q.enabled and bool(q.initialized)}
     floats: dict[str, list[Any]] = {n: [] for n in acts}
@@ -371,7 +371,7 @@ def layer_sqnr(fq_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[st
 
     def pre(name: str):
         def hook(_mod, inputs):
-            if not _mod.enabled and isinstance(inputs[0], torch.Tensor):
+            if not _mod.enabled and inputs and isinstance(inputs[0], torch.Tensor):
                 floats[name].append(inputs[0].detach().clone())
         return hook
 

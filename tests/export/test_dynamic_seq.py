@@ -187,3 +187,48 @@ def test_a_maximum_beyond_the_models_tables_is_refused_at_capture():
     gm = ax.capture(model, ex, max_seq_len=48)       # a maximum above the example's
     ids = ex if isinstance(ex, torch.Tensor) else ex[0]
     assert gm(ids.repeat(1, 3)[:, :48]).shape[1] == 48
+
+
+class _ConvOverSeq(nn.Module):
+    """Runs only from length 3 (a 3-tap conv without padding over the sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.conv(self.emb(ids).transpose(1, 2)).mean(-1))
+
+
+def test_export_of_a_model_that_needs_a_longer_sequence(tmp_path):
+    torch.manual_seed(0)
+    model, ids = _ConvOverSeq().eval(), torch.randint(0, 50, (2, 6))
+    res = ax.transform(model, "dsp_c", ids, [ids], steps=1, progress=False)   # auto
+    rep = ax.export_onnx(res, tmp_path / "auto.onnx")
+    assert rep.seq_lengths == [] and rep.checked          # exported at the example's length
+    res = ax.transform(model, "dsp_c", ids, [ids], steps=1, max_seq_len=6, progress=False)
+    with pytest.raises(ax.ExportError, match=r"does not run at sequence length 2"):
+        ax.export_onnx(res, tmp_path / "explicit.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx"]
+
+
+class _TwoClasses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).sum(1))
+
+
+def test_an_output_as_wide_as_the_example_length_is_not_a_sequence(tmp_path):
+    torch.manual_seed(0)
+    model, ids = _TwoClasses().eval(), torch.randint(0, 50, (3, 2))
+    res = ax.transform(model, "dsp_c", ids, [ids], steps=1, max_seq_len=8, progress=False)
+    rep = ax.export_onnx(res, tmp_path / "c.onnx")
+    out = onnx.load(tmp_path / "c.onnx").graph.output[0]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 2]
+    assert rep.seq_lengths == [2, 4, 8]
