@@ -62,6 +62,7 @@ from archnet_fx.capture import normalize_inputs
 from archnet_fx.errors import ExportError, InputError, OptionError, PipelineError
 from archnet_fx.ir.opkinds import node_kind, onnx_kind
 from archnet_fx.infra.graphpass import copy_graph_module
+from archnet_fx.infra.instruments import blocked_directory
 from archnet_fx.targets import Target, load_target
 from archnet_fx.quant.qdq import EXPORTING
 from archnet_fx.export.verify import (MAX_FLIP_FRACTION, compare_exported, dump_golden,
@@ -974,14 +975,12 @@ def check_output_path(path: Any) -> Path:
     if path.is_dir():
         raise ExportError(f"{str(path)!r} is a directory; pass a file name such as "
                           f"{str(path / 'model.onnx')!r}")
-    probe = path.parent
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ExportError(f"cannot write {str(path)!r}: {str(probe)!r} is a file, not a "
+    blocked = blocked_directory(path.parent)
+    if blocked and blocked[1] == "file":
+        raise ExportError(f"cannot write {str(path)!r}: {str(blocked[0])!r} is a file, not a "
                           f"directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {str(path)!r}: directory {str(probe)!r} is not "
+    if blocked:
+        raise ExportError(f"cannot write {str(path)!r}: directory {str(blocked[0])!r} is not "
                           f"writable; pass a path in a directory you can write to")
     return path
 

@@ -109,6 +109,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
 
+def blocked_directory(d: Path) -> tuple[Path, str] | None:
+    """Why no directory can be created or written at ``d``: ``(the nearest existing path,
+    "file" | "unwritable")``, or None when it can."""
+    probe = d
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return probe, "file"
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        return probe, "unwritable"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Any, binary: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it into place;
     on any error the temporary file is removed and ``path`` is untouched."""

@@ -61,6 +61,7 @@ from torch.utils import _pytree as pytree
 from archnet_fx.errors import CalibrationError, CheckpointError, DeviceError, OptionError
 from archnet_fx.ir.dataflow import input_dependent
 from archnet_fx.train.partition import Block, bind_inputs
+from archnet_fx.infra.instruments import blocked_directory
 from archnet_fx.infra.records import PassRecord
 from archnet_fx.quant.fakequant import FakeQuant, calibrating
 from archnet_fx.surrogate.base import Surrogate
@@ -525,18 +526,14 @@ def _check_dir(path: Path, option: str, error: type = CheckpointError) -> None:
     """A directory option must name a directory, or a path one can be created at, writable."""
     if path.exists() and not path.is_dir():
         raise error(f"{option}={str(path)!r} is a file, not a directory; pass a "
-                              f"directory (it is created if missing)")
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise error(f"{option}={str(path)!r}: {str(probe)!r} is a file, so the "
-                              f"directory cannot be created")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise error(f"{option}={str(path)!r}: {str(probe)!r} is not writable; pass a "
-                              f"directory you can write to")
+                    f"directory (it is created if missing)")
+    blocked = blocked_directory(path)
+    if blocked and blocked[1] == "file":
+        raise error(f"{option}={str(path)!r}: {str(blocked[0])!r} is a file, so the "
+                    f"directory cannot be created")
+    if blocked:
+        raise error(f"{option}={str(path)!r}: {str(blocked[0])!r} is not writable; pass a "
+                    f"directory you can write to")
 
 
 def _fingerprint(blocks: Sequence[Block], batches: Sequence[tuple[tuple, dict]],
