@@ -582,12 +582,21 @@ def _seq_specs(specs: tuple[InputSpec, ...], max_seq_len: Any) -> tuple[InputSpe
                                      and s.shape[1] == seq) for s in specs)
 
 
+def with_seq_length(v: torch.Tensor, length: int) -> torch.Tensor:
+    """``v`` cut or tiled along dimension 1 (the sequence) to ``length``: the example's
+    positions repeated, e.g. to try a graph at other lengths.
+
+    >>> with_seq_length(torch.tensor([[7, 8, 9]]), 5)
+    tensor([[7, 8, 9, 7, 8]])
+    """
+    return v.index_select(1, torch.arange(length) % v.shape[1])
+
+
 def _seq_variant(v: Any, spec: InputSpec | None, length: int) -> Any:
-    """``v`` cut or tiled along dimension 1 to ``length`` (a sequence input), else ``v``."""
+    """``v`` at sequence ``length`` (a sequence input), else ``v``."""
     if spec is None or not spec.seq or not isinstance(v, torch.Tensor):
         return v
-    idx = torch.arange(length) % v.shape[1]
-    return v.index_select(1, idx)
+    return with_seq_length(v, length)
 
 
 def _check_seq_generic(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,

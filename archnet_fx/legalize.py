@@ -227,20 +227,19 @@ def _legalize(model: torch.nn.Module, target: str | Target, example_inputs: Any,
     owned = not (isinstance(model, torch.fx.GraphModule) and CAPTURE_META_KEY in model.meta)
     auto = owned and getattr(gm.meta[CAPTURE_META_KEY], "seq_auto", False)
 
-    def fixed_length(why: str) -> LegalizeResult:
+    def fixed_length(why: str, host_fallback: bool = allow_host_fallback) -> LegalizeResult:
         # "auto" chose a dynamic sequence, but a rewrite needs the length fixed: legalize the
         # fixed-length capture instead (an explicit max_seq_len raises)
-        log.info("%s; keeping the example's sequence length", why)
+        log.info("%s; trying the example's sequence length", why)
         return _legalize(model, target, example_inputs, calib_data, choices=choices,
-                         prefer=prefer, allow_host_fallback=allow_host_fallback, knots=knots,
+                         prefer=prefer, allow_host_fallback=host_fallback, knots=knots,
                          verify=verify, max_seq_len=None)
     if after.unsupported and auto:
         # maybe only the dynamic length lacks a form: the fixed length, fully on chip, wins;
         # otherwise keep the dynamic graph (host fallback, or the error below)
         try:
-            return _legalize(model, target, example_inputs, calib_data, choices=choices,
-                             prefer=prefer, allow_host_fallback=False, knots=knots,
-                             verify=verify, max_seq_len=None)
+            return fixed_length(f"{len(after.unsupported)} node(s) have no legal form for a "
+                                f"dynamic sequence length", host_fallback=False)
         except UnsupportedOpError:
             pass
     if after.unsupported:

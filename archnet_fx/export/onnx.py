@@ -58,7 +58,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
-from archnet_fx.capture import normalize_inputs
+from archnet_fx.capture import normalize_inputs, with_seq_length
 from archnet_fx.errors import ExportError, InputError, OptionError, PipelineError
 from archnet_fx.ir.opkinds import node_kind, onnx_kind
 from archnet_fx.infra.graphpass import copy_graph_module
@@ -717,6 +717,15 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     path = check_output_path(path)
     if golden is not None:
         golden = check_output_path(golden)
+
+    def fixed_length_export() -> ExportReport:
+        """The same export at the example's sequence length (the fallback of max_seq_len=
+        "auto" when the dynamic one fails)."""
+        return export_onnx(result_or_module, path, example_inputs=example_inputs,
+                           target=target, opset=opset, check=check, atol=atol,
+                           onehot_gather=onehot_gather, dynamic_batch=dynamic_batch,
+                           max_flip_fraction=max_flip_fraction, golden=golden,
+                           dynamic_seq=False)
     module, tgt = _resolve(result_or_module, target)
     convert_record = None
     fq_module = None
@@ -800,7 +809,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     probe = (2 if ex_seq != 2 else 3) if ex_seq else None
     if probe is not None and probe <= info.max_seq_len:
         # the outputs whose dimension 1 follows the sequence: run at another length
-        short = [v.index_select(1, torch.arange(probe) % ex_seq) if n in seq_inputs else v
+        short = [with_seq_length(v, probe) if n in seq_inputs else v
                  for n, v in zip(names, values)]
         try:
             with torch.no_grad():
@@ -809,11 +818,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
             if getattr(info, "seq_auto", False):
                 log.warning("the module does not run at sequence length %d (%s); exporting "
                             "the example's length", probe, _first_paragraph(str(e), 200))
-                return export_onnx(result_or_module, path, example_inputs=example_inputs,
-                                   target=target, opset=opset, check=check, atol=atol,
-                                   onehot_gather=onehot_gather, dynamic_batch=dynamic_batch,
-                                   max_flip_fraction=max_flip_fraction, golden=golden,
-                                   dynamic_seq=False)
+                return fixed_length_export()
             raise ExportError(f"the module does not run at sequence length {probe} (captured "
                               f"with max_seq_len={info.max_seq_len}): {type(e).__name__}: "
                               f"{_first_paragraph(str(e), 300)}; capture without max_seq_len "
@@ -893,8 +898,8 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
             if seq_inputs:
                 try:
                     report.seq_lengths, report.seq_exactness = _check_lengths(
-                        tmp, prepared, names, values, seq_inputs, out_names, set(seq_out),
-                        info.max_seq_len, max_flip_fraction,
+                        tmp, prepared, names, values, seq_inputs, info.max_seq_len,
+                        max_flip_fraction,
                         tgt.quant.accumulator_bits if tgt is not None else 32, atol,
                         report.exactness)
                 except ExportError as e:
@@ -930,11 +935,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
             # capture chose the dynamic sequence ("auto"); the file does not take other
             # lengths, so export the example's
             log.warning("exporting the example's sequence length: %s", e)
-            return export_onnx(result_or_module, path, example_inputs=example_inputs,
-                               target=target, opset=opset, check=check, atol=atol,
-                               onehot_gather=onehot_gather, dynamic_batch=dynamic_batch,
-                               max_flip_fraction=max_flip_fraction, golden=golden,
-                               dynamic_seq=False)
+            return fixed_length_export()
         raise
     log.info("exported %s", report)
     return report
@@ -1027,12 +1028,10 @@ def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batc
         try:
             outs = sess.run(None, feed)
         except Exception as e:  # noqa: BLE001 - re-raised typed
-            msg = str(e)
-            m = _ORT_NODE.search(msg)
-            where = f"{m.group(1)} node '{m.group(2)}'" if m else "a node"
+            where, cause = _ort_failure(e, "a node")
             raise ExportError(
                 f"the exported graph pins the batch size: onnxruntime fails at batch {b} in "
-                f"{where} ({_first_paragraph(msg.split('Status Message:')[-1], 300)}); the "
+                f"{where} ({cause}); the "
                 f"example's batch is {ref_batch}. A reshape or expand of the captured graph "
                 f"holds the batch as a constant; export with dynamic_batch=False for a fixed "
                 f"batch of {ref_batch}") from e
@@ -1045,21 +1044,14 @@ def _check_batches(path: str, names: list[str], values: list[torch.Tensor], batc
                 raise ExportError(f"output {name} is not finite at batch {b}")
         if b == 1 and b != ref_batch and gm is not None:
             one = [v[rows] if n in batched else v for n, v in zip(names, values)]
-            try:
-                rep = compare_exported(path, gm, names, one, accumulator_bits=accumulator_bits,
-                                       max_flip_fraction=max_flip_fraction)
-            except Exception as e:  # noqa: BLE001 - re-raised typed
-                raise ExportError(f"the integer check at batch 1 failed: {type(e).__name__}: "
-                                  f"{_first_paragraph(str(e), 300)}") from e
-            if not rep.ok or rep.output_rel_diff > atol:
-                raise ExportError(f"at batch 1 onnxruntime's integers differ from torch's: "
-                                  f"{rep.summary()}")
+            _verify(path, gm, names, one, atol, max_flip_fraction, accumulator_bits,
+                    at=" at batch 1")
     return sizes
 
 
 def _check_lengths(path: str, gm: torch.fx.GraphModule, names: list[str],
-                   values: list[torch.Tensor], seq_inputs: set[str], out_names: list[str],
-                   seq_out: set[str], max_seq_len: int, max_flip_fraction: float,
+                   values: list[torch.Tensor], seq_inputs: set[str], max_seq_len: int,
+                   max_flip_fraction: float,
                    accumulator_bits: int, atol: float, example_report: Any = None
                    ) -> tuple[list[int], dict[int, Any]]:
     """Run the file at sequence lengths 2, max/2 and max (the example's rows cut or tiled along
@@ -1072,46 +1064,53 @@ def _check_lengths(path: str, gm: torch.fx.GraphModule, names: list[str],
         if n_len == ex_len and example_report is not None:
             reports[n_len] = example_report      # checked already: the example itself
             continue
-        idx = torch.arange(n_len) % next(int(v.shape[1]) for k, v in zip(names, values)
-                                          if k in seq_inputs)
-        vals = [v.index_select(1, idx) if k in seq_inputs else v for k, v in zip(names, values)]
-        try:
-            rep = compare_exported(path, gm, names, vals, accumulator_bits=accumulator_bits,
-                                   max_flip_fraction=max_flip_fraction)
-        except Exception as e:  # noqa: BLE001 - re-raised typed
-            msg = str(e)
-            m = _ORT_NODE.search(msg)
-            where = f"{m.group(1)} node '{m.group(2)}'" if m else type(e).__name__
-            raise ExportError(
+        vals = [with_seq_length(v, n_len) if k in seq_inputs else v
+                for k, v in zip(names, values)]
+
+        def fixed_length(e: Exception, n_len: int = n_len) -> ExportError:
+            where, cause = _ort_failure(e, type(e).__name__)
+            return ExportError(
                 f"the exported graph does not run at sequence length {n_len} (captured with "
-                f"max_seq_len={max_seq_len}): {where}: "
-                f"{_first_paragraph(msg.split('Status Message:')[-1], 300)}. A node of the "
-                f"legalized graph fixes the length; capture without max_seq_len for a "
-                f"fixed-length export") from e
-        if not rep.ok or rep.output_rel_diff > atol:
-            raise ExportError(f"at sequence length {n_len} onnxruntime's integers differ from "
-                              f"torch's: {rep.summary()}")
-        reports[n_len] = rep
+                f"max_seq_len={max_seq_len}): {where}: {cause}. A node of the legalized graph "
+                f"fixes the length; capture without max_seq_len for a fixed-length export")
+        reports[n_len] = _verify(path, gm, names, vals, atol, max_flip_fraction,
+                                 accumulator_bits, at=f" at sequence length {n_len}",
+                                 run_error=fixed_length)
     return lengths, reports
 
 
+def _ort_failure(e: Exception, default: str) -> tuple[str, str]:
+    """(the onnxruntime node an error names, or ``default``; its cause in one paragraph)."""
+    msg = str(e)
+    m = _ORT_NODE.search(msg)
+    where = f"{m.group(1)} node '{m.group(2)}'" if m else default
+    return where, _first_paragraph(msg.split("Status Message:")[-1], 300)
+
+
 def _verify(path: str, gm: torch.fx.GraphModule, names: list[str], values: list[torch.Tensor],
-            atol: float, max_flip_fraction: float, accumulator_bits: int) -> Any:
+            atol: float, max_flip_fraction: float, accumulator_bits: int, *, at: str = "",
+            run_error: Any = None) -> Any:
     """Integer-exact check of the file against the module it was exported from (see
-    :mod:`archnet_fx.export.verify`); :class:`ExportError` when it fails."""
-    try:
-        ort_session(path, level="basic")
-    except Exception as e:  # noqa: BLE001 - re-raised typed
-        raise ExportError(f"onnxruntime could not load the exported model: "
-                          f"{_first_paragraph(str(e), 400)}") from e
+    :mod:`archnet_fx.export.verify`) on ``values`` (the example; ``at`` says which other batch
+    or length they are); :class:`ExportError` when it fails — ``run_error(e)`` when the
+    comparison itself raises ``e``."""
+    if not at:
+        try:
+            ort_session(path, level="basic")
+        except Exception as e:  # noqa: BLE001 - re-raised typed
+            raise ExportError(f"onnxruntime could not load the exported model: "
+                              f"{_first_paragraph(str(e), 400)}") from e
     try:
         rep = compare_exported(path, gm, names, values, accumulator_bits=accumulator_bits,
                                max_flip_fraction=max_flip_fraction)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised typed
-        raise ExportError(f"the integer comparison of the exported model with the torch module "
-                          f"failed: {type(e).__name__}: {_first_paragraph(str(e), 400)}") from e
+        if run_error is not None:
+            raise run_error(e) from e
+        raise ExportError(f"the integer comparison{at} of the exported model with the torch "
+                          f"module failed: {type(e).__name__}: "
+                          f"{_first_paragraph(str(e), 400)}") from e
     if rep.unmapped and not rep.q_nodes:
         raise ExportError(f"none of the module's {len(rep.unmapped)} Quantize nodes could be "
                           f"found in the exported file, so its integers cannot be checked; "
@@ -1122,7 +1121,7 @@ def _verify(path: str, gm: torch.fx.GraphModule, names: list[str], values: list[
     if not rep.ok:
         worst = sorted(rep.per_node, key=lambda r: (-r[3], -r[2]))[:3]
         raise ExportError(
-            f"onnxruntime's integers differ from torch's beyond float-order rounding: "
+            f"onnxruntime's integers{at} differ from torch's beyond float-order rounding: "
             f"{rep.torch_local.differ} of {rep.torch_local.elements} "
             f"({rep.torch_local.fraction:.2e} > {max_flip_fraction:g} allowed) by up to "
             f"{rep.torch_local.max_steps} step(s), worst at "
@@ -1130,7 +1129,7 @@ def _verify(path: str, gm: torch.fx.GraphModule, names: list[str], values: list[
             + "; a wrong scale, zero point or layout in the export (allowed: one-step flips on "
             f"at most {max_flip_fraction:g} of all integers and 5 % of any node's)")
     if rep.output_rel_diff > atol:
-        raise ExportError(f"onnxruntime's outputs differ from torch's, given the same integers, "
-                          f"by {rep.output_rel_diff:.3g}·max|y| > atol {atol:g}")
-    log.info("export check: %s", rep.summary())
+        raise ExportError(f"onnxruntime's outputs{at} differ from torch's, given the same "
+                          f"integers, by {rep.output_rel_diff:.3g}·max|y| > atol {atol:g}")
+    log.info("export check%s: %s", at, rep.summary())
     return rep
