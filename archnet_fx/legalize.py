@@ -34,7 +34,7 @@ import torch
 import torch.fx
 
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
-from archnet_fx.capture import calibration_batches, dynamic_seq
+from archnet_fx.capture import calibration_batches, dynamic_seq, with_seq_length
 from archnet_fx.errors import ChoiceError, OptionError, UnsupportedOpError
 from archnet_fx.legality import LegalityReport, check
 from archnet_fx.infra.graphpass import recompile_now
@@ -295,7 +295,7 @@ def _seq_generic(module: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
             if not isinstance(v, torch.Tensor):
                 return v
             v = v[:1] if name in batched else v
-            return v[:, :length] if name in seq_names else v
+            return with_seq_length(v, length) if name in seq_names else v
         a = tuple(cut(n, v) for n, v in zip(names, args))
         k = {n: cut(n, v) for n, v in kwargs.items()}
         try:

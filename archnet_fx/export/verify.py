@@ -221,8 +221,10 @@ class ExactnessReport:
 
     def summary(self) -> str:
         t, i, p = self.torch_local, self.intref_local, self.torch_propagated
+        torch_vs_ort = "exact" if t.differ == 0 else \
+            f"{t.differ} differ ({t.fraction:.2e}), max {t.max_steps} step(s)"
         return (f"{self.q_nodes} Q nodes, {t.elements} integers: torch vs onnxruntime "
-                f"{'exact' if t.differ == 0 else f'{t.differ} differ ({t.fraction:.2e}), max {t.max_steps} step(s)'}"
+                f"{torch_vs_ort}"
                 f"; integer reference vs onnxruntime {i.differ} differ ({i.fraction:.2e}), max "
                 f"{i.max_steps} step(s); propagated end to end {p.differ} differ "
                 f"({p.fraction:.2e}), max {p.max_steps}; outputs (local) max |Δ|/max|y| "
@@ -396,14 +398,15 @@ def layer_sqnr(fq_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[st
     finally:
         for h in handles:
             h.remove()
-    return {n: (math.inf if e == 0 else 10 * math.log10(max(s, 1e-300) / e))
-            for n, (s, e) in sums.items() if calls[n]}
+    return {n: _db(s, e) for n, (s, e) in sums.items() if calls[n]}
 
 
 def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
     """``10·log10(‖ref‖² / ‖ref − got‖²)`` in dB (inf when identical)."""
-    noise = float((ref.double() - got.double()).pow(2).sum())
-    signal = float(ref.double().pow(2).sum())
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(max(signal, 1e-300) / noise)
+    ref, got = ref.double(), got.double()
+    return _db(float(ref.pow(2).sum()), float((ref - got).pow(2).sum()))
+
+
+def _db(signal: float, noise: float) -> float:
+    """Signal-to-noise power ratio in dB (inf without noise)."""
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
