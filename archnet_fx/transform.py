@@ -249,8 +249,6 @@ def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list
 
     settings = dict(settings, batches=_digest(t for b in batches
                                               for t in pytree.tree_leaves(b)))
-    if checkpoint_dir is None:
-        return settings
     d = Path(checkpoint_dir)
     f = d / SETTINGS_NAME
     if (d / CHECKPOINT_NAME).exists() and f.exists():
@@ -277,8 +275,6 @@ def _record_settings(checkpoint_dir: Any, settings: dict[str, Any]) -> None:
     from archnet_fx.infra.instruments import atomic_write_text
     from archnet_fx.train.distill import CHECKPOINT_NAME
 
-    if checkpoint_dir is None:
-        return
     d = Path(checkpoint_dir)
     if not (d / CHECKPOINT_NAME).exists():
         atomic_write_text(d / SETTINGS_NAME, json.dumps(settings))
@@ -385,11 +381,12 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
     for name, flag in (("allow_host_fallback", allow_host_fallback), ("verify", verify)):
         if not isinstance(flag, bool):
             raise OptionError(f"{name} must be a bool, got {flag!r}")
-    settings = _settings(model, tgt.name, w_bits, a_bits, opts, holdout, choices, granularity,
-                         cut_nodes, prefer, allow_host_fallback, quantize_surrogates,
-                         surrogate_weight_bits, select, max_seq_len)
     batches = calibration_batches(calib_data, example_inputs, warn_example="transform")
-    settings = _check_resume(checkpoint_dir, settings, batches)
+    if checkpoint_dir is not None:   # digests of the model and data only when resuming
+        settings = _check_resume(checkpoint_dir, _settings(
+            model, tgt.name, w_bits, a_bits, opts, holdout, choices, granularity, cut_nodes,
+            prefer, allow_host_fallback, quantize_surrogates, surrogate_weight_bits, select,
+            max_seq_len), batches)
     notes: list[str] = []
     if calib_data is None:
         notes.append("no calib_data: distilled on the example inputs only")
@@ -447,7 +444,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         seconds["fidelity"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        _record_settings(checkpoint_dir, settings)
+        if checkpoint_dir is not None:
+            _record_settings(checkpoint_dir, settings)
         drep = distill(student, teacher, blocks, train, opts, value_map=vmap)
         seconds["distill"] = time.perf_counter() - t0
 
