@@ -255,11 +255,7 @@ def _dtype_ok(got: torch.dtype, want: torch.dtype, strict: bool) -> bool:
     (ids, masks) of any integer type, and bool for bool."""
     if strict or want.is_floating_point or got.is_floating_point:
         return got == want
-
-    def kind(d: torch.dtype) -> str:
-        return "bool" if d == torch.bool else "float" if d.is_floating_point else \
-            "complex" if d.is_complex else "int"
-    return kind(got) == kind(want)
+    return (got == torch.bool, got.is_complex) == (want == torch.bool, want.is_complex)
 
 
 def _insert_guard(gm: torch.fx.GraphModule, specs: tuple[InputSpec, ...], strict: bool = True,
