@@ -144,9 +144,10 @@ def ort_q_values(path: str | os.PathLike, feed: dict[str, np.ndarray],
 
 
 class _Forced(torch.fx.Interpreter):
-    """The converted float path; with ``reference``, each Q node's own integers are compared
-    (``compare(name, own, reference)``, as they are computed: nothing is kept), then replaced
-    by the reference's (so its consumers see the reference's upstream)."""
+    """The converted float path. Each Q node's own integers are compared with onnxruntime's
+    (``compare(name, own, ort)``, as they are computed: nothing is kept); with ``force`` they
+    are then replaced by onnxruntime's (so consumers see its upstream), without it each Q
+    node's own quantization SQNR is recorded (the run on its own)."""
 
     def __init__(self, gm: torch.fx.GraphModule, ort: dict[str, torch.Tensor],
                  force: bool, compare: Any) -> None:
@@ -164,7 +165,8 @@ class _Forced(torch.fx.Interpreter):
             if n.name in self.ort:
                 self.compare(n.name, out, self.ort[n.name])
             x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
+            if self.reference is None and isinstance(x, torch.Tensor) and \
+                    x.is_floating_point():
                 p = mod.qparams()
                 s = mod._shape(p.scale, out).to(out.dtype)
                 z = mod._shape(p.zero_point, out).to(out.dtype)
