@@ -73,6 +73,7 @@ __all__ = ["DistillOptions", "DistillReport", "BlockStats", "ActivationStore", "
 
 MODES = ("progressive", "independent")
 CHECKPOINT_NAME = "distill_checkpoint.pt"
+ELEMENT_FLOOR = 1e-2  # surrogate parameters: an element's rate is at least 1% of the tensor's
 EVAL_BATCHES = 2  # loss before/after training a block is measured on the first few batches
 _FORMAT = 1
 
@@ -462,7 +463,8 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
 
-    def add(p: torch.nn.Parameter, kind: str, base: float, relative: bool = True) -> None:
+    def add(p: torch.nn.Parameter, kind: str, base: float, relative: bool = True,
+            elementwise: bool = False) -> None:
         if id(p) in seen or not p.requires_grad:
             return
         seen.add(id(p))
@@ -471,7 +473,12 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
         scale = float(p.detach().float().pow(2).mean().sqrt()) if relative else 1.0
         if not math.isfinite(scale) or scale < 1e-6:
             scale = 1e-3
-        groups.append({"params": [p], "lr": base * scale, "name": kind})
+        group = {"params": [p], "lr": base * scale, "name": kind}
+        if elementwise and p.numel() > 1:
+            # each element moves by about lr of its own size (a floor of 1% of the tensor's
+            # RMS lets zeros move): see the docstring
+            group["scale"] = [(p.detach().abs() / scale).clamp_min(ELEMENT_FLOOR)]
+        groups.append(group)
 
     for m in module.modules():
         if isinstance(m, FakeQuant):
@@ -485,10 +492,26 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
                 if exact:
                     add(p, "weight", opts.lr_weight)
                 else:
-                    add(p, "surrogate", opts.lr_surrogate)
+                    add(p, "surrogate", opts.lr_surrogate, elementwise=True)
     for p in module.parameters():
         add(p, "weight", opts.lr_weight)
     return groups
+
+
+class ScaledAdam(torch.optim.Adam):
+    """Adam whose update of a parameter is multiplied elementwise by a fixed tensor (the
+    group's ``scale``: one tensor or None per parameter), i.e. Adam with a learning rate per
+    element. Groups without ``scale`` are plain Adam."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        scaled = [(p, p.detach().clone(), s) for g in self.param_groups
+                  for p, s in zip(g["params"], g.get("scale") or [None] * len(g["params"]))
+                  if s is not None and p.grad is not None]
+        out = super().step(closure)
+        for p, old, s in scaled:
+            p.copy_(old.add_((p - old).mul_(s.to(p.device))))
+        return out
 
 
 def _rng_state() -> dict[str, Any]:
@@ -711,7 +734,7 @@ class _Run:
         for p in frozen:
             p.requires_grad_(False)
         self.snapshot = {id(p): p.detach().clone() for p in mod.parameters() if id(p) in trained}
-        opt = torch.optim.Adam(groups)
+        opt = ScaledAdam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / max(1, total))))
         self.optimize(opt, groups, total, lambda b: self.block_loss(
@@ -780,7 +803,7 @@ class _Run:
             g["lr"] *= self.opts.e2e_lr_scale
         with torch.no_grad():
             report.e2e_loss_before = float(self.final_loss(self.chain(0), 0))
-        opt = torch.optim.Adam(groups)
+        opt = ScaledAdam(groups)
         self.optimize(opt, groups, steps, lambda b: self.final_loss(self.chain(b), b),
                       seed=self.opts.seed * 1_000_003 + 999_983, desc="end-to-end")
         with torch.no_grad():
