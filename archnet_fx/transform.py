@@ -21,8 +21,11 @@ Steps (design.md §2):
 5. partition it into blocks whose boundaries the teacher also computes
    (:func:`archnet_fx.train.partition.partition` with :func:`archnet_fx.train.distill.boundary_check`);
 6. distill block by block (:func:`archnet_fx.train.distill.distill`), progressive or independent;
-7. measure fidelity on the held-out batches: the legalized float student before training and
-   the fake-quantized one after, against the teacher (mean per-sample cosine, normalised MSE).
+   the held-out batches measure each block's loss before and after training, never train;
+7. measure fidelity on the held-out batches in three stages — the legalized float student, the
+   quantized one calibrated on the first training batch (before distillation), and the
+   distilled one — against the teacher (mean per-sample cosine, normalised MSE): what
+   legalization cost, what quantization cost, what training bought back.
 
 Everything runs under a fixed seed without touching the caller's global RNG; on CPU the result
 is deterministic for a seed. The student runs where the model's parameters are (or ``device``).
@@ -52,7 +55,7 @@ from archnet_fx.infra.records import PassRecord
 from archnet_fx import pipelines
 from archnet_fx.infra.manager import PassManager
 from archnet_fx.pipelines import as_graph_module
-from archnet_fx.quant.fakequant import surrogate_mode, fake_quant_enabled
+from archnet_fx.quant.fakequant import calibrating, fake_quant_enabled, surrogate_mode
 from archnet_fx.surrogate.base import DEFAULT_STYLE
 from archnet_fx.surrogate.driver import LegalizeOptions
 from archnet_fx.targets import Target, load_target
@@ -314,6 +317,18 @@ def output_fidelity(teacher: torch.nn.Module, student: torch.nn.Module,
              "nmse": r["err"] / max(r["ref"], 1e-30)} for j, r in sorted(acc.items())]
 
 
+def calibrated(student: torch.nn.Module, batch: tuple[tuple, dict]) -> torch.nn.Module:
+    """A copy of the fake-quantized ``student`` with every quantizer calibrated on ``batch``
+    (one forward pass): the quantized model before any training."""
+    dev = next((p.device for p in student.parameters()), torch.device("cpu"))
+    args, kwargs = pytree.tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t,
+                                   batch)
+    out = copy.deepcopy(student)
+    with torch.no_grad(), calibrating(out):
+        out(*args, **kwargs)
+    return out
+
+
 # --------------------------------------------------------------------------- transform
 
 
@@ -441,12 +456,15 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
 
         t0 = time.perf_counter()
         fidelity = output_fidelity(teacher, leg.module, held, "legalized (float, untrained)")
+        fidelity += output_fidelity(teacher, calibrated(student, train[0]), held,
+                                    "quantized, calibrated (before distillation)")
         seconds["fidelity"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if checkpoint_dir is not None:
             _record_settings(checkpoint_dir, settings)
-        drep = distill(student, teacher, blocks, train, opts, value_map=vmap)
+        drep = distill(student, teacher, blocks, train, opts, value_map=vmap,
+                       holdout=held if held is not train else ())
         seconds["distill"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

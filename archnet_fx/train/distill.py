@@ -74,7 +74,8 @@ __all__ = ["DistillOptions", "DistillReport", "BlockStats", "ActivationStore", "
 MODES = ("progressive", "independent")
 CHECKPOINT_NAME = "distill_checkpoint.pt"
 ELEMENT_FLOOR = 1e-2  # surrogate parameters: an element's rate is at least 1% of the tensor's
-EVAL_BATCHES = 2  # loss before/after training a block is measured on the first few batches
+EVAL_BATCHES = 2  # without held-out batches, loss before/after is measured on the first few
+NEAR_EXACT = 1e-4  # a block whose loss starts at or below this nMSE has nothing to learn
 _FORMAT = 1
 
 
@@ -89,11 +90,13 @@ class DistillOptions:
     steps: int | None = None           # optimizer steps per block; overrides ``epochs``
     # Learning rates are relative to each parameter tensor's RMS (see _param_groups); 0 freezes.
     lr_surrogate: float = 1e-3         # parameters that surrogates introduced (PWL knots, ...)
-    lr_weight: float = 2e-3            # the original model's weights (incl. exact surrogates)
+    lr_weight: float = 5e-4            # float weights: biases, affine, exact surrogates (RMS-relative)
+    lr_weight_step: float = 0.02       # quantized weights, in units of their quantization step
     lr_quant: float = 1e-2             # quantizer steps and zero points (integer units)
     e2e_steps: int = 0                 # optional end-to-end steps on the graph outputs
     e2e_lr_scale: float = 0.1          # learning rates × this in the end-to-end stage
     grad_clip: float | None = 1.0      # max gradient norm per step (None: no clipping)
+    warmup: float = 0.2                # fraction of a block's steps with a linear lr warm-up
     checkpoint_dir: str | os.PathLike | None = None
     device: str | torch.device | None = None   # default: where the student's parameters are
     seed: int = 0
@@ -119,7 +122,7 @@ class DistillOptions:
             raise bad("epochs", "a positive integer")
         if self.steps is not None and (not is_int(self.steps) or self.steps < 0):
             raise bad("steps", "a non-negative integer or None")
-        for name in ("lr_surrogate", "lr_weight", "lr_quant"):
+        for name in ("lr_surrogate", "lr_weight", "lr_weight_step", "lr_quant"):
             v = getattr(self, name)
             if not is_num(v) or v < 0:
                 raise bad(name, "a finite number >= 0")
@@ -127,6 +130,8 @@ class DistillOptions:
             raise bad("e2e_steps", "a non-negative integer")
         if not is_num(self.e2e_lr_scale) or self.e2e_lr_scale <= 0:
             raise bad("e2e_lr_scale", "a finite number > 0")
+        if not is_num(self.warmup) or not 0 <= self.warmup < 1:
+            raise bad("warmup", "a fraction in [0, 1)")
         if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip <= 0):
             raise bad("grad_clip", "a finite number > 0 or None")
         if not is_int(self.seed):
@@ -493,9 +498,32 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
                     add(p, "weight", opts.lr_weight)
                 else:
                     add(p, "surrogate", opts.lr_surrogate, elementwise=True)
+    for m in module.modules():
+        fq = getattr(m, "weight_fq", None)
+        w = getattr(m, "weight", None)
+        if isinstance(fq, FakeQuant) and isinstance(w, torch.nn.Parameter) and fq.enabled \
+                and bool(fq.initialized) and not bool(fq.lossless) and id(w) not in seen \
+                and w.requires_grad and opts.lr_weight_step > 0:
+            # a quantized weight moves in units of its own quantization step (per channel)
+            seen.add(id(w))
+            groups.append({"params": [w], "lr": opts.lr_weight_step, "name": "weight",
+                           "scale": [fq._shape(fq.effective_step(), w).expand_as(w).clone()]})
     for p in module.parameters():
         add(p, "weight", opts.lr_weight)
     return groups
+
+
+def schedule(total: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate factor at step ``i`` of ``total``: a linear warm-up over the first
+    ``warmup`` fraction (Adam's first steps are sign-like: at full rate they move every
+    near-optimal weight coherently), then a cosine decay to 0."""
+    w = int(math.ceil(warmup * total))
+
+    def factor(i: int) -> float:
+        if i < w:
+            return (i + 1) / (w + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(i - w, total - w) / max(1, total - w)))
+    return factor
 
 
 class ScaledAdam(torch.optim.Adam):
@@ -601,10 +629,15 @@ class _Run:
 
     def __init__(self, student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
                  blocks: Sequence[Block], batches: Sequence[tuple[tuple, dict]],
-                 opts: DistillOptions, value_map: Mapping[str, str]) -> None:
+                 opts: DistillOptions, value_map: Mapping[str, str],
+                 holdout: Sequence[tuple[tuple, dict]] = ()) -> None:
         self.student, self.teacher, self.blocks, self.opts = student, teacher, list(blocks), opts
-        self.batches = list(batches)
+        # batches [0, n_train) train; the held-out ones after them only measure
+        self.batches = list(batches) + list(holdout)
+        self.n_train = len(batches)
         self.nb = len(self.batches)
+        self.eval_ids = list(range(self.n_train, self.nb)) or list(
+            range(min(EVAL_BATCHES, self.n_train)))
         self.map = dict(value_map)
         self.device = torch.device(opts.device) if opts.device is not None else next(
             (p.device for p in student.parameters()), torch.device("cpu"))
@@ -641,7 +674,6 @@ class _Run:
         self.t_names = sorted({v for v in self.crossing if v not in self.side}
                               | {t for ts in self.targets for t in ts} | set(self.final_targets))
         self.bound = [bind_inputs(student, a, k) for a, k in self.batches]
-        self.n_eval = min(EVAL_BATCHES, self.nb)  # batches that measure loss before / after
         self.snapshot: dict[int, torch.Tensor] = {}
         self.t_bound = [bind_inputs(teacher, a, k) for a, k in self.batches]
 
@@ -691,20 +723,20 @@ class _Run:
                   for t in self.targets[k]]
         return torch.stack(losses).mean()
 
-    def forward_all(self, k: int, stream: str, *, keep: bool) -> list[float]:
-        """Run block ``k`` on the batches (no grad): per-batch losses; store what others need.
+    def forward_all(self, k: int, stream: str, *, keep: bool) -> dict[int, float]:
+        """Run block ``k`` on the batches (no grad): batch → loss; store what others need.
 
         Every batch when its outputs feed the next blocks (``keep``), else (independent mode)
         only the evaluation batches.
         """
         blk = self.blocks[k]
         need = self.later_needs(k) - self.side
-        losses = []
+        losses: dict[int, float] = {}
         with torch.no_grad():
-            for b in range(self.nb if keep else self.n_eval):
+            for b in (range(self.nb) if keep else self.eval_ids):
                 outs = blk.module(*self.inputs(k, b, stream))
                 if self.targets[k]:
-                    losses.append(float(self.block_loss(k, outs, b)))
+                    losses[b] = float(self.block_loss(k, outs, b))
                 if keep:
                     for name, v in zip(blk.outputs, outs):
                         if name in need:
@@ -727,16 +759,16 @@ class _Run:
                               time.perf_counter() - t0, note), None
         with torch.no_grad():
             loss_before = sum(float(self.block_loss(k, mod(*self.inputs(k, b, stream)), b))
-                              for b in range(self.n_eval)) / self.n_eval
-        total = self.opts.steps if self.opts.steps is not None else self.opts.epochs * self.nb
+                              for b in self.eval_ids) / len(self.eval_ids)
+        total = self.opts.steps if self.opts.steps is not None else \
+            self.opts.epochs * self.n_train
         trained = {id(p) for g in groups for p in g["params"]}
         frozen = [p for p in mod.parameters() if p.requires_grad and id(p) not in trained]
         for p in frozen:
             p.requires_grad_(False)
         self.snapshot = {id(p): p.detach().clone() for p in mod.parameters() if id(p) in trained}
         opt = ScaledAdam(groups)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / max(1, total))))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, self.opts.warmup))
         self.optimize(opt, groups, total, lambda b: self.block_loss(
             k, mod(*self.inputs(k, b, stream)), b), seed=self.opts.seed * 1_000_003 + k,
             desc=f"block {k + 1}/{len(self.blocks)} {blk.name}", sched=sched)
@@ -758,7 +790,7 @@ class _Run:
         bar = _bar(steps, desc, self.opts.progress)
         for _ in range(steps):
             if not order:
-                order = torch.randperm(self.nb, generator=gen).tolist()
+                order = torch.randperm(self.n_train, generator=gen).tolist()
             b = order.pop(0)
             with torch.enable_grad():
                 loss = loss_of(b)
@@ -802,13 +834,14 @@ class _Run:
         for g in groups:
             g["lr"] *= self.opts.e2e_lr_scale
         with torch.no_grad():
-            report.e2e_loss_before = float(self.final_loss(self.chain(0), 0))
+            report.e2e_loss_before = sum(float(self.final_loss(self.chain(b), b))
+                                         for b in self.eval_ids) / len(self.eval_ids)
         opt = ScaledAdam(groups)
         self.optimize(opt, groups, steps, lambda b: self.final_loss(self.chain(b), b),
                       seed=self.opts.seed * 1_000_003 + 999_983, desc="end-to-end")
         with torch.no_grad():
             report.e2e_loss_after = sum(float(self.final_loss(self.chain(b), b))
-                                        for b in range(self.nb)) / self.nb
+                                        for b in self.eval_ids) / len(self.eval_ids)
         report.e2e_steps = steps
         return {"optimizer": opt.state_dict()}
 
@@ -817,8 +850,14 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
             blocks: Sequence[Block], batches: Sequence[tuple[tuple, dict]],
             options: DistillOptions | None = None, *,
             records: Sequence[PassRecord] = (),
-            value_map: Mapping[str, str] | None = None) -> DistillReport:
+            value_map: Mapping[str, str] | None = None,
+            holdout: Sequence[tuple[tuple, dict]] = ()) -> DistillReport:
     """Train ``student`` (in place) block by block to match ``teacher`` on ``batches``.
+
+    ``holdout`` batches are never trained on: each block's loss before and after training is
+    measured on them, and they judge the safety net (a block whose held-out loss training
+    raised gets its calibrated parameters back). Without them the first training batches
+    measure.
 
     ``blocks`` come from :func:`~archnet_fx.train.partition.partition` of ``student`` (ideally with
     ``boundary_ok=boundary_check(student, value_map)``); ``batches`` are ``(args, kwargs)``
@@ -836,13 +875,14 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
         raise CalibrationError("no calibration batches to distill on")
     t_start = time.perf_counter()
     vmap = dict(value_map) if value_map is not None else match_values(teacher, student, records)
-    run = _Run(student, teacher, blocks, batches, opts, vmap)
+    holdout = list(holdout)
+    run = _Run(student, teacher, blocks, batches, opts, vmap, holdout)
     if opts.device is not None:
         student.to(run.device)
     student.eval()
     report = DistillReport(opts.mode)
     ckpt_path = Path(opts.checkpoint_dir) / CHECKPOINT_NAME if opts.checkpoint_dir else None
-    fp = _fingerprint(blocks, batches, opts, student)
+    fp = _fingerprint(blocks, batches + holdout, opts, student)
     start, e2e_done, ckpt = 0, False, None
     if ckpt_path is not None and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -891,17 +931,26 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
             run.snapshot = {}
             stats, extra = run.train_block(k, stream)
             losses = run.forward_all(k, stream, keep=stream == "student")
+
+            def held(ls: dict[int, float]) -> float:
+                return sum(ls[b] for b in run.eval_ids) / len(run.eval_ids)
             if losses and stats.loss_before is not None and run.snapshot and \
-                    sum(losses[:run.n_eval]) / run.n_eval > stats.loss_before:
-                # training made it worse (too few steps, too high a rate): keep the calibrated
-                # parameters
+                    held(losses) > stats.loss_before:
+                # the safety net: training did not help on the evaluation batches, so the
+                # calibrated parameters are kept
                 run.restore(k)
                 losses = run.forward_all(k, stream, keep=stream == "student")
-                stats.note = "training raised the loss: calibrated parameters kept"
+                stats.note = (
+                    f"starts within {NEAR_EXACT:g} nMSE of the teacher: nothing to gain, "
+                    "calibrated parameters kept" if stats.loss_before <= NEAR_EXACT else
+                    "training raised the held-out loss: calibrated parameters kept")
+            elif stats.loss_before is not None and stats.loss_before <= NEAR_EXACT:
+                stats.note = f"starts within {NEAR_EXACT:g} nMSE of the teacher"
             if losses:
-                stats.loss_after = sum(losses[:run.n_eval]) / len(losses[:run.n_eval])
-                if len(losses) == run.nb:
-                    stats.loss_after_all = sum(losses) / len(losses)
+                stats.loss_after = held(losses)
+                train_ids = [b for b in losses if b < run.n_train]
+                if len(train_ids) == run.n_train:
+                    stats.loss_after_all = sum(losses[b] for b in train_ids) / len(train_ids)
             stats.seconds = time.perf_counter() - t0
             report.blocks.append(stats)
             # free what no later block reads
