@@ -59,6 +59,17 @@ def test_mlp_end_to_end_w4a8():
     assert rep.after.ok
     assert [r.name for r in res.records][-1] == "fake_quant"
     assert rep.fidelity_of("distilled")[0]["cosine"] > 0.97
+    # three stages on the held-out batch: what legalization, quantization and training did
+    stages = [rep.fidelity_of(s) for s in ("legalized (float, untrained)",
+                                           "quantized, calibrated (before distillation)",
+                                           "distilled")]
+    assert all(len(s) == 1 for s in stages)
+    legal, quant, dist = (s[0]["nmse"] for s in stages)
+    assert legal < quant and dist < quant  # W4 costs something; training buys some back
+    # each block's loss is measured on the held-out batch, before and after: it dropped, or
+    # the report says why not (32 random training samples can overfit a W4 layer)
+    assert all(b.loss_after < b.loss_before or "kept" in b.note for b in rep.distill.blocks)
+    assert any(b.loss_after < b.loss_before for b in rep.distill.blocks)
     assert rep.calibration == {"train_batches": 4, "holdout_batches": 1, "train_samples": 32,
                                "holdout_samples": 8}
     text = str(rep)

@@ -68,6 +68,7 @@ def _assert_same_state(a, b):
     ("lr_surrogate", float("nan")), ("lr_quant", "fast"), ("e2e_steps", -2),
     ("e2e_lr_scale", 0), ("grad_clip", 0), ("seed", 1.0), ("memory_budget_mb", -1),
     ("stop_after", 0), ("device", "warp-drive"), ("checkpoint_dir", 3), ("progress", "yes"),
+    ("warmup", 1.0), ("lr_weight_step", -0.1),
 ])
 def test_bad_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"DistillOptions.{field}"):
@@ -91,7 +92,7 @@ def test_distillation_lowers_block_loss(mode):
     # the transformer layers improve (the tiny random embedding block may not in 12 steps:
     # then its calibrated parameters are kept, see test_worse_training_is_undone)
     assert all(b.loss_after < b.loss_before for b in rep.blocks[1:])
-    assert rep.blocks[-1].loss_after < 0.8 * rep.blocks[-1].loss_before
+    assert rep.blocks[-1].loss_after < 0.9 * rep.blocks[-1].loss_before  # 12 steps, 20 % warm-up
     text = rep.table()
     assert "loss before" in text and mode in text
 
@@ -193,3 +194,55 @@ def test_errors():
     with pytest.raises(ValueError, match="no counterpart in the teacher"):
         distill(student, teacher, blocks, batches, DistillOptions(progress=False),
                 value_map={})
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def _float_student(name: str):
+    """The legalized float student (no quantizers) of a zoo model: the teacher's function up to
+    float rounding and surrogate error."""
+    _, _, teacher = captured_zoo(name)
+    leg = legalized(name)
+    student = copy.deepcopy(leg.module)
+    vmap = match_values(teacher, student, leg.records)
+    return teacher, student, partition(student, boundary_ok=boundary_check(student, vmap)), vmap
+
+
+def test_teacher_exact_block_stays_exact():
+    """A block that starts at the teacher's function (float rounding apart) ends there: Adam's
+    sign-like first steps must not move near-optimal parameters off the optimum."""
+    teacher, student, blocks, vmap = _float_student("cnn")
+    batches = _setup("cnn")[3]
+    rep = distill(student, teacher, blocks, batches[:3], DistillOptions(steps=10, progress=False),
+                  value_map=vmap, holdout=batches[3:])
+    for b in rep.blocks:
+        assert b.loss_before is not None and b.loss_before <= 1e-6, b
+        assert b.loss_after <= 1e-6, f"block {b.name}: {b.loss_before:.3g} → {b.loss_after:.3g}"
+        assert "starts within" in b.note
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "bert_tiny"])
+def test_perturbed_blocks_improve_on_held_out_batches(name):
+    """W4A8 students with 5 % weight noise: every block's loss on a batch never trained on
+    drops, and the safety net (restore if worse) does not fire."""
+    teacher, student, blocks, batches, vmap = _fresh(name)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n_, p in student.named_parameters():
+            if n_.endswith("weight") and p.dim() >= 2:
+                p.add_(0.05 * p.std() * torch.randn(p.shape, generator=g))
+    rep = distill(student, teacher, blocks, batches[:3], DistillOptions(steps=16, progress=False),
+                  value_map=vmap, holdout=batches[3:])
+    for b in rep.blocks:
+        assert b.loss_after < b.loss_before, f"{name} block {b.name}: {b.loss_before:.4g} → " \
+            f"{b.loss_after:.4g} ({b.note})"
+        assert "raised" not in b.note
+
+
+def test_schedule_warms_up_then_decays():
+    from archnet_fx.train.distill import schedule
+    f = [schedule(10, 0.2)(i) for i in range(11)]
+    assert f[0] < f[1] < f[2] and f[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[2:], f[3:])) and f[10] == pytest.approx(0.0)
+    assert schedule(10, 0.0)(0) == pytest.approx(1.0)
