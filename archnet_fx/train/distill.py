@@ -12,11 +12,11 @@ Data flow of :func:`distill`::
                   (progressive, Arch-Net) or the teacher's (independent, HANT)
         calibrate the block's quantizers on the first batch (MSE-optimal steps)
         Adam on  ‖student_k(inputs) − teacher outputs‖² / ‖teacher outputs‖²   (per output,
-                 averaged), three learning rates — surrogate parameters, original weights,
-                 quantizer steps — each relative to the size of the tensor it moves (0 freezes
-                 a group); cosine decay;
-                 gradient clipping; if the loss on the evaluation batches ends higher than
-                 before training, the calibrated parameters are restored
+                 averaged) over the training batches, rates relative to what each parameter
+                 is (see _param_groups: per element for surrogates, in quantization steps for
+                 quantized weights), linear warm-up then cosine decay, gradient clipping;
+                 if the loss on the held-out batches ends higher than before training, the
+                 calibrated parameters are restored (the safety net; a note says so)
         run the trained block on every batch: loss after, and (progressive) its outputs for
         the blocks downstream
         checkpoint (student state, optimizer, RNG, losses so far)
@@ -97,6 +97,8 @@ class DistillOptions:
     e2e_lr_scale: float = 0.1          # learning rates × this in the end-to-end stage
     grad_clip: float | None = 1.0      # max gradient norm per step (None: no clipping)
     warmup: float = 0.2                # fraction of a block's steps with a linear lr warm-up
+    per_element: bool = True           # per-element rates (surrogates, quantized weights); False:
+                                       # one rate per tensor (the recipe before issue 14)
     checkpoint_dir: str | os.PathLike | None = None
     device: str | torch.device | None = None   # default: where the student's parameters are
     seed: int = 0
@@ -153,8 +155,9 @@ class DistillOptions:
             if v is not None:
                 _check_dir(Path(v), name, CheckpointError if name == "checkpoint_dir"
                            else OptionError)
-        if not isinstance(self.progress, bool):
-            raise bad("progress", "a bool")
+        for name in ("progress", "per_element"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the result (not device, paths, bars or stop_after)."""
@@ -460,10 +463,19 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     Learning rates are *relative*: Adam moves a parameter by about ``lr`` per step whatever its
     scale, and the scales here span orders of magnitude (a PWL knot of 1e-3, a coefficient of
     1e3, a weight of 0.05, a quantization step of 1e-4), so each tensor gets its own group with
-    ``lr × RMS(tensor)`` — it moves by about ``lr`` of its size per step. Zero points (integer
-    units) use ``lr_quant`` as is. Parameters of *exact* surrogates (an embedding as one-hot ×
-    table) are the original weights in another form and train as weights. A rate of 0 freezes
-    the group.
+    ``lr × RMS(tensor)`` — it moves by about ``lr`` of its size per step. Two refinements
+    (``per_element``, the default) come from measuring why training raised the loss (issue 14):
+
+    * surrogate parameters move by ``lr`` of *each element's* size (:class:`ScaledAdam`, floor
+      ``ELEMENT_FLOOR`` of the RMS): a PWL's slope changes span 1e-7…1e-1 within one tensor,
+      and a per-tensor rate moved the tiny ones at far knots by 300× their size in one step
+      (a LayerNorm-emulation block went from nMSE 0.008 to 0.12);
+    * a quantized weight moves in units of its own quantization step (per channel),
+      ``lr_weight_step`` per step: what matters to a quantized weight is where it sits between
+      grid points, and the step is 20× larger relative to the weight at 4 bits than at 8.
+
+    Float weights (biases, affine parameters, exact surrogates' tables) use ``lr_weight`` of
+    their RMS; zero points (integer units) ``lr_quant`` as is. A rate of 0 freezes the group.
     """
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
@@ -479,7 +491,7 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
         if not math.isfinite(scale) or scale < 1e-6:
             scale = 1e-3
         group = {"params": [p], "lr": base * scale, "name": kind}
-        if elementwise and p.numel() > 1:
+        if elementwise and opts.per_element and p.numel() > 1:
             # each element moves by about lr of its own size (a floor of 1% of the tensor's
             # RMS lets zeros move): see the docstring
             group["scale"] = [(p.detach().abs() / scale).clamp_min(ELEMENT_FLOOR)]
@@ -501,13 +513,14 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     for m in module.modules():
         fq = getattr(m, "weight_fq", None)
         w = getattr(m, "weight", None)
-        if isinstance(fq, FakeQuant) and isinstance(w, torch.nn.Parameter) and fq.enabled \
-                and bool(fq.initialized) and not bool(fq.lossless) and id(w) not in seen \
-                and w.requires_grad and opts.lr_weight_step > 0:
+        if opts.per_element and isinstance(fq, FakeQuant) and isinstance(
+                w, torch.nn.Parameter) and fq.enabled and bool(fq.initialized) \
+                and not bool(fq.lossless) and id(w) not in seen and w.requires_grad:
             # a quantized weight moves in units of its own quantization step (per channel)
             seen.add(id(w))
-            groups.append({"params": [w], "lr": opts.lr_weight_step, "name": "weight",
-                           "scale": [fq._shape(fq.effective_step(), w).expand_as(w).clone()]})
+            if opts.lr_weight_step > 0:
+                groups.append({"params": [w], "lr": opts.lr_weight_step, "name": "weight",
+                               "scale": [fq._shape(fq.effective_step(), w).expand_as(w).clone()]})
     for p in module.parameters():
         add(p, "weight", opts.lr_weight)
     return groups
