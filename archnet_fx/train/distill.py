@@ -97,6 +97,8 @@ class DistillOptions:
     e2e_lr_scale: float = 0.1          # learning rates × this in the end-to-end stage
     grad_clip: float | None = 1.0      # max gradient norm per step (None: no clipping)
     warmup: float = 0.2                # fraction of a block's steps with a linear lr warm-up
+    far_loss: float | None = 0.05      # a block starting above this nMSE (None: no block) ...
+    far_boost: float = 4.0             # ... trains its weights at this × the rates
     per_element: bool = True           # per-element rates (surrogates, quantized weights); False:
                                        # one rate per tensor (the recipe before issue 14)
     checkpoint_dir: str | os.PathLike | None = None
@@ -132,6 +134,10 @@ class DistillOptions:
             raise bad("e2e_steps", "a non-negative integer")
         if not is_num(self.e2e_lr_scale) or self.e2e_lr_scale <= 0:
             raise bad("e2e_lr_scale", "a finite number > 0")
+        if self.far_loss is not None and (not is_num(self.far_loss) or self.far_loss <= 0):
+            raise bad("far_loss", "a finite number > 0 or None")
+        if not is_num(self.far_boost) or self.far_boost <= 0:
+            raise bad("far_boost", "a finite number > 0")
         if not is_num(self.warmup) or not 0 <= self.warmup < 1:
             raise bad("warmup", "a fraction in [0, 1)")
         if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip <= 0):
@@ -775,6 +781,12 @@ class _Run:
                               for b in self.eval_ids) / len(self.eval_ids)
         total = self.opts.steps if self.opts.steps is not None else \
             self.opts.epochs * self.n_train
+        if self.opts.far_loss is not None and loss_before > self.opts.far_loss:
+            # far from the teacher (a coarse structural surrogate): the weights must move
+            # further than near an almost exact initialisation
+            for g in groups:
+                if g["name"] == "weight":
+                    g["lr"] *= self.opts.far_boost
         trained = {id(p) for g in groups for p in g["params"]}
         frozen = [p for p in mod.parameters() if p.requires_grad and id(p) not in trained]
         for p in frozen:
