@@ -126,7 +126,8 @@ def zoo_rows() -> list[dict]:
                                                ).masked_fill(e["attention_mask"] == 0, 0)
                 batches.append(e)
             else:
-                batches.append(tuple(torch.randn(t.shape, generator=g) for t in e))
+                batches.append(tuple(torch.randn(t.shape, generator=g) if t.is_floating_point()
+                                     else t for t in e))
         for w in (8, 4):
             res = transform(model, "npu_a", ex, batches, weight_bits=w, act_bits=8,
                             holdout=1, progress=False, verify=False)

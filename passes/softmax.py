@@ -161,6 +161,11 @@ class _RowSoftmax(Surrogate):
 
     dim: int | None        # set by subclasses (no class defaults: a class attribute would
     scale: nn.Module | None  # shadow nn.Module's submodule lookup)
+    # The normalizer is a fixed function of s ∈ [1, N] (1/s after a Newton step, or log s):
+    # nothing for distillation to learn, and its PWL's terms cancel (1/s is O(1/N) where each
+    # hinge is O(s)), so per-element moves of 1e-3 of its parameters together tripled a ViT
+    # block's loss in one step. The kernel's coefficients train.
+    distill_frozen = ("recip", "log")
 
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -25,7 +25,15 @@ class PWL(nn.Module):
 
     Breakpoints ``b`` and coefficients are trainable. The skip term ``s·x`` is a multiply by a
     constant. Outside the fitted range it continues with the end segments' slopes.
+
+    Distillation leaves ``s`` as fitted (``distill_frozen``): it is the left tail's slope, which
+    the hinges cancel to the right, so a small relative move of it shifts the whole function by
+    ``Δs·x`` — for the softmax's reciprocal on ``[1, N]`` a relative error of ``Δs·x²``: one
+    Adam step (1e-3 of ``s``) tripled a ViT block's loss. The coefficients and breakpoints
+    still reshape the function anywhere in its range.
     """
+
+    distill_frozen = ("slope",)
 
     def __init__(self, breakpoints: torch.Tensor, coef: torch.Tensor, bias: float, slope: float):
         super().__init__()

@@ -484,7 +484,14 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     their RMS; zero points (integer units) ``lr_quant`` as is. A rate of 0 freezes the group.
     """
     groups: list[dict[str, Any]] = []
+    # parameters (or submodules) a module declares untrainable by distillation: see
+    # PWL.distill_frozen and the softmax surrogates' normalizer
     seen: set[int] = set()
+    for m in module.modules():
+        for n in getattr(m, "distill_frozen", ()):
+            v = getattr(m, n, None)
+            seen.update(id(p) for p in (v.parameters() if isinstance(v, torch.nn.Module)
+                                        else [v] if isinstance(v, torch.nn.Parameter) else []))
 
     def add(p: torch.nn.Parameter, kind: str, base: float, relative: bool = True,
             elementwise: bool = False) -> None:
