@@ -90,7 +90,8 @@ class DistillOptions:
     steps: int | None = None           # optimizer steps per block; overrides ``epochs``
     # Learning rates are relative to each parameter tensor's RMS (see _param_groups); 0 freezes.
     lr_surrogate: float = 1e-3         # parameters that surrogates introduced (PWL knots, ...)
-    lr_weight: float = 5e-4            # the original model's weights (incl. exact surrogates)
+    lr_weight: float = 5e-4            # float weights: biases, affine, exact surrogates (RMS-relative)
+    lr_weight_step: float = 0.02       # quantized weights, in units of their quantization step
     lr_quant: float = 1e-2             # quantizer steps and zero points (integer units)
     e2e_steps: int = 0                 # optional end-to-end steps on the graph outputs
     e2e_lr_scale: float = 0.1          # learning rates × this in the end-to-end stage
@@ -125,7 +126,7 @@ class DistillOptions:
             raise bad("epochs", "a positive integer")
         if self.steps is not None and (not is_int(self.steps) or self.steps < 0):
             raise bad("steps", "a non-negative integer or None")
-        for name in ("lr_surrogate", "lr_weight", "lr_quant"):
+        for name in ("lr_surrogate", "lr_weight", "lr_weight_step", "lr_quant"):
             v = getattr(self, name)
             if not is_num(v) or v < 0:
                 raise bad(name, "a finite number >= 0")
@@ -468,16 +469,19 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     Learning rates are *relative*: Adam moves a parameter by about ``lr`` per step whatever its
     scale, and the scales here span orders of magnitude (a PWL knot of 1e-3, a coefficient of
     1e3, a weight of 0.05, a quantization step of 1e-4), so each tensor gets its own group with
-    ``lr × RMS(tensor)`` — it moves by about ``lr`` of its size per step. Surrogate parameters
-    (``per_element``, the default) move by ``lr`` of *each element's* size (:class:`ScaledAdam`,
-    floor ``ELEMENT_FLOOR`` of the RMS): a PWL's slope changes span 1e-7…1e-1 within one
-    tensor, and a per-tensor rate moved the tiny ones at far knots by 300× their size in one
-    step (a LayerNorm-emulation block of MiniLM went from nMSE 0.008 to 0.12). Weights (the
-    original model's, quantized or not, and exact surrogates' tables) use ``lr_weight`` of their
-    RMS: Adam's first steps are sign-like, so every weight of a near-optimal layer moves the
-    same way and the output moves by about √fan_in × lr — 2e-3 raised the last MiniLM layer's
-    held-out loss, 5e-4 lowers it. Zero points (integer units) use ``lr_quant`` as is. A rate
-    of 0 freezes the group.
+    ``lr × RMS(tensor)`` — it moves by about ``lr`` of its size per step. Two refinements
+    (``per_element``, the default) come from measuring why training raised the loss (issue 14):
+
+    * surrogate parameters move by ``lr`` of *each element's* size (:class:`ScaledAdam`, floor
+      ``ELEMENT_FLOOR`` of the RMS): a PWL's slope changes span 1e-7…1e-1 within one tensor,
+      and a per-tensor rate moved the tiny ones at far knots by 300× their size in one step
+      (a LayerNorm-emulation block went from nMSE 0.008 to 0.12);
+    * a quantized weight moves in units of its own quantization step (per channel),
+      ``lr_weight_step`` per step: what matters to a quantized weight is where it sits between
+      grid points, and the step is 20× larger relative to the weight at 4 bits than at 8.
+
+    Float weights (biases, affine parameters, exact surrogates' tables) use ``lr_weight`` of
+    their RMS; zero points (integer units) ``lr_quant`` as is. A rate of 0 freezes the group.
     """
     groups: list[dict[str, Any]] = []
     # parameters (or submodules) a module declares untrainable by distillation: see
@@ -519,6 +523,17 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
                     add(p, "weight", opts.lr_weight)
                 else:
                     add(p, "surrogate", opts.lr_surrogate, elementwise=True)
+    for m in module.modules():
+        fq = getattr(m, "weight_fq", None)
+        w = getattr(m, "weight", None)
+        if opts.per_element and isinstance(fq, FakeQuant) and isinstance(
+                w, torch.nn.Parameter) and fq.enabled and bool(fq.initialized) \
+                and not bool(fq.lossless) and id(w) not in seen and w.requires_grad:
+            # a quantized weight moves in units of its own quantization step (per channel)
+            seen.add(id(w))
+            if opts.lr_weight_step > 0:
+                groups.append({"params": [w], "lr": opts.lr_weight_step, "name": "weight",
+                               "scale": [fq._shape(fq.effective_step(), w).expand_as(w).clone()]})
     for p in module.parameters():
         add(p, "weight", opts.lr_weight)
     return groups

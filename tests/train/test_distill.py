@@ -69,7 +69,7 @@ def _assert_same_state(a, b):
     ("lr_surrogate", float("nan")), ("lr_quant", "fast"), ("e2e_steps", -2),
     ("e2e_lr_scale", 0), ("grad_clip", 0), ("seed", 1.0), ("memory_budget_mb", -1),
     ("stop_after", 0), ("device", "warp-drive"), ("checkpoint_dir", 3), ("progress", "yes"),
-    ("warmup", 1.0), ("far_boost", 0),
+    ("warmup", 1.0), ("far_boost", 0), ("lr_weight_step", -0.1),
 ])
 def test_bad_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"DistillOptions.{field}"):
