@@ -14,37 +14,65 @@ The public API (design.md §4)::
     ax.export_onnx(res, "model.onnx")            # QDQ ONNX, checked in onnxruntime
 """
 import importlib
+import sys
+import types
 from typing import Any
 
-from archnet_fx.capture import capture
-from archnet_fx.cost.latency import LatencyReport, estimate_latency, fit_cost_params
 from archnet_fx.errors import (ArchnetError, BitWidthError, CalibrationError, CaptureError,
                                CheckpointError, ChoiceError, DeviceError, ExportError, InputError,
                                OptionError, PipelineError, TargetError, UnsupportedOpError,
                                VerificationError)
-from archnet_fx.export.onnx import export_onnx
-from archnet_fx.infra.graphpass import GraphPass
-from archnet_fx.infra.manager import PassManager, PipelineResult
-from archnet_fx.infra.records import PassRecord, PassResult
-from archnet_fx.ir.opkinds import kind_histogram, node_kind
-from archnet_fx.legality import LegalityReport, check
-from archnet_fx.legalize import LegalizeResult, legalize
-from archnet_fx.pipelines import canonicalize
-from archnet_fx.quant.convert import convert
-from archnet_fx.targets import Target, list_targets, load_target
-from archnet_fx.transform import TransformReport, TransformResult, transform
 
-#: The demo modules under their old names (``from archnet_fx import zoo``, ``... import data``).
-_MODULES = {"zoo": "archnet_fx.demo.zoo", "data": "archnet_fx.demo.data"}
+#: Public name -> the module that defines it. Imported on first use, so ``import archnet_fx``
+#: (and ``archnet-fx --help``) does not pay for torch until something needs it.
+_LAZY = {
+    "capture": "archnet_fx.capture",
+    "LatencyReport": "archnet_fx.cost.latency", "estimate_latency": "archnet_fx.cost.latency",
+    "fit_cost_params": "archnet_fx.cost.latency",
+    "export_onnx": "archnet_fx.export.onnx",
+    "GraphPass": "archnet_fx.infra.graphpass",
+    "PassManager": "archnet_fx.infra.manager", "PipelineResult": "archnet_fx.infra.manager",
+    "PassRecord": "archnet_fx.infra.records", "PassResult": "archnet_fx.infra.records",
+    "kind_histogram": "archnet_fx.ir.opkinds", "node_kind": "archnet_fx.ir.opkinds",
+    "LegalityReport": "archnet_fx.legality", "check": "archnet_fx.legality",
+    "LegalizeResult": "archnet_fx.legalize", "legalize": "archnet_fx.legalize",
+    "canonicalize": "archnet_fx.pipelines",
+    "convert": "archnet_fx.quant.convert",
+    "Target": "archnet_fx.targets", "list_targets": "archnet_fx.targets",
+    "load_target": "archnet_fx.targets",
+    "TransformReport": "archnet_fx.transform", "TransformResult": "archnet_fx.transform",
+    "transform": "archnet_fx.transform",
+    # the demo modules under their old names (``from archnet_fx import zoo``, ``... import data``)
+    "zoo": "archnet_fx.demo.zoo", "data": "archnet_fx.demo.data",
+}
+_MODULES = {"zoo", "data"}
 
 
 def __getattr__(name: str) -> Any:
-    """The demo modules under their old names (``from archnet_fx import zoo``)."""
-    if name in _MODULES:
-        value = importlib.import_module(_MODULES[name])
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'archnet_fx' has no attribute {name!r}")
+    """The public API, imported on first use (see ``_LAZY``)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'archnet_fx' has no attribute {name!r}")
+    mod = importlib.import_module(_LAZY[name])
+    value = mod if name in _MODULES else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``archnet_fx.capture``/``.transform``/``.legalize`` the functions: importing the
+    submodule of the same name would otherwise bind the module over the lazy function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == f"archnet_fx.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``archnet-fx`` command line.
+"""The archnet-fx command line.
 
 ::
 
@@ -8,78 +8,49 @@
     archnet-fx candidates --target npu_b       # surrogate candidates per kind, and the default
     archnet-fx demo                            # all-MiniLM-L6-v2 on every built-in target
     archnet-fx bench MODEL --target npu_a      # latency estimate (--legalize: before/after)
-    archnet-fx transform MODEL --target npu_a --out model.onnx   # distilled W/A-bit QDQ ONNX
+    archnet-fx transform MODEL --target npu_a --calib data.txt --out-dir out/
     archnet-fx transform MODEL -t npu_a -o m.onnx --choice gelu=hard_gate --choice softmax=softmax_pow
 
-MODEL is a built-in name (``archnet-fx models``) or ``package.module:factory``, where
-``factory()`` returns ``(model, example_inputs)`` or a model (then give ``--input-shape``).
-Errors a user can cause print one ``error:`` line with the fix and exit with status 2.
+MODEL is a built-in name (archnet-fx models), package.module:factory (the current directory
+is importable; factory() returns (model, example_inputs) or a model, then give
+--input-shape), or a local Hugging Face model directory (config.json beside the weights).
+--calib takes a text file (one sample per line), a folder of images, or .npy/.npz/.pt tensors.
+Errors a user can cause print one "error:" line with the fix and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from archnet_fx.errors import ArchnetError
+from archnet_fx.workflow.models import LoadedModel, UsageError, parse_shape
+from archnet_fx.workflow.models import resolve_model as _resolve
 
 log = logging.getLogger("archnet_fx.cli")
+progress = logging.getLogger("archnet_fx.progress")
 
-
-class UsageError(ArchnetError, ValueError):
-    """Bad command-line arguments (model spec, shapes)."""
+__all__ = ["UsageError", "build_parser", "main", "resolve_model"]
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.split(","))
-    except ValueError:
-        raise UsageError(f"--input-shape {text!r}: write dimensions as 1,3,32,32") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise UsageError(f"--input-shape {text!r}: dimensions must be positive integers")
-    return dims
+    return parse_shape(text)
 
 
-def resolve_model(spec: str, input_shapes: Sequence[str] = (), batch: int = 2
-                  ) -> tuple[torch.nn.Module, Any, str]:
-    """(model, example_inputs, display name) for a built-in name or ``pkg.module:factory``."""
-    from archnet_fx.demo import zoo
+def resolve_model(spec: str, input_shapes: Sequence[str] = (), batch: int = 2,
+                  seq_len: int = 128) -> tuple[Any, Any, str]:
+    """(model, example_inputs, display name) for any MODEL form (see the module docstring);
+    a Hugging Face directory gets a placeholder example of ``seq_len`` tokens or one image."""
+    from archnet_fx.workflow.models import shape_example
 
-    if ":" not in spec:
-        if spec not in zoo.MODELS:
-            raise UsageError(f"unknown model {spec!r}: use one of {', '.join(zoo.list_models())} "
-                             "or package.module:factory")
-        model, ex = zoo.get_model(spec, batch_size=batch)
-        return model, ex, spec
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise UsageError(f"cannot import {mod_name!r} from MODEL {spec!r}: {e}") from e
-    factory = getattr(mod, fn_name, None)
-    if not callable(factory):
-        raise UsageError(f"{mod_name} has no callable {fn_name!r} (MODEL is "
-                         "package.module:factory)")
-    made = factory()
-    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
-        return made[0], made[1], spec
-    if isinstance(made, torch.nn.Module):
-        if not input_shapes:
-            raise UsageError(f"{spec} returned a model without example inputs: return "
-                             "(model, example_inputs) from the factory or pass --input-shape "
-                             "B,C,H,W (once per input)")
-        g = torch.Generator().manual_seed(0)
-        ex = tuple(torch.randn(_parse_shape(s), generator=g) for s in input_shapes)
-        return made, ex, spec
-    raise UsageError(f"{spec} returned {type(made).__name__}; expected a torch.nn.Module or "
-                     "(model, example_inputs)")
+    lm = _resolve(spec, input_shapes, batch)
+    ex = lm.example if lm.example is not None else shape_example(lm, seq_len, batch)
+    return lm.model, ex, lm.name
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -179,8 +150,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import archnet_fx as ax
     from archnet_fx.demo import zoo
 
+    from archnet_fx.workflow.models import quiet_transformers
+
     t0 = time.perf_counter()
-    model, ex = zoo.get_model("minilm", batch_size=2)
+    with quiet_transformers():
+        model, ex = zoo.get_model("minilm", batch_size=2)
     print(f"# all-MiniLM-L6-v2 (real weights), 2 real sentences × 128 tokens, loaded in "
           f"{time.perf_counter() - t0:.1f} s")
     gm = ax.capture(model, ex)
@@ -191,9 +165,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(ax.check(gm, tgt).table(max_nodes=12))
     from tabulate import tabulate
     rows = []
+    from archnet_fx.infra.progress import stage
+
     for tgt in ax.list_targets():
         t1 = time.perf_counter()
-        res = ax.legalize(gm, tgt, allow_host_fallback=True)
+        with stage(f"legalize for {tgt}") as st:
+            res = ax.legalize(gm, tgt, allow_host_fallback=True)
+            st.detail = f"{len(res.before.unsupported)} unsupported before, " \
+                        f"{len(res.after.unsupported)} after"
         rep = res.after
         rows.append((tgt, len(res.before.unsupported), sum(rep.on_chip_counts.values()),
                      len(rep.unsupported), sum(rep.host_fallback_counts.values()),
@@ -233,8 +212,8 @@ def _demo_transform(model: torch.nn.Module, gm: torch.fx.GraphModule,
           f"{args.steps} steps per block (benchmarks/distill_minilm.py runs the full version)\n")
     t1 = time.perf_counter()
     res = transform(model, "npu_a", batches[0], batches, weight_bits=8, act_bits=8,
-                    steps=args.steps, holdout=1, progress=False, verify=False,
-                    max_seq_len="auto")
+                    steps=args.steps, holdout=1, progress=not args.quiet and sys.stderr.isatty(),
+                    verify=False, max_seq_len="auto")
     print(res.report)
     print(f"(transform took {time.perf_counter() - t1:.1f} s)")
     one = {k: v[:1] for k, v in batches[0].items()}
@@ -297,32 +276,190 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_transform(args: argparse.Namespace) -> int:
-    """Legalize, fake-quantize, distill, convert to Q/DQ and export ONNX."""
-    from archnet_fx.export.onnx import check_output_path, export_onnx
-    from archnet_fx.targets import load_target
-    from archnet_fx.transform import transform
+def _calibration(args: argparse.Namespace, lm: LoadedModel) -> tuple[list[Any], str]:
+    """Calibration batches for ``transform`` and a sentence saying what they are."""
+    from archnet_fx.workflow.calib import load_calibration
 
-    check_output_path(args.out)            # before any work: a directory, under a file, ...
+    if args.calib:
+        data = load_calibration(args.calib, lm, seq_len=args.seq_len, batch_size=args.batch_size,
+                                limit=args.limit, image_size=args.image_size, mean=args.mean,
+                                std=args.std)
+        return data.batches, data.describe()
+    if args.random_calib:
+        from archnet_fx.workflow.models import shape_example
+
+        ex = shape_example(lm, args.seq_len, args.batch_size)
+        batches = _random_batches(ex, args.limit or 4 * args.batch_size, args.batch_size)
+        log.warning("--random-calib: calibrating on random samples; the result fits noise, not "
+                    "your data — pass --calib with a few hundred real samples")
+        return batches, (f"{sum(_rows(b) for b in batches)} random samples (--random-calib), "
+                         f"{len(batches)} batches")
+    if lm.example is not None and not lm.example_is_random:
+        log.warning("no --calib: calibrating on %s's example inputs only; pass --calib with a "
+                    "few hundred real samples for a faithful result", lm.name)
+        return [lm.example], f"the example inputs of {lm.name} ({_rows(lm.example)} samples)"
+    if lm.example_is_random:
+        raise UsageError("--input-shape gives random inputs: pass --calib FILE with real "
+                         "unlabeled data, or add --random-calib to calibrate on random samples")
+    raise UsageError(f"MODEL {lm.name!r} comes without data: pass --calib FILE (a text file, a "
+                     "folder of images or .npy/.npz/.pt tensors), or --random-calib")
+
+
+def _rows(batch: Any) -> int:
+    import torch
+
+    leaves = list(batch.values()) if isinstance(batch, dict) else (
+        [batch] if isinstance(batch, torch.Tensor) else list(batch))
+    t = next((x for x in leaves if isinstance(x, torch.Tensor) and x.dim()), None)
+    return int(t.shape[0]) if t is not None else 1
+
+
+def _random_batches(ex: Any, n: int, bs: int) -> list[Any]:
+    """``n`` samples shaped like ``ex``: floats N(0, 1); integer inputs (token ids, masks)
+    repeat the example's rows."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def like(t: Any, rows: int) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        if t.is_floating_point():
+            return torch.randn((rows, *t.shape[1:]), generator=g, dtype=t.dtype)
+        idx = torch.arange(rows) % t.shape[0]
+        return t[idx]
+    out = []
+    for i in range(0, n, bs):
+        r = min(bs, n - i)
+        if isinstance(ex, dict):
+            out.append({k: like(v, r) for k, v in ex.items()})
+        elif isinstance(ex, torch.Tensor):
+            out.append((like(ex, r),))
+        else:
+            out.append(tuple(like(v, r) for v in ex))
+    return out
+
+
+def _first_sample(batch: Any) -> Any:
+    import torch
+
+    if isinstance(batch, dict):
+        return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() else v
+                for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        return batch[:1]
+    return tuple(v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    """Legalize, fake-quantize, distill, convert to Q/DQ and export ONNX (and, with --out-dir,
+    the reports and figures)."""
+    from archnet_fx.export.onnx import check_output_path
+    from archnet_fx.infra.progress import stage
+    from archnet_fx.targets import load_target
+    from archnet_fx.workflow.calib import form_of
+
+    if not args.out and not args.out_dir:
+        raise UsageError("say where the result goes: --out-dir DIR (model.onnx, report.md, "
+                         "report.json, figures) or --out FILE.onnx")
+    onnx_path = Path(args.out) if args.out else Path(args.out_dir) / "model.onnx"
+    check_output_path(onnx_path)           # before any work: a directory, under a file, ...
+    if args.out_dir:
+        for name in ("report.md", "report.json"):
+            check_output_path(Path(args.out_dir) / name)
     if args.golden:
         check_output_path(args.golden)
     tgt = load_target(args.target)
     tgt.quant.check_bits(args.weight_bits, args.act_bits)  # fail early on bad bits
-    model, ex, name = resolve_model(args.model, args.input_shape, args.batch)
-    # Calibration: the example batch (built-in models build it from real or seeded data).
-    res = transform(model, tgt, ex, [ex], weight_bits=args.weight_bits, act_bits=args.act_bits,
-                    steps=args.steps, holdout=0, progress=False, prefer=_prefer(args),
-                    choices=args.choice or None, select=args.select,
-                    max_seq_len=args.max_seq_len)
+    for p in args.calib:                    # cheap checks before loading the model
+        if not Path(p).exists():
+            raise UsageError(f"--calib {p}: no such file or directory")
+        form_of(Path(p))
+    t_all = time.perf_counter()
+    times: dict[str, float] = {}
+    with stage("load model") as st:
+        lm = _resolve(args.model, args.input_shape, args.batch)
+        st.detail = f"{lm.name} ({lm.kind}, {type(lm.model).__name__})"
+    times["load model"] = st.seconds
+    with stage("calibration data") as st:
+        batches, calib_text = _calibration(args, lm)
+        st.detail = calib_text
+    times["calibration data"] = st.seconds
+    from archnet_fx.transform import transform
+
+    progress_bars = not args.quiet and sys.stderr.isatty()
+    t0 = time.perf_counter()
+    res = transform(lm.model, tgt, batches[0], batches, weight_bits=args.weight_bits,
+                    act_bits=args.act_bits, steps=args.steps, holdout=args.holdout,
+                    progress=progress_bars, prefer=_prefer(args), choices=args.choice or None,
+                    select=args.select, max_seq_len=args.max_seq_len)
+    times["transform"] = time.perf_counter() - t0
     print(res.report)
-    rep = export_onnx(res, args.out, target=tgt, dynamic_batch=not args.fixed_batch,
+    from archnet_fx.export.onnx import export_onnx
+
+    t0 = time.perf_counter()
+    rep = export_onnx(res, onnx_path, target=tgt, dynamic_batch=not args.fixed_batch,
                       golden=args.golden)
+    times["export"] = time.perf_counter() - t0
     print(f"\nwrote {rep}")
     if args.verbose and rep.exactness is not None:
         print("\n" + rep.exactness.table())
     if args.verbose and rep.layer_sqnr:
         print("\n" + rep.sqnr_table())
+    if args.out_dir:
+        from archnet_fx.cost.latency import estimate_latency
+        from archnet_fx.workflow.artifacts import write_reports
+
+        with stage("reports") as st:
+            one = _first_sample(batches[0])
+            bits = dict(weight_bits=res.report.weight_bits, act_bits=res.report.act_bits)
+            before = estimate_latency(lm.model, tgt, one, **bits)
+            after = estimate_latency(res.module, tgt, one, **bits)
+            times["total"] = time.perf_counter() - t_all
+            written = write_reports(
+                args.out_dir, name=lm.name, command="archnet-fx " + " ".join(args.argv),
+                result=res, export=rep, latency_before=before, latency_after=after,
+                calibration=calib_text, stage_seconds=times)
+            st.detail = ", ".join(sorted(written))
+        print(f"\nwrote {Path(args.out_dir)}: {onnx_path.name if not args.out else onnx_path}, "
+              + ", ".join(sorted(written))
+              + f"; estimated speed-up on {tgt.name} {before.total_s / after.total_s:.2f}x")
     return 0
+
+
+MODEL_HELP = ("built-in name (archnet-fx models), package.module:factory (the current "
+              "directory is importable) or a Hugging Face model directory")
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text!r}")
+    return v
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got "
+                                          f"{text!r}")
+    return vals
 
 
 def _seq_len(text: str) -> int | str | None:
@@ -378,12 +515,16 @@ def _surrogate_options(sp: argparse.ArgumentParser, select_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archnet-fx", description=__doc__.split("\n\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="detail: every library log line (INFO), the export's checks")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="no stage lines or progress bars; warnings and errors only")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("targets", help="list built-in targets").set_defaults(fn=cmd_targets)
     sub.add_parser("models", help="list built-in demo models").set_defaults(fn=cmd_models)
     sp = sub.add_parser("inspect", help="legality and pass diffs of a model on a target")
-    sp.add_argument("model", help="built-in model name or package.module:factory")
+    sp.add_argument("model", help=MODEL_HELP)
     sp.add_argument("--target", "-t", required=True, help="target name or path to a .toml")
     sp.add_argument("--input-shape", action="append", default=[],
                     help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
@@ -406,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--legalize-only", action="store_true", help="stop after legalization")
     sp.set_defaults(fn=cmd_demo)
     sp = sub.add_parser("bench", help="estimated latency of a model on a target")
-    sp.add_argument("model", help="built-in model name or package.module:factory")
+    sp.add_argument("model", help=MODEL_HELP)
     sp.add_argument("--target", "-t", required=True, help="target name or path to a .toml")
     sp.add_argument("--batch", type=int, default=1, help="batch size of built-in examples")
     sp.add_argument("--input-shape", action="append", default=[],
@@ -419,19 +560,44 @@ def build_parser() -> argparse.ArgumentParser:
     _surrogate_options(sp, "with --legalize: lossless candidates by default order or by the "
                        "latency estimate (e.g. embeddings looked up on the host)")
     sp.set_defaults(fn=cmd_bench)
-    sp = sub.add_parser("transform", help="transform a model for a target and export ONNX")
-    sp.add_argument("model", help="built-in model name or package.module:factory")
+    sp = sub.add_parser("transform", help="transform a model for a target and export ONNX",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp.add_argument("model", help=MODEL_HELP)
     sp.add_argument("--target", "-t", required=True, help="target name or path to a .toml")
-    sp.add_argument("--out", "-o", required=True, help="ONNX file to write (atomically)")
+    sp.add_argument("--out-dir", "-d", metavar="DIR", help="write model.onnx, report.md, "
+                    "report.json and figures here (each atomically)")
+    sp.add_argument("--out", "-o", metavar="FILE.onnx", help="the ONNX file (atomically); "
+                    "default DIR/model.onnx with --out-dir")
+    g = sp.add_argument_group("calibration data (unlabeled)")
+    g.add_argument("--calib", action="append", default=[], metavar="PATH",
+                   help="a text file (one sample per line, tokenized with the model "
+                   "directory's tokenizer), a folder of images, or .npy/.npz/.pt tensors "
+                   "(.pt loaded with weights_only=True); repeatable")
+    g.add_argument("--batch-size", type=_positive, default=16, help="samples per batch")
+    g.add_argument("--limit", type=_positive, default=None, help="use the first N samples")
+    g.add_argument("--holdout", type=_share, default=0.1,
+                   help="share of batches held out to measure fidelity (never trained on)")
+    g.add_argument("--seq-len", type=_positive, default=128,
+                   help="tokens per text sample (padded and truncated to it)")
+    g.add_argument("--image-size", type=_positive, default=None,
+                   help="resize images to N x N (default: the model's image processor)")
+    g.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]",
+                   help="per-channel mean for --image-size (1 value: grayscale; default 0.5)")
+    g.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]",
+                   help="per-channel std for --image-size (default 0.5)")
+    g.add_argument("--random-calib", action="store_true",
+                   help="calibrate on random samples shaped like the example (a warning: the "
+                   "result fits noise)")
     sp.add_argument("--weight-bits", type=int, help="weight bits (default: the target's)")
     sp.add_argument("--act-bits", type=int, help="activation bits (default: the target's)")
-    sp.add_argument("--steps", type=int, default=50, help="distillation steps per block")
-    sp.add_argument("--batch", type=int, default=8, help="batch size of built-in examples")
+    sp.add_argument("--steps", type=_positive, default=50, help="distillation steps per block")
+    sp.add_argument("--batch", type=_positive, default=8,
+                    help="batch size of built-in models' examples")
     sp.add_argument("--fixed-batch", action="store_true",
                     help="export the example's batch size (for graphs that pin it)")
     sp.add_argument("--max-seq-len", type=_seq_len, default="auto", metavar="N|auto|none",
-                    help="sequence lengths the result takes, 2 to N (default auto: the "
-                         "example's length for models with token-id inputs; none: fixed)")
+                    help="sequence lengths the result takes, 2 to N (auto: the calibration "
+                         "data's length for models with token-id inputs; none: fixed)")
     sp.add_argument("--golden", metavar="NPZ",
                     help="also write every Q/DQ tensor of the example run to this .npz")
     sp.add_argument("--input-shape", action="append", default=[],
@@ -441,17 +607,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Warnings that are not the user's business: torch's pytree deprecation, raised from its own
+#: pickling of export specs whenever a captured graph is copied (seven times per command).
+_NOISE = (("ignore", r".*isinstance\(treespec, LeafSpec\)`? is deprecated", FutureWarning),)
+
+
+def _logging(args: argparse.Namespace) -> logging.Handler:
+    """A stderr handler on the ``archnet_fx`` logger: stage lines by default, everything with
+    -v, warnings only with -q. Returned so :func:`main` removes it again."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s"))
+    root = logging.getLogger("archnet_fx")
+    handler.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    levels = {"archnet_fx": logging.INFO if args.verbose else logging.WARNING,
+              "archnet_fx.progress": logging.WARNING if args.quiet else logging.INFO,
+              "archnet_fx.export": logging.DEBUG if args.verbose else None}
+    handler._archnet_saved = {n: logging.getLogger(n).level for n in levels}  # type: ignore
+    for name, level in levels.items():
+        if level is not None:
+            logging.getLogger(name).setLevel(level)
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose:   # the exporter's full message when it fails
-        logging.getLogger("archnet_fx.export").setLevel(logging.DEBUG)
+    args.argv = argv
+    handler = _logging(args)
     try:
-        return int(args.fn(args) or 0)
+        with warnings.catch_warnings():
+            for action, message, category in _NOISE:
+                warnings.filterwarnings(action, message=message, category=category)
+            return int(args.fn(args) or 0)
     except (ArchnetError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:        # `archnet-fx targets | head`: the reader left; not an error
+        import os
+
+        sys.stdout = open(os.devnull, "w")   # noqa: SIM115 - python flushes stdout at exit
+        return 0
+    finally:
+        logging.getLogger("archnet_fx").removeHandler(handler)
+        for name, level in handler._archnet_saved.items():  # type: ignore[attr-defined]
+            logging.getLogger(name).setLevel(level)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
 from archnet_fx import pipelines
 from archnet_fx.infra.manager import PassManager
+from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.pipelines import as_graph_module
 from archnet_fx.quant.fakequant import calibrating, fake_quant_enabled, surrogate_mode
 from archnet_fx.surrogate.base import DEFAULT_STYLE
@@ -110,7 +111,11 @@ class TransformReport:
         if self.fidelity:
             rows = [(r["stage"], r["output"], f"{r['cosine']:.5f}", f"{r['nmse']:.3g}")
                     for r in self.fidelity]
-            parts.append("fidelity on held-out batches (vs the original):\n" + tabulate(
+            where = ("held-out batches" if cal.get("holdout_batches") else
+                     "the training batches (none held out)")
+            parts.append(f"fidelity on {where}, vs the original (mean cosine of each output's "
+                         "samples; normalised MSE = MSE / mean square of the original's):\n"
+                         + tabulate(
                 rows, headers=["stage", "output", "mean cosine", "normalised MSE"],
                 tablefmt="github"))
         parts.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
@@ -119,6 +124,38 @@ class TransformReport:
 
     def __str__(self) -> str:
         return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in :meth:`table` as plain JSON-able data."""
+        import dataclasses
+
+        def legal(rep: LegalityReport) -> dict[str, Any]:
+            return {"on_chip": sum(rep.on_chip_counts.values()),
+                    "unsupported": len(rep.unsupported),
+                    "unsupported_by_kind": dict(sorted(rep.unsupported_counts.items())),
+                    "host_fallback": sum(rep.host_fallback_counts.values())}
+        d = self.distill
+        return {
+            "target": self.target, "weight_bits": self.weight_bits, "act_bits": self.act_bits,
+            "mode": self.mode, "calibration": dict(self.calibration),
+            "legality": {"before": legal(self.before), "after": legal(self.after)},
+            "distillation": {
+                "blocks": [dataclasses.asdict(b) for b in d.blocks], "seconds": d.seconds,
+                "e2e_steps": d.e2e_steps, "e2e_loss_before": d.e2e_loss_before,
+                "e2e_loss_after": d.e2e_loss_after, "complete": d.complete,
+                "resumed_from": d.resumed_from, "peak_store_mb": d.peak_store_mb,
+                "spilled_mb": d.spilled_mb},
+            "fidelity": [dict(r) for r in self.fidelity],
+            "seconds": dict(self.seconds), "notes": list(self.notes)}
+
+
+def _mean_cos(rows: list[dict[str, Any]], stage_index: int) -> float:
+    """Mean cosine over the outputs of the ``stage_index``-th fidelity stage."""
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    if stage_index >= len(stages):
+        return float("nan")
+    cos = [r["cosine"] for r in rows if r["stage"] == stages[stage_index]]
+    return sum(cos) / len(cos) if cos else float("nan")
 
 
 @dataclass
@@ -413,6 +450,9 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         t0 = time.perf_counter()
         teacher = as_graph_module(model, example_inputs, max_seq_len)
         seconds["capture"] = time.perf_counter() - t0
+        PROGRESS.info("capture: %s, %d nodes (%.1f s)", getattr(teacher.meta.get(
+            CAPTURE_META_KEY), "method", "graph given"), len(teacher.graph.nodes),
+            seconds["capture"])
         _validate_batches(teacher, batches)
         train, held = _split_holdout(batches, holdout)
         if not held:
@@ -439,6 +479,9 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             notes.append(f"sequence length fixed at the example's: {str(e).splitlines()[0]}")
             leg = run_legalize(teacher)
         seconds["legalize"] = time.perf_counter() - t0
+        PROGRESS.info("legalize for %s: %d unsupported node(s) before, %d after, %d "
+                      "surrogate(s) (%.1f s)", tgt.name, len(leg.before.unsupported),
+                      len(leg.after.unsupported), len(leg.choices), seconds["legalize"])
 
         t0 = time.perf_counter()
         student = copy.deepcopy(leg.module)  # passes share parameters: train a private copy
@@ -453,12 +496,17 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         blocks = partition(student, granularity, cut_nodes,
                            boundary_ok=boundary_check(student, vmap))
         seconds["quantize+partition"] = time.perf_counter() - t0
+        PROGRESS.info("quantize W%dA%d and partition: %d blocks (%.1f s)", w_bits, a_bits,
+                      len(blocks), seconds["quantize+partition"])
 
         t0 = time.perf_counter()
         fidelity = output_fidelity(teacher, leg.module, held, "legalized (float, untrained)")
         fidelity += output_fidelity(teacher, calibrated(student, train[0]), held,
                                     "quantized, calibrated (before distillation)")
         seconds["fidelity"] = time.perf_counter() - t0
+        PROGRESS.info("fidelity before distillation: cosine %.4f legalized, %.4f quantized "
+                      "(%.1f s)", _mean_cos(fidelity, 0), _mean_cos(fidelity, 1),
+                      seconds["fidelity"])
 
         t0 = time.perf_counter()
         if checkpoint_dir is not None:
@@ -471,6 +519,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         with fake_quant_enabled(student, True):
             fidelity += output_fidelity(teacher, student, held, "distilled")
         seconds["fidelity"] += time.perf_counter() - t0
+        PROGRESS.info("fidelity after distillation: cosine %.4f (%.1f s)",
+                      _mean_cos(fidelity, 2), time.perf_counter() - t0)
     seconds["total"] = time.perf_counter() - t_all
 
     def n_samples(bs):
@@ -483,8 +533,10 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         target=tgt.name, weight_bits=w_bits, act_bits=a_bits, mode=opts.mode,
         before=leg.before, after=leg.after, blocks=block_table(blocks), distill=drep,
         fidelity=fidelity, seconds=seconds,
-        calibration={"train_batches": len(train), "holdout_batches": len(held),
-                     "train_samples": n_samples(train), "holdout_samples": n_samples(held)},
+        calibration={"train_batches": len(train),
+                     "holdout_batches": 0 if held is train else len(held),
+                     "train_samples": n_samples(train),
+                     "holdout_samples": 0 if held is train else n_samples(held)},
         notes=notes)
     if not drep.complete:
         report.notes.append("distillation stopped early (stop_after); call again with the same "

@@ -93,7 +93,7 @@ def _clamp(p: dict, node: torch.fx.Node) -> Reference:
 def _prelu(p: dict, node: torch.fx.Node) -> Reference:
     w = p.get("weight")
     if isinstance(w, torch.Tensor) and w.numel() == 1:
-        a = float(w)
+        a = float(w.detach())
         return lambda x: F.leaky_relu(x, a)
     raise Refuse("per-channel PReLU is not pointwise-identical across channels")
 

@@ -38,7 +38,7 @@ from types import NoneType, UnionType
 from typing import Any, Union
 
 from archnet_fx.errors import BitWidthError, TargetError
-from archnet_fx.ir.opkinds import KNOWN_KINDS
+from archnet_fx.ir.kinds import KNOWN_KINDS
 
 try:
     import tomllib

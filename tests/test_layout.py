@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Bottom to top, as in the README's layout section.
 LAYERS = ["errors", "ir", "targets", "infra", "capture", "legality", "surrogate", "passes",
           "quant", "train", "cost", "pipelines", "legalize", "transform", "export", "demo",
-          "cli", "archnet_fx"]
+          "workflow", "cli", "archnet_fx"]
 
 
 def _modules() -> dict[str, Path]:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ from archnet_fx.capture import normalize_inputs, with_seq_length
 from archnet_fx.errors import ExportError, InputError, OptionError, PipelineError
 from archnet_fx.ir.opkinds import node_kind, onnx_kind
 from archnet_fx.infra.graphpass import copy_graph_module
-from archnet_fx.infra.instruments import blocked_directory
+from archnet_fx.infra.instruments import blocked_directory, process_umask
+from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.targets import Target, load_target
 from archnet_fx.quant.qdq import EXPORTING
 from archnet_fx.export.verify import (MAX_FLIP_FRACTION, compare_exported, dump_golden,
@@ -711,6 +713,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
     from archnet_fx.infra.manager import PassManager
     from archnet_fx.quant.fakequant import quantizers
 
+    t_export = time.perf_counter()
     _check_options(opset=opset, check=check, atol=atol, onehot_gather=onehot_gather,
                    dynamic_batch=dynamic_batch, max_flip_fraction=max_flip_fraction,
                    dynamic_seq=dynamic_seq)
@@ -918,9 +921,7 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
             except Exception as e:  # noqa: BLE001
                 log.warning("per-layer SQNR not computed: %s: %s", type(e).__name__,
                             _first_paragraph(str(e), 200))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give it a normal file's mode
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; a normal file's mode
         os.replace(tmp, path)
         EXPORTING.clear()
         if golden is not None:
@@ -938,6 +939,10 @@ def export_onnx(result_or_module: Any, path: str | os.PathLike, *, example_input
             return fixed_length_export()
         raise
     log.info("exported %s", report)
+    PROGRESS.info("export: %s, %s (%.1f s)", report.path.name, "checked in onnxruntime"
+                  + (f" at batch {', '.join(map(str, report.batch_sizes))}"
+                     if report.batch_sizes else "") if report.checked else "not checked",
+                  time.perf_counter() - t_export)
     return report
 
 

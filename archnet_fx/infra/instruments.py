@@ -122,6 +122,17 @@ def blocked_directory(d: Path) -> tuple[Path, str] | None:
     return None
 
 
+def process_umask() -> int:
+    """The process umask, read without setting it (``os.umask`` would change global state)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def atomic_write(path: str | os.PathLike, write: Any, binary: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it into place;
     on any error the temporary file is removed and ``path`` is untouched."""
@@ -131,6 +142,7 @@ def atomic_write(path: str | os.PathLike, write: Any, binary: bool = False) -> P
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~process_umask())   # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -35,21 +35,7 @@ from archnet_fx.ir.meta import KIND_META_KEY
 
 META_KINDS = frozenset({"placeholder", "output", "get_attr", "getitem", "shape", "assert"})
 
-#: Every canonical op kind: what the fx/ATen and ONNX tables below emit (besides ``unknown:*`` and
-#: the meta kinds) and what a target file's ``ops`` may name.
-KNOWN_KINDS: frozenset[str] = frozenset(
-    """
-    linear conv conv_transpose matmul einsum
-    batch_norm layer_norm group_norm instance_norm rms_norm
-    embedding gather one_hot
-    relu relu6 leaky_relu prelu clamp gelu silu sigmoid tanh hardswish hardsigmoid elu softplus
-    mish erf softmax log_softmax sdpa multihead_attention
-    add sub mul div neg pow exp log sqrt rsqrt reciprocal abs maximum minimum where masked_fill
-    mean sum var std reduce_max reduce_min cumsum
-    max_pool avg_pool adaptive_avg_pool adaptive_max_pool upsample
-    concat reshape permute expand slice pad cast compare logical creation dropout identity
-    """.split()
-)
+from archnet_fx.ir.kinds import KNOWN_KINDS  # noqa: E402  (torch-free: targets load it)
 
 # Module type -> kind. Order matters only for subclass relations (checked in order).
 MODULE_KINDS: tuple[tuple[type, str], ...] = (

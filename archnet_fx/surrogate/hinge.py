@@ -67,7 +67,7 @@ def _intervals(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, c: torch.Te
     zero1 = ms.new_zeros(1)
     slopes = torch.cat([zero1, torch.cumsum(ms, 0)]) + slope0
     icpts = torch.cat([zero1, torch.cumsum(-ms * ts, 0)]) + icpt0
-    idx = torch.bucketize(x.detach(), ts.detach().to(x.dtype))  # breakpoints below x
+    idx = torch.bucketize(x.detach().contiguous(), ts.detach().to(x.dtype))  # breakpoints below x
     return _Lookup.apply(x, icpts.to(x.dtype), slopes.to(x.dtype), idx)
 
 

@@ -61,7 +61,8 @@ from torch.utils import _pytree as pytree
 from archnet_fx.errors import CalibrationError, CheckpointError, DeviceError, OptionError
 from archnet_fx.ir.dataflow import input_dependent
 from archnet_fx.train.partition import Block, bind_inputs
-from archnet_fx.infra.instruments import blocked_directory
+from archnet_fx.infra.instruments import blocked_directory, process_umask
+from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.infra.records import PassRecord
 from archnet_fx.quant.fakequant import FakeQuant, calibrating
 from archnet_fx.surrogate.base import Surrogate
@@ -213,7 +214,11 @@ class DistillReport:
         text = tabulate(rows, headers=["block", "layer", "nodes", "params", "steps",
                                        "loss before", "loss after", "after (all batches)", "s",
                                        "note"], tablefmt="github")
-        tail = [f"mode {self.mode}, {self.seconds:.1f} s"
+        tail = ["loss: normalised MSE of the block's outputs against the teacher's; before: with "
+                "calibrated quantizers, untrained; before/after on the held-out batches (on the "
+                "training batches when none are held out); after (all batches): the mean over "
+                "the training batches",
+                f"mode {self.mode}, {self.seconds:.1f} s"
                 + (f", resumed after block {self.resumed_from - 1}" if self.resumed_from else "")
                 + ("" if self.complete else ", stopped early (resume with the same call)")
                 + f"; boundary store peak {self.peak_store_mb:.0f} MB in RAM, "
@@ -640,11 +645,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _g(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3g}"
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -991,6 +1001,10 @@ def distill(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule,
                     stats.loss_after_all = sum(losses[b] for b in train_ids) / len(train_ids)
             stats.seconds = time.perf_counter() - t0
             report.blocks.append(stats)
+            PROGRESS.info("block %d/%d %s: %d steps, loss %s → %s%s (%.1f s)", k + 1,
+                          len(blocks), blocks[k].name, stats.steps, _g(stats.loss_before),
+                          _g(stats.loss_after), f"; {stats.note}" if stats.note else "",
+                          stats.seconds)
             # free what no later block reads
             later = run.later_needs(k)
             run.store.drop_where(lambda key: key[0] in ("p", "t") and key[1] not in later

@@ -527,4 +527,7 @@ def block_table(blocks: Iterable[Block]) -> str:
              + (" …" if len(b.side_inputs) > 4 else ""), ", ".join(b.outputs[:4])
              + (" …" if len(b.outputs) > 4 else ""), f"{b.live_after:g}") for b in blocks]
     return tabulate(rows, headers=["block", "layer", "nodes", "inputs", "side inputs",
-                                   "outputs", "live at cut"], tablefmt="github")
+                                   "outputs", "live at cut"], tablefmt="github") + (
+        "\nside inputs: values from earlier blocks besides the previous block's outputs; live at "
+        "cut: values alive across the block's end (a tensor counts 1, a Python scalar such as a "
+        "shape 1/4): what must be stored between blocks")

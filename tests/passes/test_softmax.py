@@ -338,6 +338,7 @@ def test_does_not_fire_where_softmax_is_native(tmp_path: Path):
     assert hist["softmax"] == 1 and hist["log_softmax"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice for softmax:UserWarning")
 def test_refuses_implicit_dim_with_reason():
     x = _logits(0)
     res = legalize(nn.Softmax(dim=None), "npu_a", x, allow_host_fallback=True, verify=False)

@@ -75,6 +75,7 @@ def test_patchify_crops_a_remainder() -> None:
     (2, 1, 1, 4, 6, "pad_kernel"),
 ])
 @pytest.mark.parametrize("method", ["fx", "export"])
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel:UserWarning")
 def test_kernel_tiling_is_exact(k, stride, padding, groups, size, rule, method) -> None:
     model = _conv(8, 8, k, stride=stride, padding=padding, groups=groups)
     before, res = run_pass(tile_kernels(NPU_B), model, (_x(2, 8, size, size + 1),),
