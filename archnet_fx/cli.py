@@ -272,7 +272,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("\n# side by side\n")
     print(tabulate(rows, headers=["", "original", "legalized"], tablefmt="github",
                    floatfmt=".2f"))
-    print(f"\nspeed-up: {before.total_s / after.total_s:.2f}x")
+    print("\nroofline: the time if every op ran at the chip's peak rate or bandwidth, whichever "
+          "binds; ratio to roofline: estimate / roofline (overheads, host fallback, link I/O)")
+    print(f"\nspeed-up: {before.total_s / after.total_s:.2f}x (estimated, W{before.weight_bits}"
+          f"A{before.act_bits})")
     return 0
 
 
@@ -427,6 +430,18 @@ def cmd_transform(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Appends "(default: X)" where an option has a real default its help does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: {d})"
+
+
 MODEL_HELP = ("built-in name (archnet-fx models), package.module:factory (the current "
               "directory is importable) or a Hugging Face model directory")
 
@@ -561,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "latency estimate (e.g. embeddings looked up on the host)")
     sp.set_defaults(fn=cmd_bench)
     sp = sub.add_parser("transform", help="transform a model for a target and export ONNX",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_DefaultsShown)
     sp.add_argument("model", help=MODEL_HELP)
     sp.add_argument("--target", "-t", required=True, help="target name or path to a .toml")
     sp.add_argument("--out-dir", "-d", metavar="DIR", help="write model.onnx, report.md, "
