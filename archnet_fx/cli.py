@@ -26,11 +26,14 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from archnet_fx.errors import ArchnetError
 from archnet_fx.workflow.models import LoadedModel, UsageError, parse_shape
 from archnet_fx.workflow.models import resolve_model as _resolve
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("archnet_fx.cli")
 progress = logging.getLogger("archnet_fx.progress")

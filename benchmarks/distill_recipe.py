@@ -107,27 +107,13 @@ def one(spec: dict) -> dict:
 
 def zoo_rows() -> list[dict]:
     """Small zoo models (random inputs, 12 batches of 8: 11 train, 1 held out), W8A8 / W4A8."""
-    import torch
-
     from archnet_fx.demo import zoo
     from archnet_fx.transform import transform
 
     rows = []
     for name in ("mlp", "cnn", "cnn_gelu", "transformer", "vit", "bert_tiny"):
-        spec = zoo.MODELS[name]
         model, ex = zoo.get_model(name)
-        g = torch.Generator().manual_seed(0)
-        batches = []
-        for _ in range(12):
-            e = spec.example_inputs(8)
-            if isinstance(e, dict):
-                e = dict(e)
-                e["input_ids"] = torch.randint(0, 1000, e["input_ids"].shape, generator=g
-                                               ).masked_fill(e["attention_mask"] == 0, 0)
-                batches.append(e)
-            else:
-                batches.append(tuple(torch.randn(t.shape, generator=g) if t.is_floating_point()
-                                     else t for t in e))
+        batches = zoo.random_batches(name, 12, 8, seed=0)
         for w in (8, 4):
             res = transform(model, "npu_a", ex, batches, weight_bits=w, act_bits=8,
                             holdout=1, progress=False, verify=False)

@@ -493,3 +493,23 @@ def get_model(name: str, batch_size: int = 2) -> tuple[nn.Module, ExampleInputs]
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}") from None
     _require(spec.needs, name)
     return spec.factory(), spec.example_inputs(batch_size)
+
+
+def random_batches(name: str, n: int, batch_size: int = 8, seed: int = 0) -> list[ExampleInputs]:
+    """``n`` batches shaped like ``name``'s example inputs with seeded random content: float
+    inputs N(0, 1); token ids uniform in [0, 1000) (0 where the attention mask is 0); other
+    integer inputs (masks) as in the example. For tests and benchmarks of the zoo models."""
+    spec = MODELS[name]
+    g = torch.Generator().manual_seed(seed)
+    out: list[ExampleInputs] = []
+    for _ in range(n):
+        e = spec.example_inputs(batch_size)
+        if isinstance(e, dict):
+            e = dict(e)
+            e["input_ids"] = torch.randint(0, 1000, e["input_ids"].shape, generator=g
+                                           ).masked_fill(e["attention_mask"] == 0, 0)
+            out.append(e)
+        else:
+            out.append(tuple(torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+                             for t in e))
+    return out

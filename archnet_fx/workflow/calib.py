@@ -44,7 +44,9 @@ class CalibData:
     sources: list[str]
 
     def describe(self) -> str:
-        return (f"{self.samples} samples from {len(self.sources)} {self.form} source(s) "
+        what = {"text": "text file", "images": "image folder", "tensors": "tensor file"}.get(
+            self.form, self.form)
+        return (f"{self.samples} samples from {len(self.sources)} {what}(s) "
                 f"({', '.join(self.sources[:3])}{', ...' if len(self.sources) > 3 else ''}), "
                 f"{len(self.batches)} batches")
 

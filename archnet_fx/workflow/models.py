@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -178,11 +179,9 @@ def load_hf_dir(path: str | Path) -> LoadedModel:
         raise UsageError(f"MODEL {str(path)!r} is a directory without config.json: give a Hugging "
                          "Face model directory (config.json beside the weights), a built-in "
                          "name or package.module:factory")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         raise UsageError(f"MODEL {str(path)!r} is a Hugging Face directory, which needs "
-                         "transformers: pip install -c constraints.txt -e '.[hf]'") from None
+                         "transformers: pip install -c constraints.txt -e '.[hf]'")
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     weights = [p for p in d.iterdir() if p.suffix in (".safetensors", ".bin")

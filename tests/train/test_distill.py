@@ -27,19 +27,8 @@ def _setup(name: str, wbits: int = 4):
     _, ex, teacher = captured_zoo(name)
     leg = legalized(name)
     fq = insert_fake_quant(copy.deepcopy(leg.module), "npu_a", wbits, 8)
-    spec = zoo.MODELS[name]
-    g = torch.Generator().manual_seed(7)
-    batches = []
-    for _ in range(4):
-        e = spec.example_inputs(8)
-        if isinstance(e, dict):
-            e = dict(e)
-            e["input_ids"] = torch.randint(0, 1000, e["input_ids"].shape, generator=g
-                                           ).masked_fill(e["attention_mask"] == 0, 0)
-            batches.append(((), e))
-        else:
-            batches.append((tuple(torch.randn(t.shape, generator=g) if t.is_floating_point()
-                                  else t for t in e), {}))
+    batches = [((), e) if isinstance(e, dict) else (e, {})
+               for e in zoo.random_batches(name, 4, 8, seed=7)]
     return teacher, fq.module, list(leg.records) + [fq.record], batches
 
 

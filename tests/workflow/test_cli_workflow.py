@@ -93,7 +93,7 @@ def test_hf_text_directory_with_sentences_writes_every_artifact(capsys, tmp_path
     rep = json.loads((out / "report.json").read_text())
     cal = rep["transform"]["calibration"]
     assert cal["train_samples"] + cal["holdout_samples"] == 20 and cal["holdout_samples"] > 0
-    assert "20 samples from 1 text source(s)" in rep["calibration"]
+    assert "20 samples from 1 text file(s)" in rep["calibration"]
     assert [f["stage"] for f in rep["transform"]["fidelity"]][-1] == "distilled"
     assert rep["latency"]["speedup"] > 0
     md = (out / "report.md").read_text()
@@ -117,7 +117,7 @@ def test_factory_in_the_current_directory_with_npz_and_out_file(capsys, user_dir
     code, out, err = run(capsys, "transform", "mymods_wf:tiny", "-t", "npu_a", "--calib",
                          "calib.npz", "--batch-size", 8, "--steps", 2, "-o", "tiny.onnx")
     assert code == 0, err
-    assert "40 samples from 1 tensors source(s)" in err
+    assert "40 samples from 1 tensor file(s)" in err
     assert "(32 samples) for training, 1 held out (8 samples)" in out
     (y,) = _ort_run(user_dir / "tiny.onnx", {"x": x[:3]})
     assert y.shape == (3, 4)
@@ -128,7 +128,7 @@ def test_hf_image_directory_with_a_folder_of_images(capsys, tmp_path, vit_dir, i
     code, stdout, err = run(capsys, "transform", vit_dir, "-t", "npu_a", "--calib", image_folder,
                             "--batch-size", 4, "--steps", 2, "--out-dir", out)
     assert code == 0, err
-    assert "12 samples from 1 images source(s)" in err
+    assert "12 samples from 1 image folder(s)" in err
     assert {p.name for p in out.iterdir()} >= {"model.onnx", "report.md", "report.json",
                                                "block_loss.png", "latency_by_kind.png"}
     (y,) = _ort_run(out / "model.onnx", {"pixel_values": np.zeros((2, 3, 32, 32), np.float32)}
