@@ -184,6 +184,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("\n## canonicalization and legalization for npu_a\n")
             print(res.diff())
     print("\n## after legalization\n")
+    print("(\"unsupported before\" counts the canonicalized graph: canonicalization already "
+          "removed dropout and folded the constant creation, compare and cast nodes the legality "
+          "tables above count)\n")
     print(tabulate(rows, headers=["target", "unsupported before", "legal on-chip after",
                                   "unsupported after", "host fallback", "host prologue", "s"],
                    tablefmt="github"))

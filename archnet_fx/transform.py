@@ -50,6 +50,8 @@ from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_ch
                                       match_values)
 from archnet_fx.errors import CalibrationError, CheckpointError, OptionError, UnsupportedOpError
 from archnet_fx.legality import LegalityReport
+from archnet_fx.selection import SelectOptions
+from archnet_fx.selection import select as measure_and_select
 from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
 from archnet_fx import pipelines
@@ -84,6 +86,7 @@ class TransformReport:
     seconds: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    selection: Any = None                        # Selection, when speedup/budget/fidelity ran
 
     def fidelity_of(self, stage: str = "distilled") -> list[dict[str, Any]]:
         return [r for r in self.fidelity if r["stage"] == stage]
@@ -118,6 +121,8 @@ class TransformReport:
                          + tabulate(
                 rows, headers=["stage", "output", "mean cosine", "normalised MSE"],
                 tablefmt="github"))
+        if self.selection is not None:
+            parts.append(self.selection.table())
         parts.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         parts += [f"note: {n}" for n in self.notes]
         return "\n\n".join(parts)
@@ -379,7 +384,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               allow_host_fallback: bool = False, quantize_surrogates: str | bool = "structural",
               surrogate_weight_bits: int | None = None, verify: bool = True,
               select: str = "order", max_seq_len: int | str | None = "auto",
-              **distill_options: Any) -> TransformResult:
+              speedup: float | None = None, latency_budget: float | None = None,
+              min_fidelity: float | None = None, **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
     Extra keyword arguments go to :class:`~archnet_fx.train.distill.DistillOptions` (``lr_surrogate``,
@@ -430,6 +436,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         raise OptionError(f"choices must be a mapping {{kind or node: candidate or style}}, "
                           f"got {type(choices).__name__}")
     LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback)  # validates prefer
+    sel_opts = SelectOptions(speedup=speedup, latency_budget=latency_budget,
+                             min_fidelity=min_fidelity)
     for name, flag in (("allow_host_fallback", allow_host_fallback), ("verify", verify)):
         if not isinstance(flag, bool):
             raise OptionError(f"{name} must be a bool, got {flag!r}")
@@ -462,13 +470,24 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             held = train
 
         from archnet_fx.legalize import legalize
+        selection = None
         t0 = time.perf_counter()
         run_legalize = functools.partial(
             legalize, target=tgt, example_inputs=example_inputs,
             calib_data=[_as_call(b) for b in train], choices=choices, prefer=prefer,
             allow_host_fallback=allow_host_fallback, verify=verify, select=select)
+
+        def legalize_or_select(teacher: torch.fx.GraphModule) -> Any:
+            nonlocal selection
+            if not sel_opts.active:
+                return run_legalize(teacher)
+            selection = measure_and_select(
+                teacher, tgt, example_inputs, train, held, options=sel_opts, weight_bits=w_bits,
+                act_bits=a_bits, choices=choices, prefer=prefer,
+                allow_host_fallback=allow_host_fallback, seed=seed)
+            return selection.legalized
         try:
-            leg = run_legalize(teacher)
+            leg = legalize_or_select(teacher)
         except UnsupportedOpError as e:
             if not getattr(teacher.meta[CAPTURE_META_KEY], "seq_auto", False):
                 raise
@@ -477,7 +496,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             if dynamic_seq(teacher) is not None:   # the caller passed a captured graph
                 raise
             notes.append(f"sequence length fixed at the example's: {str(e).splitlines()[0]}")
-            leg = run_legalize(teacher)
+            leg = legalize_or_select(teacher)
         seconds["legalize"] = time.perf_counter() - t0
         PROGRESS.info("legalize for %s: %d unsupported node(s) before, %d after, %d "
                       "surrogate(s) (%.1f s)", tgt.name, len(leg.before.unsupported),
@@ -537,7 +556,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                      "holdout_batches": 0 if held is train else len(held),
                      "train_samples": n_samples(train),
                      "holdout_samples": 0 if held is train else n_samples(held)},
-        notes=notes)
+        notes=notes, selection=selection)
     if not drep.complete:
         report.notes.append("distillation stopped early (stop_after); call again with the same "
                             "arguments and checkpoint_dir to finish")

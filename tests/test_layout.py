@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Bottom to top, as in the README's layout section.
 LAYERS = ["errors", "ir", "targets", "infra", "capture", "legality", "surrogate", "passes",
-          "quant", "train", "cost", "pipelines", "legalize", "transform", "export", "demo",
+          "quant", "train", "cost", "pipelines", "legalize", "selection", "transform", "export",
+          "demo",
           "workflow", "cli", "archnet_fx"]
 
 

@@ -1,0 +1,117 @@
+"""HANT selection: the integer program on hand-checked problems, and select() end to end on a
+small model (every candidate measured, the budget met, the assembled network legal)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from archnet_fx.errors import OptionError
+from archnet_fx.selection import Option, SelectOptions, SelectionError, solve
+
+
+def _toy():
+    # three nodes; (latency µs, cost) per candidate
+    table = {"a": [("exact", 10, 0.0), ("fast", 2, 0.03), ("faster", 1, 0.2)],
+             "b": [("exact", 8, 0.0), ("fast", 3, 0.01)],
+             "c": [("exact", 6, 0.0), ("fast", 1, 0.05), ("mid", 4, 0.004)]}
+    opts = [Option(n, "k", c, "s", lat * 1e-6, cost) for n, rows in table.items()
+            for c, lat, cost in rows]
+    return table, opts
+
+
+def _brute(table, base, budget=None, max_cost=None):
+    best = None
+    for combo in itertools.product(*table.values()):
+        lat = base + sum(r[1] for r in combo) * 1e-6
+        cost = sum(r[2] for r in combo)
+        if budget is not None and lat > budget + 1e-12:
+            continue
+        if max_cost is not None and cost > max_cost + 1e-12:
+            continue
+        key = (cost, lat) if budget is not None else (lat, cost)
+        if best is None or key < best[0]:
+            best = (key, {n: r[0] for n, r in zip(table, combo)})
+    return best
+
+
+@pytest.mark.parametrize("budget_us", [30, 17, 12, 9, 6])
+def test_ilp_finds_the_brute_force_optimum_within_the_budget(budget_us):
+    table, opts = _toy()
+    base = 5e-6
+    chosen, predicted, objective, _ = solve(opts, base, budget_s=base + budget_us * 1e-6)
+    (cost, lat), want = _brute(table, base, budget=base + budget_us * 1e-6)
+    assert chosen == want
+    assert objective == pytest.approx(cost) and predicted == pytest.approx(lat)
+    assert predicted <= base + budget_us * 1e-6 + 1e-12
+
+
+def test_ilp_dual_fastest_within_a_cost_allowance():
+    table, opts = _toy()
+    chosen, predicted, objective, _ = solve(opts, 0.0, max_cost=0.02)
+    (lat, cost), want = _brute(table, 0.0, max_cost=0.02)
+    assert chosen == want and objective <= 0.02 and predicted == pytest.approx(lat)
+
+
+def test_infeasible_budget_names_the_fastest_and_the_most_faithful():
+    _, opts = _toy()
+    with pytest.raises(SelectionError) as ei:
+        solve(opts, 5e-6, budget_s=5e-6 + 3e-6)      # the fastest is 1 + 3 + 1 = 5 µs
+    msg = str(ei.value)
+    assert "fastest achievable is 10.0 µs" in msg and "most faithful 29.0 µs" in msg
+    assert isinstance(ei.value, OptionError)
+
+
+@pytest.mark.parametrize("kw", [dict(speedup=0), dict(speedup=True), dict(latency_budget=-1),
+                                dict(min_fidelity=1.5), dict(speedup=2, latency_budget=1e-3),
+                                dict(steps=-1)])
+def test_bad_selection_options(kw):
+    with pytest.raises(OptionError):
+        SelectOptions(**kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_run():
+    pytest.importorskip("transformers")
+    import archnet_fx as ax
+    from archnet_fx.demo import zoo
+
+    m, ex = zoo.get_model("bert_tiny", batch_size=8)
+    batches = zoo.random_batches("bert_tiny", 6, 8, seed=0)
+    return m, ex, batches, ax
+
+
+def test_transform_with_a_speedup_measures_every_candidate_and_meets_the_budget(tiny_bert_run):
+    m, ex, batches, ax = tiny_bert_run
+    res = ax.transform(m, "npu_a", ex, batches, steps=2, holdout=2, progress=False,
+                       verify=False, speedup=4.0)
+    sel = res.report.selection
+    assert sel is not None and sel.budget_s == pytest.approx(sel.original_s / 4)
+    assert sel.predicted_s <= sel.budget_s
+    # the additive latency model against the assembled network's estimate
+    assert sel.assembled_s == pytest.approx(sel.predicted_s, rel=0.1)
+    nodes = {o.node for o in sel.options}
+    assert set(sel.chosen) == nodes
+    kinds = {(o.kind, o.candidate) for o in sel.options}
+    assert {("layer_norm", "ln_affine"), ("gelu", "hard_gate"),
+            ("softmax", "relu_attention")} <= kinds
+    assert ax.check(res.module, "npu_a").ok
+    est = ax.estimate_latency(res.module, "npu_a", {k: v[:1] for k, v in ex.items()}).total_s
+    assert est <= sel.original_s / 4 * 1.1
+    assert "selection: predicted" in res.report.table()
+
+
+def test_min_fidelity_picks_the_fastest_that_stays_faithful(tiny_bert_run):
+    m, ex, batches, ax = tiny_bert_run
+    res = ax.transform(m, "npu_a", ex, batches, steps=2, holdout=2, progress=False,
+                       verify=False, min_fidelity=0.99)
+    sel = res.report.selection
+    assert sel.assembled_cosine >= 0.99
+    assert sel.assembled_s < sel.default_s            # faster than the default candidates
+
+
+def test_an_impossible_budget_raises_before_training(tiny_bert_run):
+    m, ex, batches, ax = tiny_bert_run
+    with pytest.raises(SelectionError, match="fastest achievable"):
+        ax.transform(m, "npu_a", ex, batches, steps=2, holdout=2, progress=False,
+                     verify=False, speedup=1000.0)
