@@ -401,7 +401,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
     res = transform(lm.model, tgt, batches[0], batches, weight_bits=args.weight_bits,
                     act_bits=args.act_bits, steps=args.steps, holdout=args.holdout,
                     progress=progress_bars, prefer=_prefer(args), choices=args.choice or None,
-                    select=args.select, max_seq_len=args.max_seq_len)
+                    select=args.select, max_seq_len=args.max_seq_len, speedup=args.speedup,
+                    latency_budget=args.latency_budget, min_fidelity=args.min_fidelity)
     times["transform"] = time.perf_counter() - t0
     print(res.report)
     from archnet_fx.export.onnx import export_onnx
@@ -469,6 +470,45 @@ def _share(text: str) -> float:
         v = -1.0
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _duration(text: str) -> float:
+    """``900us``, ``1.2ms``, ``0.001s`` or a bare number of seconds → seconds."""
+    t = text.strip().lower().replace("µs", "us")
+    for suffix, scale in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if t.endswith(suffix):
+            t, mult = t[: -len(suffix)], scale
+            break
+    else:
+        mult = 1.0
+    try:
+        v = float(t) * mult
+    except ValueError:
+        v = 0.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 900us, 1.2ms or 0.001s, "
+                                          f"got {text!r}")
+    return v
+
+
+def _cosine(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a cosine between 0 and 1, got {text!r}")
     return v
 
 
@@ -624,6 +664,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input-shape", action="append", default=[],
                     help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
     _surrogate_options(sp, "lossless candidates by default order or by the latency estimate")
+    g = sp.add_argument_group("hardware-aware selection (every candidate measured, one integer "
+                              "program)")
+    g.add_argument("--speedup", type=_positive_float, default=None, metavar="X",
+                   help="the most faithful network estimated at least X times faster than the "
+                   "original on the target")
+    g.add_argument("--latency-budget", type=_duration, default=None, metavar="T",
+                   help="the most faithful network within T (e.g. 900us, 1.2ms, 0.001s)")
+    g.add_argument("--min-fidelity", type=_cosine, default=None, metavar="COS",
+                   help="the fastest network whose held-out mean cosine stays >= COS")
     sp.set_defaults(fn=cmd_transform)
     return p
 

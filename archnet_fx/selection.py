@@ -166,6 +166,26 @@ class Selection:
     def __str__(self) -> str:
         return self.table()
 
+    def front(self, points: int = 12) -> list[tuple[float, float]]:
+        """The predicted Pareto front from the measured options: (predicted latency s, summed
+        fidelity cost) of the ILP's answer at ``points`` budgets from the fastest achievable to
+        the most faithful (re-solved in milliseconds; predictions, not assembled networks)."""
+        nodes = {o.node for o in self.options}
+        fast = self.base_s + sum(min(o.latency_s for o in self.options if o.node == n)
+                                 for n in nodes)
+        slow = self.base_s + sum(max(o.latency_s for o in self.options if o.node == n)
+                                 for n in nodes)
+        out = []
+        for i in range(points):
+            budget = fast + (slow - fast) * i / max(points - 1, 1)
+            try:
+                _, lat, cost, _ = solve(self.options, self.base_s, budget_s=budget * (1 + 1e-9))
+            except SelectionError:
+                continue
+            if not out or (lat, cost) != out[-1]:
+                out.append((lat, cost))
+        return out
+
 
 # --------------------------------------------------------------------------- the program
 

@@ -33,6 +33,7 @@ is deterministic for a seed. The student runs where the model's parameters are (
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -132,7 +133,6 @@ class TransformReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything in :meth:`table` as plain JSON-able data."""
-        import dataclasses
 
         def legal(rep: LegalityReport) -> dict[str, Any]:
             return {"on_chip": sum(rep.on_chip_counts.values()),
@@ -151,7 +151,13 @@ class TransformReport:
                 "resumed_from": d.resumed_from, "peak_store_mb": d.peak_store_mb,
                 "spilled_mb": d.spilled_mb},
             "fidelity": [dict(r) for r in self.fidelity],
-            "seconds": dict(self.seconds), "notes": list(self.notes)}
+            "seconds": dict(self.seconds), "notes": list(self.notes),
+            "selection": None if self.selection is None else {
+                k: getattr(self.selection, k) for k in (
+                    "chosen", "original_s", "default_s", "base_s", "predicted_s",
+                    "assembled_s", "budget_s", "objective", "base_nmse", "assembled_cosine",
+                    "solver_s", "measure_s", "resolves", "notes")} | {
+                "options": [dataclasses.asdict(o) for o in self.selection.options]}}
 
 
 def _mean_cos(rows: list[dict[str, Any]], stage_index: int) -> float:

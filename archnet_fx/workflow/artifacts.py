@@ -7,6 +7,8 @@
 ``report.json``               the same as data
 ``block_loss.png``            per-block distillation loss before and after training
 ``latency_by_kind.png``       estimated latency on the target by op kind, original vs result
+``selection_front.png``       with ``--speedup``/``--latency-budget``/``--min-fidelity``: the
+                              selection's predicted latency/fidelity front and its choice
 ============================  ===================================================================
 
 Every file is written through a temporary file and a rename: an interrupted run leaves the
@@ -123,6 +125,30 @@ def plot_latency_by_kind(before: Any, after: Any, path: Path, top: int = 12) -> 
         plt.close(fig)
 
 
+def plot_selection_front(sel: Any, path: Path) -> Path | None:
+    """The selection's predicted front (latency vs summed fidelity cost) and its choice."""
+    plt = _pyplot()
+    if plt is None or sel is None:
+        return None
+    pts = sel.front()
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    ax.plot([1e6 * p[0] for p in pts], [max(p[1], 1e-9) for p in pts], "o-", ms=4,
+            label="ILP optimum per budget (predicted)")
+    ax.plot([1e6 * sel.predicted_s], [max(sel.objective, 1e-9)], "r*", ms=12, label="chosen")
+    ax.axvline(1e6 * sel.original_s, color="gray", ls="--", lw=1, label="original")
+    ax.set_yscale("log")
+    ax.set_xlabel("predicted latency (µs)")
+    ax.set_ylabel("summed fidelity cost (output nMSE)")
+    ax.set_title("hardware-aware selection")
+    ax.legend(fontsize=8)
+    try:
+        return _png(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def write_reports(out_dir: str | Path, *, name: str, command: str, result: Any, export: Any,
                   latency_before: Any, latency_after: Any, calibration: str,
                   stage_seconds: dict[str, float]) -> dict[str, Path]:
@@ -134,6 +160,9 @@ def write_reports(out_dir: str | Path, *, name: str, command: str, result: Any, 
     figs = {"block_loss.png": plot_block_loss(rep, out / "block_loss.png"),
             "latency_by_kind.png": plot_latency_by_kind(latency_before, latency_after,
                                                         out / "latency_by_kind.png")}
+    if getattr(rep, "selection", None) is not None:
+        figs["selection_front.png"] = plot_selection_front(rep.selection,
+                                                           out / "selection_front.png")
     missing_figs = [k for k, v in figs.items() if v is None]
     if missing_figs:
         log.warning("figures not drawn (%s): install matplotlib (pip install -c constraints.txt "

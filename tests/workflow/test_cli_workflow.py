@@ -235,3 +235,21 @@ def test_hf_directory_errors(capsys, tmp_path):
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text('{"model_type": "bert"}')
     one_error(*run(capsys, "inspect", tmp_path / "noweights", "-t", "npu_a"), "no weights")
+
+
+def test_selection_flags_write_the_front(capsys, user_dir):
+    x = np.random.default_rng(1).standard_normal((48, 12)).astype(np.float32)
+    np.save(user_dir / "x.npy", x)
+    code, out, err = run(capsys, "transform", "mymods_wf:tiny", "-t", "npu_a", "--calib", "x.npy",
+                         "--batch-size", 8, "--steps", 2, "--min-fidelity", "0.99",
+                         "--out-dir", "sel")
+    assert code == 0, err
+    assert "selection: predicted" in out
+    assert (user_dir / "sel" / "selection_front.png").is_file()
+    rep = json.loads((user_dir / "sel" / "report.json").read_text())
+    sel = rep["transform"]["selection"]
+    assert len(sel["chosen"]) == 2            # the LayerNorm and the GELU
+    assert sel["assembled_cosine"] >= 0.99
+    with pytest.raises(SystemExit):
+        main(["transform", "mymods_wf:tiny", "-t", "npu_a", "--latency-budget", "fast",
+              "-o", "m.onnx"])
