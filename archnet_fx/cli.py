@@ -402,7 +402,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
                     act_bits=args.act_bits, steps=args.steps, holdout=args.holdout,
                     progress=progress_bars, prefer=_prefer(args), choices=args.choice or None,
                     select=args.select, max_seq_len=args.max_seq_len, speedup=args.speedup,
-                    latency_budget=args.latency_budget, min_fidelity=args.min_fidelity)
+                    latency_budget=args.latency_budget, min_fidelity=args.min_fidelity,
+                    cache_dir=args.cache_dir)
     times["transform"] = time.perf_counter() - t0
     print(res.report)
     from archnet_fx.export.onnx import export_onnx
@@ -673,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most faithful network within T (e.g. 900us, 1.2ms, 0.001s)")
     g.add_argument("--min-fidelity", type=_cosine, default=None, metavar="COS",
                    help="the fastest network whose held-out mean cosine stays >= COS")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep measured candidates here; a new budget on the same model and "
+                   "data re-solves without measuring again")
     sp.set_defaults(fn=cmd_transform)
     return p
 

@@ -45,6 +45,7 @@ not built yet.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class SelectOptions:
     steps: int = 150                          # local fitting steps per candidate
     lr: float = 3e-3
     max_resolves: int = 4
+    cache_dir: Any = None                     # measured options on disk, keyed (see select)
 
     def __post_init__(self) -> None:
         for name in ("speedup", "latency_budget"):
@@ -97,6 +99,19 @@ class SelectOptions:
             raise OptionError(f"min_fidelity must be a cosine in (0, 1), got {m!r}")
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
             raise OptionError(f"selection steps must be an integer >= 0, got {self.steps!r}")
+        if self.cache_dir is not None:
+            from pathlib import Path
+
+            from archnet_fx.infra.instruments import blocked_directory
+
+            if not isinstance(self.cache_dir, (str, Path)):
+                raise OptionError(f"cache_dir must be a directory path, got {self.cache_dir!r}")
+            blocked = blocked_directory(Path(self.cache_dir))
+            if blocked is not None:
+                where, why = blocked
+                raise OptionError(f"cache_dir {str(self.cache_dir)!r}: {where} is "
+                                  f"{'a file' if why == 'file' else 'not writable'}; give a "
+                                  "writable directory")
 
     @property
     def active(self) -> bool:
@@ -365,36 +380,19 @@ def _latency_by_module(gm: torch.fx.GraphModule, tgt: Target, one: Any, wbits: i
     return rep.total_s, per
 
 
-def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
-           train: Sequence[tuple[tuple, dict]], held: Sequence[tuple[tuple, dict]], *,
-           options: SelectOptions, weight_bits: int, act_bits: int,
-           choices: dict[str, str] | None = None, prefer: str = "emulation",
-           allow_host_fallback: bool = False, seed: int = 0) -> Selection:
-    """Measure every candidate of every replaced node and choose (see the module docstring).
-    Nodes the user pinned in ``choices`` (by node name or kind) are not selected."""
+def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
+             selectable: dict[str, str], kind_of: dict[str, str], fid: _Fidelity,
+             base_nmse: float, call: list, one: Any, options: SelectOptions, weight_bits: int,
+             act_bits: int, prefer: str, seed: int
+             ) -> tuple[list[Option], dict[tuple[str, str], dict], float, float, list[str]]:
+    """Every candidate at every selectable node: (options, fitted state dicts, L0's latency,
+    the original's latency, notes). See the module docstring."""
     from archnet_fx.cost.latency import estimate_latency
-    from archnet_fx.legalize import default_candidates, legalize
+    from archnet_fx.legalize import default_candidates
 
-    tgt = load_target(target)
-    t_start = time.perf_counter()
-    user = dict(choices or {})
-    call = [(a, k) for a, k in train]
-    one = _first_sample(held[0] if held else train[0])
-
-    def leg(extra: dict[str, str]):
-        return legalize(teacher, tgt, example, calib_data=[_as_call(b) for b in call],
-                        choices={**extra, **user}, prefer=prefer,
-                        allow_host_fallback=allow_host_fallback, verify=False)
-    l0 = leg({})
-    kind_of = {v.node: v.kind for v in l0.before.unsupported}
-    fid = _Fidelity(teacher, held)
-    base_nmse, base_cos = fid(l0.module)
     default_s, per0 = _latency_by_module(l0.module, tgt, one, weight_bits, act_bits)
     original_s = estimate_latency(teacher, tgt, one, weight_bits=weight_bits,
                                   act_bits=act_bits).total_s
-    selectable = {n: c for n, c in l0.choices.items()
-                  if n not in user and kind_of.get(n, "") not in user
-                  and _module_node(l0.module, n, c) is not None}
     styles: dict[str, str] = {}
     alts: dict[str, list[str]] = {}
     for kind, cands in default_candidates(tgt, prefer=prefer).items():
@@ -402,14 +400,11 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
             styles[c.name] = c.style
             if why is None:
                 alts.setdefault(kind, []).append(c.name)
-    out: list[Option] = []
-    for n, c0 in selectable.items():
-        out.append(Option(n, kind_of.get(n, "?"), c0, styles.get(c0, "?"),
-                          per0.get(f"{n}_{c0}", 0.0), 0.0, 0.0, default=True))
+    out = [Option(n, kind_of.get(n, "?"), c0, styles.get(c0, "?"), per0.get(f"{n}_{c0}", 0.0),
+                  0.0, 0.0, default=True) for n, c0 in selectable.items()]
     notes: list[str] = []
-    fitted: dict[tuple[str, str], torch.nn.Module] = {}
-    kinds = sorted({kind_of.get(n, "") for n in selectable})
-    for kind in kinds:
+    fitted: dict[tuple[str, str], dict] = {}
+    for kind in sorted({kind_of.get(n, "") for n in selectable}):
         nodes = [n for n in selectable if kind_of.get(n) == kind]
         for cand in dict.fromkeys(alts.get(kind, [])):
             if all(selectable[n] == cand for n in nodes):
@@ -429,7 +424,8 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                 PROGRESS.info("selection: %s → %s (lossless) at %d node(s)", kind, cand,
                               len(todo))
                 continue
-            io = _record_io(l0.module, [f"{n}_{selectable[n]}" for n in todo], call[:FIT_BATCHES])
+            io = _record_io(l0.module, [f"{n}_{selectable[n]}" for n in todo],
+                            call[:FIT_BATCHES])
             for i, n in enumerate(todo):
                 c0 = selectable[n]
                 n0, nc = _module_node(l0.module, n, c0), _module_node(lc.module, n, cand)
@@ -440,13 +436,110 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                     continue
                 mod = copy.deepcopy(lc.module.get_submodule(nc.target))
                 local = _fit(mod, io[f"{n}_{c0}"], options.steps, options.lr, seed + i)
-                fitted[(n, cand)] = mod
-                swapped = _swap(l0.module, {n: (c0, cand, mod)})
-                nmse, _ = fid(swapped)
+                fitted[(n, cand)] = {k: v.detach().clone() for k, v in mod.state_dict().items()}
+                nmse, _ = fid(_swap(l0.module, {n: (c0, cand, mod)}))
                 out.append(Option(n, kind, cand, styles.get(cand, "?"),
                                   per_c.get(f"{n}_{cand}", 0.0), max(nmse - base_nmse, 0.0),
                                   local))
             PROGRESS.info("selection: measured %s → %s at %d node(s)", kind, cand, len(todo))
+    return out, fitted, default_s, original_s, notes
+
+
+#: Bumped when the measurement changes meaning (a cache entry of another recipe is not reused).
+RECIPE = 1
+
+
+def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: int, prefer: str,
+               user: dict[str, str], host: bool, train: Sequence, held: Sequence,
+               options: SelectOptions, seed: int) -> str | None:
+    """Model (parameters, buffers and graph code), target, bits, candidates' settings,
+    calibration data and recipe: anything that changes a measurement changes the key."""
+    if options.cache_dir is None:
+        return None
+    import hashlib
+
+    from archnet_fx.infra.instruments import tensor_digest
+
+    parts = [tensor_digest(v for _, v in sorted(teacher.state_dict().items())),
+             hashlib.sha256(teacher.code.encode()).hexdigest(), repr(tgt), wbits, abits, prefer,
+             sorted(user.items()), host, seed, RECIPE, FIT_BATCHES, options.steps, options.lr,
+             torch.__version__,
+             tensor_digest(t for b in list(train) + ["|"] + list(held)
+                           for t in pytree.tree_leaves(b)), len(train), len(held)]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def _cache_file(cache_dir: Any, key: str) -> Any:
+    from pathlib import Path
+
+    return Path(cache_dir) / f"selection-{key}.pt"
+
+
+def _cache_load(cache_dir: Any, key: str | None) -> dict | None:
+    if key is None:
+        return None
+    f = _cache_file(cache_dir, key)
+    if not f.exists():
+        return None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged entry is measured again
+        log.warning("selection cache %s unreadable (%s); measuring again", f, e)
+        return None
+
+
+def _cache_save(cache_dir: Any, key: str | None, entry: dict) -> None:
+    if key is None:
+        return
+    from archnet_fx.infra.instruments import atomic_write
+
+    atomic_write(_cache_file(cache_dir, key), lambda fh: torch.save(entry, fh), binary=True)
+
+
+def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
+           train: Sequence[tuple[tuple, dict]], held: Sequence[tuple[tuple, dict]], *,
+           options: SelectOptions, weight_bits: int, act_bits: int,
+           choices: dict[str, str] | None = None, prefer: str = "emulation",
+           allow_host_fallback: bool = False, seed: int = 0) -> Selection:
+    """Measure every candidate of every replaced node and choose (see the module docstring).
+    Nodes the user pinned in ``choices`` (by node name or kind) are not selected."""
+    from archnet_fx.cost.latency import estimate_latency
+    from archnet_fx.legalize import legalize
+
+    tgt = load_target(target)
+    t_start = time.perf_counter()
+    user = dict(choices or {})
+    call = [(a, k) for a, k in train]
+    one = _first_sample(held[0] if held else train[0])
+
+    def leg(extra: dict[str, str]):
+        return legalize(teacher, tgt, example, calib_data=[_as_call(b) for b in call],
+                        choices={**extra, **user}, prefer=prefer,
+                        allow_host_fallback=allow_host_fallback, verify=False)
+    l0 = leg({})
+    kind_of = {v.node: v.kind for v in l0.before.unsupported}
+    fid = _Fidelity(teacher, held)
+    base_nmse, base_cos = fid(l0.module)
+    selectable = {n: c for n, c in l0.choices.items()
+                  if n not in user and kind_of.get(n, "") not in user
+                  and _module_node(l0.module, n, c) is not None}
+    key = _cache_key(teacher, tgt, weight_bits, act_bits, prefer, user, allow_host_fallback,
+                     train, held, options, seed)
+    entry = _cache_load(options.cache_dir, key)
+    if entry is not None and entry["selectable"] == selectable:
+        out = [Option(**d) for d in entry["options"]]
+        fitted = {tuple(k.split("|", 1)): v for k, v in entry["fitted"].items()}
+        default_s, original_s, notes = entry["default_s"], entry["original_s"], entry["notes"]
+        PROGRESS.info("selection: %d measured option(s) from the cache (%s)", len(out),
+                      _cache_file(options.cache_dir, key))
+    else:
+        out, fitted, default_s, original_s, notes = _measure(
+            teacher, tgt, l0, leg, selectable, kind_of, fid, base_nmse, call, one, options,
+            weight_bits, act_bits, prefer, seed)
+        _cache_save(options.cache_dir, key, {
+            "selectable": selectable, "options": [dataclasses.asdict(o) for o in out],
+            "fitted": {f"{n}|{c}": v for (n, c), v in fitted.items()},
+            "default_s": default_s, "original_s": original_s, "notes": notes})
     base_s = default_s - sum(o.latency_s for o in out if o.default)
     measure_s = time.perf_counter() - t_start
 
@@ -483,7 +576,7 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
 
 
 def assemble(l0: Any, defaults: dict[str, str], chosen: dict[str, str],
-             fitted: dict[tuple[str, str], torch.nn.Module], leg: Any) -> Any:
+             fitted: dict[tuple[str, str], dict], leg: Any) -> Any:
     """The legalization with the chosen candidates (``leg(node choices)``), each measured
     candidate's locally fitted module loaded in place of its fresh one; ``l0`` itself when
     nothing changed."""
@@ -493,7 +586,11 @@ def assemble(l0: Any, defaults: dict[str, str], chosen: dict[str, str],
     res = leg(changed)
     for n, c in changed.items():
         if (n, c) in fitted and res.choices.get(n) == c:
-            res.module.add_submodule(f"{n}_{c}", copy.deepcopy(fitted[(n, c)]))
+            try:
+                res.module.get_submodule(f"{n}_{c}").load_state_dict(fitted[(n, c)])
+            except (AttributeError, RuntimeError) as e:
+                log.warning("%s → %s: fitted parameters not loaded (%s); it starts fresh", n, c,
+                            str(e).splitlines()[0])
     return res
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from archnet_fx.selection import select as measure_and_select
 from archnet_fx.train.partition import Block, block_table, partition
 from archnet_fx.infra.records import PassRecord
 from archnet_fx import pipelines
+from archnet_fx.infra.instruments import tensor_digest
 from archnet_fx.infra.manager import PassManager
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.pipelines import as_graph_module
@@ -260,19 +260,6 @@ def _split_holdout(batches: list, holdout: int | float) -> tuple[list, list]:
 SETTINGS_NAME = "transform_settings.json"
 
 
-def _digest(tensors: Iterable[Any]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-            try:   # the raw bytes, whatever the dtype (bf16 has no numpy type)
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                         .numpy().tobytes())
-            except (RuntimeError, TypeError, NotImplementedError):
-                pass   # quantized / meta tensors: shape and dtype only
-    return h.hexdigest()
-
-
 def _settings(model: Any, target: str, w_bits: int, a_bits: int, opts: DistillOptions,
               holdout: Any, choices: Any, granularity: Any, cut_nodes: Any, prefer: str,
               *rest: Any) -> dict[str, Any]:
@@ -286,7 +273,7 @@ def _settings(model: Any, target: str, w_bits: int, a_bits: int, opts: DistillOp
                           repr(holdout), repr(sorted((choices or {}).items())),
                           repr(granularity), repr(tuple(cut_nodes or ())), prefer,
                           *[repr(r) for r in rest]],
-            "model": _digest(v for _, v in sorted(state.items()))}
+            "model": tensor_digest(v for _, v in sorted(state.items()))}
 
 
 def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list
@@ -298,7 +285,7 @@ def _check_resume(checkpoint_dir: Any, settings: dict[str, Any], batches: list
 
     from archnet_fx.train.distill import CHECKPOINT_NAME
 
-    settings = dict(settings, batches=_digest(t for b in batches
+    settings = dict(settings, batches=tensor_digest(t for b in batches
                                               for t in pytree.tree_leaves(b)))
     d = Path(checkpoint_dir)
     f = d / SETTINGS_NAME
@@ -391,7 +378,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               surrogate_weight_bits: int | None = None, verify: bool = True,
               select: str = "order", max_seq_len: int | str | None = "auto",
               speedup: float | None = None, latency_budget: float | None = None,
-              min_fidelity: float | None = None, **distill_options: Any) -> TransformResult:
+              min_fidelity: float | None = None, cache_dir: Any = None,
+              **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
     Extra keyword arguments go to :class:`~archnet_fx.train.distill.DistillOptions` (``lr_surrogate``,
@@ -403,6 +391,11 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
     length from 2 up to it (see :func:`archnet_fx.capture`); calibration batches keep the
     example's shape. Under ``"auto"`` a model or rewrite that fixes the length keeps the
     example's, with a note in the report.
+    ``speedup`` / ``latency_budget`` (seconds) / ``min_fidelity`` (held-out mean cosine) replace
+    the default candidates by a measured selection (:mod:`archnet_fx.selection`): every
+    candidate of every replaced node is fitted and measured, one integer program chooses, and
+    distillation starts from the fitted modules; ``cache_dir`` keeps the measurements so another
+    budget on the same model and data skips them. The report's ``selection`` holds the table.
     """
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -443,7 +436,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                           f"got {type(choices).__name__}")
     LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback)  # validates prefer
     sel_opts = SelectOptions(speedup=speedup, latency_budget=latency_budget,
-                             min_fidelity=min_fidelity)
+                             min_fidelity=min_fidelity, cache_dir=cache_dir)
     for name, flag in (("allow_host_fallback", allow_host_fallback), ("verify", verify)):
         if not isinstance(flag, bool):
             raise OptionError(f"{name} must be a bool, got {flag!r}")
@@ -452,7 +445,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         settings = _check_resume(checkpoint_dir, _settings(
             model, tgt.name, w_bits, a_bits, opts, holdout, choices, granularity, cut_nodes,
             prefer, allow_host_fallback, quantize_surrogates, surrogate_weight_bits, select,
-            max_seq_len), batches)
+            max_seq_len, speedup, latency_budget, min_fidelity), batches)
     notes: list[str] = []
     if calib_data is None:
         notes.append("no calib_data: distilled on the example inputs only")

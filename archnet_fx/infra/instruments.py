@@ -104,6 +104,25 @@ def to_dot(g: nx.DiGraph, title: str = "graph") -> str:
     return "\n".join(lines) + "\n"
 
 
+def tensor_digest(tensors: Iterable[Any]) -> str:
+    """SHA-256 over the shapes, dtypes and raw bytes of ``tensors`` (non-tensors skipped): the
+    key of a checkpoint's or a cache entry's model and data."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+            try:   # the raw bytes, whatever the dtype (bf16 has no numpy type)
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                         .numpy().tobytes())
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass   # quantized / meta tensors: shape and dtype only
+    return h.hexdigest()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename (no partial files)."""
     return atomic_write(path, lambda f: f.write(text))

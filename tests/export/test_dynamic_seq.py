@@ -130,7 +130,7 @@ def test_ones_matmul_row_sum_is_exact_per_row_at_any_length():
 
 
 def test_resume_settings_digest_takes_any_dtype():
-    from archnet_fx.transform import _digest
+    from archnet_fx.infra.instruments import tensor_digest as _digest
     a = _digest([torch.ones(3, dtype=torch.bfloat16)])
     b = _digest([torch.zeros(3, dtype=torch.bfloat16)])
     assert a != b and len(a) == 64

@@ -115,3 +115,35 @@ def test_an_impossible_budget_raises_before_training(tiny_bert_run):
     with pytest.raises(SelectionError, match="fastest achievable"):
         ax.transform(m, "npu_a", ex, batches, steps=2, holdout=2, progress=False,
                      verify=False, speedup=1000.0)
+
+
+def test_cache_is_reused_for_a_new_budget_and_not_for_new_data(tiny_bert_run, tmp_path, caplog):
+    import logging
+
+    from archnet_fx.demo import zoo
+
+    m, ex, batches, ax = tiny_bert_run
+    kw = dict(steps=1, holdout=2, progress=False, verify=False, cache_dir=tmp_path)
+    caplog.set_level(logging.INFO, logger="archnet_fx.progress")
+    a = ax.transform(m, "npu_a", ex, batches, speedup=2.0, **kw).report.selection
+    assert len(list(tmp_path.glob("selection-*.pt"))) == 1
+    assert "from the cache" not in caplog.text
+    caplog.clear()
+    b = ax.transform(m, "npu_a", ex, batches, speedup=6.0, **kw).report.selection
+    assert "from the cache" in caplog.text
+    assert [(o.node, o.candidate, o.cost) for o in a.options] == \
+        [(o.node, o.candidate, o.cost) for o in b.options]
+    assert b.measure_s < a.measure_s
+    caplog.clear()
+    other = zoo.random_batches("bert_tiny", 6, 8, seed=1)       # new data: measured again
+    ax.transform(m, "npu_a", ex, other, speedup=2.0, **kw)
+    assert "from the cache" not in caplog.text
+    assert len(list(tmp_path.glob("selection-*.pt"))) == 2
+
+
+def test_cache_dir_that_is_a_file_is_refused_before_work(tiny_bert_run, tmp_path):
+    m, ex, batches, ax = tiny_bert_run
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(OptionError, match="cache_dir"):
+        ax.transform(m, "npu_a", ex, batches, speedup=2.0, cache_dir=f / "sub")
