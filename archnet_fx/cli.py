@@ -454,34 +454,24 @@ MODEL_HELP = ("built-in name (archnet-fx models), package.module:factory (the cu
               "directory is importable) or a Hugging Face model directory")
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+def _number(convert: Any, ok: Any, expected: str) -> Any:
+    """An argparse ``type``: ``convert(text)`` when it parses and ``ok(value)``, else the error
+    "expected <expected>"."""
+    def parse(text: str) -> Any:
+        try:
+            v = convert(text)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+    return parse
 
 
-def _share(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
+_positive = _number(int, lambda n: n >= 1, "a positive integer")
+_share = _number(float, lambda v: 0 <= v < 1, "a share in [0, 1)")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_cosine = _number(float, lambda v: 0 < v < 1, "a cosine between 0 and 1")
 
 
 def _duration(text: str) -> float:
@@ -500,16 +490,6 @@ def _duration(text: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a duration such as 900us, 1.2ms or 0.001s, "
                                           f"got {text!r}")
-    return v
-
-
-def _cosine(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a cosine between 0 and 1, got {text!r}")
     return v
 
 

@@ -19,8 +19,8 @@ min_fidelity=None, ...) -> Selection``
    quantization comes after selection.
 3. **Latency** of candidate *c* at node *n*: the cost model's time of its module's nodes
    (``estimate_latency`` rows ``<node>_<candidate>/...`` in the legalization that used it,
-   batch 1, fused epilogues included), plus its share of the change it makes on the host link
-   (a host lookup uploads the rows it read instead of a one-hot matrix). The network's latency is taken as additive: the rest of
+   batch 1, fused epilogues included), plus its share of the change it makes outside the
+   surrogate modules (a host lookup removes the prologue's one-hot matrix and its upload). The network's latency is taken as additive: the rest of
    ``L0`` (its total minus its default modules' time) plus the chosen modules' times.
    :attr:`Selection.predicted_s` is that sum; the assembled network's estimate is reported
    beside it (``assembled_s``) so the error of the additive model is visible.
@@ -63,8 +63,9 @@ from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
 
-#: Latency rows of the host link (uploads and downloads), charged to the candidate that changes them.
-LINK_KEY = "<link>"
+#: The estimate outside every surrogate module (host link, prologue, hand-offs); a candidate is
+#: charged the change it makes to it.
+REST_KEY = "<rest>"
 #: Calibration batches the candidates are fitted on (their inputs recorded in ``L0``).
 FIT_BATCHES = 4
 
@@ -375,13 +376,13 @@ def _latency_by_module(gm: torch.fx.GraphModule, tgt: Target, one: Any, wbits: i
 
     rep = estimate_latency(gm, tgt, one, weight_bits=wbits, act_bits=abits)
     mods = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    per: dict[str, float] = {LINK_KEY: 0.0}
+    per: dict[str, float] = {}
     for r in rep.rows:
         head = r.name.split("/", 1)[0]
         if head in mods:
             per[head] = per.get(head, 0.0) + r.time_s
-        elif r.where == "io":             # the host link: what goes up and down
-            per[LINK_KEY] += r.time_s
+    # everything outside the modules: the host link, the prologue, region hand-offs
+    per[REST_KEY] = rep.total_s - sum(per.values())
     return rep.total_s, per
 
 
@@ -423,10 +424,10 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
             todo = [n for n in nodes if lc.choices.get(n) == cand and selectable[n] != cand]
             if not todo:
                 continue
-            # what the candidate changes on the host link (a host lookup uploads the rows it
-            # read instead of a one-hot matrix), shared among the nodes it replaced
-            link = (per_c[LINK_KEY] - per0[LINK_KEY]) / len(todo)
-            per_c = {k: v + link for k, v in per_c.items()}
+            # what the candidate changes outside its modules (a host lookup uploads the rows it
+            # read instead of a one-hot matrix built in the prologue), shared among its nodes
+            rest = (per_c[REST_KEY] - per0[REST_KEY]) / len(todo)
+            per_c = {k: v + rest for k, v in per_c.items()}
             if styles.get(cand) in LOSSLESS:     # exact or host: nothing to fit, nothing lost
                 out += [Option(n, kind, cand, styles[cand], per_c.get(f"{n}_{cand}", 0.0), 0.0)
                         for n in todo]
@@ -455,7 +456,7 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
 
 
 #: Bumped when the measurement changes meaning (a cache entry of another recipe is not reused).
-RECIPE = 2
+RECIPE = 3
 
 
 def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: int, prefer: str,
