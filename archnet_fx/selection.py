@@ -427,10 +427,12 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
             # what the candidate changes outside its modules (a host lookup uploads the rows it
             # read instead of a one-hot matrix built in the prologue), shared among its nodes
             rest = (per_c[REST_KEY] - per0[REST_KEY]) / len(todo)
-            per_c = {k: v + rest for k, v in per_c.items()}
+
+            def lat(n: str, cand: str = cand, per_c: dict = per_c, rest: float = rest) -> float:
+                # a host candidate has no module of its own: all of it is in the rest
+                return per_c.get(f"{n}_{cand}", 0.0) + rest
             if styles.get(cand) in LOSSLESS:     # exact or host: nothing to fit, nothing lost
-                out += [Option(n, kind, cand, styles[cand], per_c.get(f"{n}_{cand}", 0.0), 0.0)
-                        for n in todo]
+                out += [Option(n, kind, cand, styles[cand], lat(n), 0.0) for n in todo]
                 PROGRESS.info("selection: %s → %s (lossless) at %d node(s)", kind, cand,
                               len(todo))
                 continue
@@ -448,15 +450,14 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
                 local = _fit(mod, io[f"{n}_{c0}"], options.steps, options.lr, seed + i)
                 fitted[(n, cand)] = {k: v.detach().clone() for k, v in mod.state_dict().items()}
                 nmse, _ = fid(_swap(l0.module, {n: (c0, cand, mod)}))
-                out.append(Option(n, kind, cand, styles.get(cand, "?"),
-                                  per_c.get(f"{n}_{cand}", 0.0), max(nmse - base_nmse, 0.0),
-                                  local))
+                out.append(Option(n, kind, cand, styles.get(cand, "?"), lat(n),
+                                  max(nmse - base_nmse, 0.0), local))
             PROGRESS.info("selection: measured %s → %s at %d node(s)", kind, cand, len(todo))
     return out, fitted, default_s, original_s, notes
 
 
 #: Bumped when the measurement changes meaning (a cache entry of another recipe is not reused).
-RECIPE = 3
+RECIPE = 4
 
 
 def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: int, prefer: str,
