@@ -594,7 +594,9 @@ def assemble(l0: Any, defaults: dict[str, str], chosen: dict[str, str],
     changed = {n: c for n, c in chosen.items() if defaults.get(n) != c}
     if not changed:
         return l0
-    res = leg(changed)
+    # every node pinned by name: a node may be named like a kind ("softmax"), and a choice
+    # under that key alone would move every node of the kind
+    res = leg({**defaults, **chosen})
     for n, c in changed.items():
         if (n, c) in fitted and res.choices.get(n) == c:
             try:
