@@ -497,9 +497,14 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             notes.append(f"sequence length fixed at the example's: {str(e).splitlines()[0]}")
             leg = legalize_or_select(teacher)
         seconds["legalize"] = time.perf_counter() - t0
-        PROGRESS.info("legalize for %s: %d unsupported node(s) before, %d after, %d "
-                      "surrogate(s) (%.1f s)", tgt.name, len(leg.before.unsupported),
-                      len(leg.after.unsupported), len(leg.choices), seconds["legalize"])
+        if selection is not None:     # the measured selection ran inside this stage
+            seconds["select"] = selection.measure_s
+            seconds["legalize"] -= selection.measure_s
+        PROGRESS.info("legalize for %s%s: %d unsupported node(s) before, %d after, %d "
+                      "surrogate(s) (%.1f s)", tgt.name,
+                      "" if selection is None else " with the selected candidates",
+                      len(leg.before.unsupported), len(leg.after.unsupported), len(leg.choices),
+                      seconds["legalize"])
 
         t0 = time.perf_counter()
         student = copy.deepcopy(leg.module)  # passes share parameters: train a private copy
