@@ -366,7 +366,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
     from archnet_fx.export.onnx import check_output_path
     from archnet_fx.infra.progress import stage
     from archnet_fx.targets import load_target
-    from archnet_fx.workflow.calib import form_of
+    from archnet_fx.workflow.calib import check_paths
 
     if not args.out and not args.out_dir:
         raise UsageError("say where the result goes: --out-dir DIR (model.onnx, report.md, "
@@ -380,10 +380,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
         check_output_path(args.golden)
     tgt = load_target(args.target)
     tgt.quant.check_bits(args.weight_bits, args.act_bits)  # fail early on bad bits
-    for p in args.calib:                    # cheap checks before loading the model
-        if not Path(p).exists():
-            raise UsageError(f"--calib {p}: no such file or directory")
-        form_of(Path(p))
+    if args.calib and args.random_calib:
+        raise UsageError("--calib and --random-calib: give one (real data, or random samples)")
+    if args.calib:                          # cheap checks before loading the model
+        check_paths(args.calib)
     t_all = time.perf_counter()
     times: dict[str, float] = {}
     with stage("load model") as st:

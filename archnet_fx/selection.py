@@ -418,7 +418,8 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
             try:
                 lc = leg({kind: cand})
             except UnsupportedOpError as e:
-                notes.append(f"{kind}→{cand}: not offered here ({str(e).splitlines()[0]})")
+                notes.append(f"{kind}→{cand}: not offered here "
+                             f"({(str(e).splitlines() or [type(e).__name__])[0]})")
                 continue
             _, per_c = _latency_by_module(lc.module, tgt, one, weight_bits, act_bits)
             todo = [n for n in nodes if lc.choices.get(n) == cand and selectable[n] != cand]
@@ -475,8 +476,9 @@ def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: in
              hashlib.sha256(teacher.code.encode()).hexdigest(), repr(tgt), wbits, abits, prefer,
              sorted(user.items()), host, seed, RECIPE, FIT_BATCHES, options.steps, options.lr,
              torch.__version__,
-             tensor_digest(t for b in list(train) + ["|"] + list(held)
-                           for t in pytree.tree_leaves(b)), len(train), len(held)]
+             tensor_digest(t for b in list(train) + list(held) for t in pytree.tree_leaves(b)),
+             [str(pytree.tree_structure(b)) for b in list(train) + list(held)],
+             len(train), len(held)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
@@ -566,7 +568,8 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
         assembled = result.module
         cos = fid(assembled)[1]
         if (options.min_fidelity is None or budget is not None
-                or cos >= options.min_fidelity or resolves >= options.max_resolves):
+                or cos >= options.min_fidelity or resolves >= options.max_resolves
+                or objective <= 0):          # nothing left to tighten: the lossless choice
             break
         resolves += 1
         max_cost = objective / 2
@@ -603,7 +606,7 @@ def assemble(l0: Any, defaults: dict[str, str], chosen: dict[str, str],
                 res.module.get_submodule(f"{n}_{c}").load_state_dict(fitted[(n, c)])
             except (AttributeError, RuntimeError) as e:
                 log.warning("%s → %s: fitted parameters not loaded (%s); it starts fresh", n, c,
-                            str(e).splitlines()[0])
+                            (str(e).splitlines() or [type(e).__name__])[0])
     return res
 
 

@@ -23,6 +23,7 @@ naming the file and the line, image or array, before any expensive work.
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,6 +60,20 @@ def form_of(path: Path) -> str:
     return "text"
 
 
+def check_paths(paths: Sequence[str | Path]) -> str:
+    """The cheap checks, before any model is loaded: every path exists, one form for all;
+    returns the form."""
+    ps = [Path(p) for p in paths]
+    for p in ps:
+        if not p.exists():
+            raise CalibrationError(f"--calib {p}: no such file or directory")
+    forms = {form_of(p) for p in ps}
+    if len(forms) > 1:
+        raise CalibrationError(f"--calib paths mix forms ({', '.join(sorted(forms))}): give one "
+                               "form per run (text files, image folders or tensor files)")
+    return forms.pop()
+
+
 def load_calibration(paths: Sequence[str | Path], loaded: Any, *, seq_len: int = 128,
                      batch_size: int = 16, limit: int | None = None,
                      image_size: int | None = None, mean: Sequence[float] | None = None,
@@ -72,14 +87,7 @@ def load_calibration(paths: Sequence[str | Path], loaded: Any, *, seq_len: int =
     if limit is not None and limit < 1:
         raise CalibrationError(f"--limit must be >= 1, got {limit}")
     ps = [Path(p) for p in paths]
-    for p in ps:
-        if not p.exists():
-            raise CalibrationError(f"--calib {p}: no such file or directory")
-    forms = {form_of(p) for p in ps}
-    if len(forms) > 1:
-        raise CalibrationError(f"--calib paths mix forms ({', '.join(sorted(forms))}): give one "
-                               "form per run (text files, image folders or tensor files)")
-    form = forms.pop()
+    form = check_paths(ps)
     parts: list[Any] = []
     for p in ps:
         if form == "text":
@@ -98,6 +106,22 @@ def load_calibration(paths: Sequence[str | Path], loaded: Any, *, seq_len: int =
 
 
 # --------------------------------------------------------------------------- text
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def ensure_padding(tok: Any, name: str) -> None:
+    """Padding to a fixed length needs a pad token; decoder tokenizers (GPT-2, Llama) ship
+    without one: their end-of-sequence token pads (the attention mask hides it), as is usual."""
+    if getattr(tok, "pad_token", None) is not None:
+        return
+    if getattr(tok, "eos_token", None) is None:
+        raise CalibrationError(f"the tokenizer of {name!r} has neither a pad nor an "
+                               "end-of-sequence token, so text cannot be padded to --seq-len; "
+                               "tokenize yourself and pass an .npz of input_ids/attention_mask")
+    tok.pad_token = tok.eos_token
 
 
 def _text(path: Path, loaded: Any, seq_len: int) -> Any:
@@ -126,8 +150,13 @@ def _text(path: Path, loaded: Any, seq_len: int) -> Any:
     if not lines:
         raise CalibrationError(f"--calib {path}: no text (the file is empty or blank); give one "
                                "sample per line")
-    enc = tok(lines, padding="max_length", truncation=True, max_length=seq_len,
-              return_tensors="pt")
+    ensure_padding(tok, loaded.name)
+    try:
+        enc = tok(lines, padding="max_length", truncation=True, max_length=seq_len,
+                  return_tensors="pt")
+    except (ValueError, TypeError) as e:
+        raise CalibrationError(f"--calib {path}: the tokenizer refused the text: "
+                               f"{_first_line(e)}") from None
     names = list(getattr(loaded, "input_names", []) or [])
     out = {k: v for k, v in enc.items() if not names or k in names}
     if not out:
@@ -206,21 +235,28 @@ def _tensors(path: Path, loaded: Any) -> Any:
         if suffix == ".npy":
             listed = [np.load(path, allow_pickle=False)]
         elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                named = {k: z[k] for k in z.files}
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    named = {k: z[k] for k in z.files}
+            except zipfile.BadZipFile as e:
+                raise CalibrationError(f"--calib {path}: not a readable .npz file ({e})") from None
         else:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - pickle refusals come in several types
                 raise CalibrationError(
                     f"--calib {path}: not loadable with torch.load(weights_only=True) "
-                    f"({str(e).splitlines()[0][:200]}); save plain tensors (a tensor, a list "
+                    f"({_first_line(e)[:200]}); save plain tensors (a tensor, a list "
                     "or a dict of tensors) — arbitrary pickled objects are never loaded") from None
             if isinstance(obj, torch.Tensor):
                 listed = [obj]
             elif isinstance(obj, (list, tuple)):
                 listed = list(obj)
             elif isinstance(obj, dict):
+                bad = [k for k in obj if not isinstance(k, str)]
+                if bad:
+                    raise CalibrationError(f"--calib {path}: a dict with key {bad[0]!r}; name "
+                                           "the tensors after the model's forward parameters")
                 named = dict(obj)
             else:
                 raise CalibrationError(f"--calib {path}: holds a {type(obj).__name__}; save a "
@@ -235,6 +271,12 @@ def _tensors(path: Path, loaded: Any) -> Any:
         raise CalibrationError(f"--calib {path}: holds no tensors")
 
     def as_tensor(name: str, a: Any) -> torch.Tensor:
+        if isinstance(a, np.ndarray):
+            if a.dtype.kind not in "biuf":
+                raise CalibrationError(f"--calib {path}: {name} holds {a.dtype} values; give "
+                                       "numbers (bool, integer or float arrays)")
+            if a.dtype.kind == "u" and a.dtype.itemsize > 1:
+                a = a.astype(np.int64)       # torch has no wide unsigned types
         t = a if isinstance(a, torch.Tensor) else (
             torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else None)
         if t is None:

@@ -80,6 +80,11 @@ def forward_params(model: Any) -> list[str]:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def is_hf_dir(spec: str) -> bool:
     return Path(spec).is_dir()
 
@@ -134,7 +139,12 @@ def _load_factory(spec: str, input_shapes: Sequence[str]) -> LoadedModel:
     if not callable(factory):
         raise UsageError(f"{mod_name} has no callable {fn_name!r} (MODEL is "
                          "package.module:factory)")
-    made = factory()
+    try:
+        with _cwd_importable():          # the factory may import its neighbours too
+            made = factory()
+    except Exception as e:  # noqa: BLE001 - the user's code: name it, not a traceback
+        raise UsageError(f"MODEL {spec}: {fn_name}() raised {type(e).__name__}: "
+                         f"{_first_line(e)}") from e
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         return LoadedModel(made[0], made[1], spec, "factory",
                            input_names=forward_params(made[0]))
@@ -189,23 +199,23 @@ def load_hf_dir(path: str | Path) -> LoadedModel:
     if not weights:
         raise UsageError(f"{d}: config.json but no weights (*.safetensors or pytorch_model.bin) "
                          "in the directory")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with quiet_transformers():
         try:
-            model = AutoModel.from_pretrained(str(d), attn_implementation="eager")
+            model = AutoModel.from_pretrained(str(d), attn_implementation="eager",
+                                              local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise UsageError(f"{d}: transformers could not load the model: "
-                             f"{str(e).splitlines()[0]}") from e
+                             f"{_first_line(e)}") from e
         model.eval()
         tok = proc = None
         if any((d / f).is_file() for f in TOKENIZER_FILES):
             try:
-                tok = AutoTokenizer.from_pretrained(str(d))
+                tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
             except (OSError, ValueError) as e:
                 log.warning("%s: tokenizer files present but not loadable (%s)", d, e)
         if any((d / f).is_file() for f in IMAGE_PROCESSOR_FILES):
             try:
-                proc = AutoImageProcessor.from_pretrained(str(d))
+                proc = AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
             except (OSError, ValueError) as e:
                 log.warning("%s: image processor present but not loadable (%s)", d, e)
     return LoadedModel(model, None, str(path).rstrip("/\\") or str(d), "hf", tokenizer=tok, image_processor=proc,
@@ -218,6 +228,9 @@ def shape_example(loaded: LoadedModel, seq_len: int = 128, batch: int = 1) -> An
     if loaded.example is not None:
         return loaded.example
     if loaded.tokenizer is not None:
+        from archnet_fx.workflow.calib import ensure_padding
+
+        ensure_padding(loaded.tokenizer, loaded.name)
         enc = loaded.tokenizer(["an example sentence"] * batch, padding="max_length",
                                truncation=True, max_length=seq_len, return_tensors="pt")
         names = loaded.input_names

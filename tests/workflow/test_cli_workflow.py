@@ -186,6 +186,10 @@ def _bad_files(d):
     (d / "pickled.pt").write_bytes(pickle.dumps(Opaque()))
     torch.save({"x": torch.zeros(2, 12), "opaque": Opaque()}, d / "object.pt")
     (d / "trunc.npy").write_bytes(b"\x93NUMPY garbage")
+    (d / "empty.pt").write_bytes(b"")
+    (d / "zip.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.save(d / "strings.npy", np.array(["a", "b"]))
+    torch.save({0: torch.zeros(2, 12)}, d / "intkeys.pt")
     return {
         "empty": ("empty.txt", ["empty.txt", "no text"]),
         "blank": ("blank.txt", ["blank.txt", "no text"]),
@@ -200,12 +204,17 @@ def _bad_files(d):
         "object": ("object.pt", ["object.pt", "weights_only=True"]),
         "truncated": ("trunc.npy", ["trunc.npy", "not a readable .npy"]),
         "missing": ("nowhere.npz", ["nowhere.npz", "no such file"]),
+        "empty pt": ("empty.pt", ["empty.pt", "weights_only=True"]),
+        "corrupt npz": ("zip.npz", ["zip.npz", "not a readable .npz"]),
+        "strings": ("strings.npy", ["strings.npy", "give numbers"]),
+        "int keys": ("intkeys.pt", ["intkeys.pt", "key 0"]),
     }
 
 
 @pytest.mark.parametrize("case", ["empty", "blank", "binary", "broken image", "no images",
                                   "wrong shape", "nan", "unknown names", "ragged", "pickle",
-                                  "object", "truncated", "missing"])
+                                  "object", "truncated", "missing", "empty pt", "corrupt npz",
+                                  "strings", "int keys"])
 def test_bad_calibration_files_get_one_typed_error(capsys, user_dir, bert_dir, case):
     path, needles = _bad_files(user_dir)[case]
     model = bert_dir if path.endswith(".txt") else "mymods_wf:tiny"
@@ -253,3 +262,47 @@ def test_selection_flags_write_the_front(capsys, user_dir):
     with pytest.raises(SystemExit):
         main(["transform", "mymods_wf:tiny", "-t", "npu_a", "--latency-budget", "fast",
               "-o", "m.onnx"])
+
+
+def test_factory_importing_its_neighbour_and_failing_factories(capsys, user_dir):
+    (user_dir / "helper_wf.py").write_text("import torch\nfrom torch import nn\n"
+                                          "def make():\n    return nn.Linear(12, 4)\n")
+    (user_dir / "uses_wf.py").write_text(
+        "import torch\ndef tiny():\n    from helper_wf import make\n"
+        "    return make(), (torch.randn(2, 12),)\n"
+        "def broken():\n    raise RuntimeError('no weights here')\n")
+    code, out, err = run(capsys, "inspect", "uses_wf:tiny", "-t", "npu_a", "--no-verify")
+    assert code == 0, err
+    one_error(*run(capsys, "inspect", "uses_wf:broken", "-t", "npu_a"),
+              "uses_wf:broken", "RuntimeError", "no weights here")
+    for m in ("uses_wf", "helper_wf"):
+        sys.modules.pop(m, None)
+
+
+def test_mixed_forms_fail_before_the_model_loads(capsys, user_dir, monkeypatch):
+    import archnet_fx.workflow.models as models
+
+    (user_dir / "s.txt").write_text("a\n")
+    np.save(user_dir / "a.npy", np.zeros((2, 12), np.float32))
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the calibration files were checked")
+    monkeypatch.setattr(models, "load_hf_dir", boom)
+    monkeypatch.setattr(models, "_load_factory", boom)
+    one_error(*run(capsys, "transform", "mymods_wf:tiny", "-t", "npu_a", "--calib", "s.txt",
+                   "--calib", "a.npy", "-o", "m.onnx"), "mix forms")
+    one_error(*run(capsys, "transform", "mymods_wf:tiny", "-t", "npu_a", "--calib", "a.npy",
+                   "--random-calib", "-o", "m.onnx"), "--random-calib")
+
+
+def test_tokenizers_without_a_pad_token_pad_with_end_of_sequence():
+    from types import SimpleNamespace
+
+    from archnet_fx.errors import CalibrationError
+    from archnet_fx.workflow.calib import ensure_padding
+
+    tok = SimpleNamespace(pad_token=None, eos_token="<|endoftext|>")
+    ensure_padding(tok, "gpt-like")
+    assert tok.pad_token == "<|endoftext|>"
+    with pytest.raises(CalibrationError, match="neither a pad nor an end-of-sequence"):
+        ensure_padding(SimpleNamespace(pad_token=None, eos_token=None), "bare")
