@@ -40,7 +40,8 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from archnet_fx.errors import CalibrationError, CaptureError, InputError, OptionError
+from archnet_fx.errors import (CalibrationError, CaptureError, InputError, OptionError,
+                               first_line)
 from archnet_fx.ir.opkinds import MODULE_KINDS, annotate_kinds
 from archnet_fx.ir.meta import CAPTURE_META_KEY, EXAMPLE_META_KEY
 from archnet_fx.ir.shapes import propagate_shapes, shape_example
@@ -90,6 +91,24 @@ class LeafTracer(torch.fx.Tracer):
 
 
 # --------------------------------------------------------------------------- inputs
+
+def as_call(batch: tuple[tuple, dict]) -> Any:
+    """An ``(args, kwargs)`` batch back in the form a caller passes it: the kwargs dict for a
+    keyword-only batch, else the args tuple."""
+    args, kwargs = batch
+    return kwargs if kwargs and not args else args
+
+
+def first_sample(inputs: Any) -> Any:
+    """The first sample of a tensor, a tuple or a dict of inputs (batch dimension kept)."""
+    def first(t: Any) -> Any:
+        return t[:1] if isinstance(t, torch.Tensor) and t.dim() else t
+    if isinstance(inputs, Mapping):
+        return {k: first(v) for k, v in inputs.items()}
+    if isinstance(inputs, torch.Tensor):
+        return first(inputs)
+    return tuple(first(v) for v in inputs)
+
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """Split example inputs into (args, kwargs); raise :class:`InputError` on bad kinds."""
@@ -644,5 +663,4 @@ def _eager_check(work: nn.Module, args: tuple, kwargs: dict, names: list[str],
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else "(no message)"
+    return first_line(e, empty="(no message)")

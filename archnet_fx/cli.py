@@ -349,17 +349,6 @@ def _random_batches(ex: Any, n: int, bs: int) -> list[Any]:
     return out
 
 
-def _first_sample(batch: Any) -> Any:
-    import torch
-
-    if isinstance(batch, dict):
-        return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() else v
-                for k, v in batch.items()}
-    if isinstance(batch, torch.Tensor):
-        return batch[:1]
-    return tuple(v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
-
-
 def cmd_transform(args: argparse.Namespace) -> int:
     """Legalize, fake-quantize, distill, convert to Q/DQ and export ONNX (and, with --out-dir,
     the reports and figures)."""
@@ -422,7 +411,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
         from archnet_fx.workflow.artifacts import write_reports
 
         with stage("reports") as st:
-            one = _first_sample(batches[0])
+            from archnet_fx.capture import first_sample
+
+            one = first_sample(batches[0])
             bits = dict(weight_bits=res.report.weight_bits, act_bits=res.report.act_bits)
             before = estimate_latency(lm.model, tgt, one, **bits)
             after = estimate_latency(res.module, tgt, one, **bits)

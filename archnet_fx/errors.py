@@ -64,3 +64,10 @@ class CheckpointError(ArchnetError, ValueError):
 class ExportError(ArchnetError, RuntimeError):
     """ONNX export failed: an op the target cannot run, a checker or onnxruntime failure, or a
     mismatch between the exported model and the torch module. No file is left behind."""
+
+
+def first_line(e: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message, for quoting another library's complaint inside
+    one of ours; ``empty`` (default: the exception's type name) when it has no message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else (empty or type(e).__name__)

@@ -56,7 +56,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from archnet_fx.errors import OptionError, UnsupportedOpError
+from archnet_fx.capture import as_call, first_sample
+from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.surrogate.base import LOSSLESS
 from archnet_fx.targets import Target, load_target
@@ -419,7 +420,7 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
                 lc = leg({kind: cand})
             except UnsupportedOpError as e:
                 notes.append(f"{kind}→{cand}: not offered here "
-                             f"({(str(e).splitlines() or [type(e).__name__])[0]})")
+                             f"({first_line(e)})")
                 continue
             _, per_c = _latency_by_module(lc.module, tgt, one, weight_bits, act_bits)
             todo = [n for n in nodes if lc.choices.get(n) == cand and selectable[n] != cand]
@@ -458,7 +459,7 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
 
 
 #: Bumped when the measurement changes meaning (a cache entry of another recipe is not reused).
-RECIPE = 4
+RECIPE = 5
 
 
 def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: int, prefer: str,
@@ -523,16 +524,15 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
     t_start = time.perf_counter()
     user = dict(choices or {})
     call = [(a, k) for a, k in train]
-    one = _first_sample(held[0] if held else train[0])
+    one = first_sample(as_call(held[0] if held else train[0]))
 
     def leg(extra: dict[str, str]):
-        return legalize(teacher, tgt, example, calib_data=[_as_call(b) for b in call],
+        return legalize(teacher, tgt, example, calib_data=[as_call(b) for b in call],
                         choices={**extra, **user}, prefer=prefer,
                         allow_host_fallback=allow_host_fallback, verify=False)
     l0 = leg({})
     kind_of = {v.node: v.kind for v in l0.before.unsupported}
     fid = _Fidelity(teacher, held)
-    base_nmse, base_cos = fid(l0.module)
     selectable = {n: c for n, c in l0.choices.items()
                   if n not in user and kind_of.get(n, "") not in user
                   and _module_node(l0.module, n, c) is not None}
@@ -543,16 +543,19 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
         out = [Option(**d) for d in entry["options"]]
         fitted = {tuple(k.split("|", 1)): v for k, v in entry["fitted"].items()}
         default_s, original_s, notes = entry["default_s"], entry["original_s"], entry["notes"]
+        base_nmse = entry["base_nmse"]
         PROGRESS.info("selection: %d measured option(s) from the cache (%s)", len(out),
                       _cache_file(options.cache_dir, key))
     else:
+        base_nmse, _ = fid(l0.module)
         out, fitted, default_s, original_s, notes = _measure(
             teacher, tgt, l0, leg, selectable, kind_of, fid, base_nmse, call, one, options,
             weight_bits, act_bits, prefer, seed)
         _cache_save(options.cache_dir, key, {
             "selectable": selectable, "options": [dataclasses.asdict(o) for o in out],
             "fitted": {f"{n}|{c}": v for (n, c), v in fitted.items()},
-            "default_s": default_s, "original_s": original_s, "notes": notes})
+            "default_s": default_s, "original_s": original_s, "notes": notes,
+            "base_nmse": base_nmse})
     base_s = default_s - sum(o.latency_s for o in out if o.default)
     measure_s = time.perf_counter() - t_start
 
@@ -606,20 +609,5 @@ def assemble(l0: Any, defaults: dict[str, str], chosen: dict[str, str],
                 res.module.get_submodule(f"{n}_{c}").load_state_dict(fitted[(n, c)])
             except (AttributeError, RuntimeError) as e:
                 log.warning("%s → %s: fitted parameters not loaded (%s); it starts fresh", n, c,
-                            (str(e).splitlines() or [type(e).__name__])[0])
+                            first_line(e))
     return res
-
-
-def _as_call(batch: tuple[tuple, dict]) -> Any:
-    args, kwargs = batch
-    return kwargs if kwargs and not args else (args if not kwargs else (args, kwargs))
-
-
-def _first_sample(batch: tuple[tuple, dict]) -> Any:
-    args, kwargs = batch
-
-    def first(t: Any) -> Any:
-        return t[:1] if isinstance(t, torch.Tensor) and t.dim() else t
-    if kwargs and not args:
-        return {k: first(v) for k, v in kwargs.items()}
-    return tuple(first(a) for a in args)

@@ -45,7 +45,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from archnet_fx.ir.meta import CAPTURE_META_KEY
-from archnet_fx.capture import calibration_batches, dynamic_seq
+from archnet_fx.capture import as_call, calibration_batches, dynamic_seq
 from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_check, distill,
                                       match_values)
 from archnet_fx.errors import CalibrationError, CheckpointError, OptionError, UnsupportedOpError
@@ -188,11 +188,6 @@ class TransformResult:
 
 
 # --------------------------------------------------------------------------- calibration
-
-
-def _as_call(batch: tuple[tuple, dict]) -> Any:
-    args, kwargs = batch
-    return kwargs if kwargs and not args else args
 
 
 def _validate_batches(gm: torch.fx.GraphModule, batches: Sequence[tuple[tuple, dict]]) -> None:
@@ -450,7 +445,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
     if calib_data is None:
         notes.append("no calib_data: distilled on the example inputs only")
     if example_inputs is None:
-        example_inputs = _as_call(batches[0])
+        example_inputs = as_call(batches[0])
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -473,7 +468,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         t0 = time.perf_counter()
         run_legalize = functools.partial(
             legalize, target=tgt, example_inputs=example_inputs,
-            calib_data=[_as_call(b) for b in train], choices=choices, prefer=prefer,
+            calib_data=[as_call(b) for b in train], choices=choices, prefer=prefer,
             allow_host_fallback=allow_host_fallback, verify=verify, select=select)
 
         def legalize_or_select(teacher: torch.fx.GraphModule) -> Any:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from archnet_fx.errors import CalibrationError
+from archnet_fx.errors import CalibrationError, first_line
 
 log = logging.getLogger("archnet_fx.workflow")
 
@@ -108,10 +108,6 @@ def load_calibration(paths: Sequence[str | Path], loaded: Any, *, seq_len: int =
 # --------------------------------------------------------------------------- text
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
-
-
 def ensure_padding(tok: Any, name: str) -> None:
     """Padding to a fixed length needs a pad token; decoder tokenizers (GPT-2, Llama) ship
     without one: their end-of-sequence token pads (the attention mask hides it), as is usual."""
@@ -156,7 +152,7 @@ def _text(path: Path, loaded: Any, seq_len: int) -> Any:
                   return_tensors="pt")
     except (ValueError, TypeError) as e:
         raise CalibrationError(f"--calib {path}: the tokenizer refused the text: "
-                               f"{_first_line(e)}") from None
+                               f"{first_line(e)}") from None
     names = list(getattr(loaded, "input_names", []) or [])
     out = {k: v for k, v in enc.items() if not names or k in names}
     if not out:
@@ -246,7 +242,7 @@ def _tensors(path: Path, loaded: Any) -> Any:
             except Exception as e:  # noqa: BLE001 - pickle refusals come in several types
                 raise CalibrationError(
                     f"--calib {path}: not loadable with torch.load(weights_only=True) "
-                    f"({_first_line(e)[:200]}); save plain tensors (a tensor, a list "
+                    f"({first_line(e)[:200]}); save plain tensors (a tensor, a list "
                     "or a dict of tensors) — arbitrary pickled objects are never loaded") from None
             if isinstance(obj, torch.Tensor):
                 listed = [obj]

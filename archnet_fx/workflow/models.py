@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from archnet_fx.errors import ArchnetError
+from archnet_fx.errors import ArchnetError, first_line
 
 log = logging.getLogger("archnet_fx.workflow")
 
@@ -78,11 +78,6 @@ def forward_params(model: Any) -> list[str]:
         return []
     return [n for n, p in sig.parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type when the message is empty."""
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def is_hf_dir(spec: str) -> bool:
@@ -144,7 +139,7 @@ def _load_factory(spec: str, input_shapes: Sequence[str]) -> LoadedModel:
             made = factory()
     except Exception as e:  # noqa: BLE001 - the user's code: name it, not a traceback
         raise UsageError(f"MODEL {spec}: {fn_name}() raised {type(e).__name__}: "
-                         f"{_first_line(e)}") from e
+                         f"{first_line(e)}") from e
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         return LoadedModel(made[0], made[1], spec, "factory",
                            input_names=forward_params(made[0]))
@@ -205,7 +200,7 @@ def load_hf_dir(path: str | Path) -> LoadedModel:
                                               local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise UsageError(f"{d}: transformers could not load the model: "
-                             f"{_first_line(e)}") from e
+                             f"{first_line(e)}") from e
         model.eval()
         tok = proc = None
         if any((d / f).is_file() for f in TOKENIZER_FILES):
