@@ -392,6 +392,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
                     progress=progress_bars, prefer=_prefer(args), choices=args.choice or None,
                     select=args.select, max_seq_len=args.max_seq_len, speedup=args.speedup,
                     latency_budget=args.latency_budget, min_fidelity=args.min_fidelity,
+                    workers=args.workers,
                     cache_dir=args.cache_dir)
     times["transform"] = time.perf_counter() - t0
     print(res.report)
@@ -536,14 +537,15 @@ class _Choices(argparse.Action):
         setattr(namespace, self.dest, d)
 
 
-def _surrogate_options(sp: argparse.ArgumentParser, select_help: str) -> None:
+def _surrogate_options(sp: argparse.ArgumentParser, select_help: str,
+                       modes: tuple[str, ...] = ("order", "latency")) -> None:
     sp.add_argument("--prefer", default=None, choices=["emulation", "structural"],
                     help="preferred surrogate style (default emulation)")
     sp.add_argument("--choice", action=_Choices, type=_choice, default=None,
                     metavar="KIND_OR_NODE=CANDIDATE",
                     help="pick a candidate for an op kind or one node (repeatable), e.g. "
                     "--choice gelu=hard_gate --choice softmax=softmax_pow")
-    sp.add_argument("--select", choices=["order", "latency"], default="order", help=select_help)
+    sp.add_argument("--select", choices=list(modes), default=modes[0], help=select_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -635,9 +637,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write every Q/DQ tensor of the example run to this .npz")
     sp.add_argument("--input-shape", action="append", default=[],
                     help="shape of a random float input, e.g. 1,3,32,32 (repeat per input)")
-    _surrogate_options(sp, "lossless candidates by default order or by the latency estimate")
-    g = sp.add_argument_group("hardware-aware selection (every candidate measured, one integer "
-                              "program)")
+    _surrogate_options(sp, "measured (default): every candidate fitted and measured, one "
+                       "integer program chooses (see below); order: the first candidate of "
+                       "--prefer's order at every node, nothing measured (--prefer structural "
+                       "--select order: Arch-Net's forms everywhere); latency: as order, then "
+                       "lossless alternatives where the estimate is faster",
+                       ("measured", "order", "latency"))
+    g = sp.add_argument_group(
+        "hardware-aware selection (--select measured, the default; with none of --speedup, "
+        "--latency-budget, --min-fidelity: --min-fidelity 0.99, the fastest network that stays "
+        "faithful)")
     g.add_argument("--speedup", type=_positive_float, default=None, metavar="X",
                    help="the most faithful network estimated at least X times faster than the "
                    "original on the target")
@@ -648,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="keep measured candidates here; a new budget on the same model and "
                    "data re-solves without measuring again")
+    g.add_argument("--workers", type=_positive, default=1, metavar="N",
+                   help="measure candidates in N local processes (torch.distributed, gloo); "
+                   "under torchrun the ranks share the work instead")
     sp.set_defaults(fn=cmd_transform)
     return p
 

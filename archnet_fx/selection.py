@@ -9,14 +9,14 @@ min_fidelity=None, ...) -> Selection``
    candidate of each kind (all nodes of that kind take it). Every surrogate is one
    ``call_module`` node named ``<node>_<candidate>`` taking the original node's arguments, so a
    candidate module of one legalization can stand in for the default in ``L0``.
-2. **Fidelity cost** of candidate *c* at node *n*: its module is first fitted locally (its own
-   input, recorded in ``L0`` on the training batches, to the default module's output there:
-   ``steps`` Adam steps on the normalised MSE — what independent-block training does for one
-   node), then swapped alone into ``L0``, and the held-out normalised MSE of the network's
-   outputs against the teacher's, minus ``L0``'s own, is its cost (clamped at 0). ``L0`` stands
-   in for the teacher: its emulation surrogates are within ~1e-3 nMSE of it (measured per
-   model; the figure is in :attr:`Selection.base_nmse`). Costs are measured in float;
-   quantization comes after selection.
+2. **Fidelity cost** of candidate *c* at node *n* (independent-block mode: the teacher's own
+   inputs, so candidates of different nodes do not interact): its module is first fitted
+   locally — ``steps`` Adam steps on the normalised MSE between its output and the original
+   op's, on the original's inputs at that node over ``FIT_BATCHES`` calibration batches —
+   then swapped alone into the **original** graph, and the held-out normalised MSE of the
+   network's outputs against the original's (on at most ``MEASURE_HELD`` held-out batches) is
+   its cost. Costs are measured in float; quantization comes after selection. The default
+   legalization ``L0``'s own error is reported beside (:attr:`Selection.base_nmse`).
 3. **Latency** of candidate *c* at node *n*: the cost model's time of its module's nodes
    (``estimate_latency`` rows ``<node>_<candidate>/...`` in the legalization that used it,
    batch 1, fused epilogues included), plus its share of the change it makes outside the
@@ -40,8 +40,17 @@ Lossless candidates (styles ``exact`` and ``host``: a one-hot product or a host 
 embedding) cost nothing in fidelity and are not fitted; a lossy candidate whose module takes
 other arguments than the default's cannot be swapped in alone and is left out, with a note.
 
-Per-layer bit widths, the on-disk cache and ``torch.distributed`` workers of the HANT issue are
-not built yet.
+**Jobs.** One job per (node, lossy candidate) and one per lossless candidate, in a fixed order;
+``workers`` > 1 shares them over forked gloo ranks, and inside a running ``torch.distributed``
+group (``torchrun``, one machine or several with a shared ``cache_dir``) the ranks share them
+(:mod:`archnet_fx.infra.workers`); a job's seed comes from its index, so the measurement does not
+depend on how it was shared. **Cache** (``cache_dir``): one file per model (parameters, buffers
+and graph code), target, bits, candidate settings, calibration and held-out data and recipe,
+holding every option and fitted module; a new budget on the same model and data reads it and
+re-solves (:meth:`Selection.choose` re-solves in milliseconds without assembling).
+
+Per-layer bit widths are not selected: on npu_a (int8 activations only) a W4A8 layer computes at
+the int8 rate, so W4 changes weight bytes, not the estimate of a compute-bound layer.
 """
 from __future__ import annotations
 
@@ -69,6 +78,8 @@ log = logging.getLogger(__name__)
 REST_KEY = "<rest>"
 #: Calibration batches the candidates are fitted on (their inputs recorded in ``L0``).
 FIT_BATCHES = 4
+#: Held-out batches a candidate's fidelity cost is measured on.
+MEASURE_HELD = 4
 
 __all__ = ["SelectionError", "SelectOptions", "Option", "Selection", "assemble", "select",
            "solve"]
@@ -89,6 +100,7 @@ class SelectOptions:
     lr: float = 3e-3
     max_resolves: int = 4
     cache_dir: Any = None                     # measured options on disk, keyed (see select)
+    workers: int = 1                          # local processes measuring (torch.distributed)
 
     def __post_init__(self) -> None:
         for name in ("speedup", "latency_budget"):
@@ -102,6 +114,9 @@ class SelectOptions:
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float))
                               or not 0 < m < 1):
             raise OptionError(f"min_fidelity must be a cosine in (0, 1), got {m!r}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or \
+                self.workers < 1:
+            raise OptionError(f"workers must be an integer >= 1, got {self.workers!r}")
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
             raise OptionError(f"selection steps must be an integer >= 0, got {self.steps!r}")
         if self.cache_dir is not None:
@@ -185,6 +200,23 @@ class Selection:
 
     def __str__(self) -> str:
         return self.table()
+
+    def choose(self, *, speedup: float | None = None, latency_budget: float | None = None,
+               min_fidelity: float | None = None) -> tuple[dict[str, str], float, float]:
+        """Re-solve the integer program over the measured options for another budget
+        (milliseconds; nothing is measured or assembled): ``(chosen, predicted latency s,
+        summed fidelity cost)``. Raises :class:`SelectionError` when infeasible. Pass the
+        result's budget to :func:`archnet_fx.transform` with the same ``cache_dir`` to get
+        the network."""
+        opts = SelectOptions(speedup=speedup, latency_budget=latency_budget,
+                             min_fidelity=min_fidelity)
+        budget = _budget(opts, self.original_s)
+        if budget is None and min_fidelity is None:
+            raise OptionError("choose: give speedup, latency_budget or min_fidelity")
+        chosen, predicted, objective, _ = solve(
+            self.options, self.base_s, budget_s=budget,
+            max_cost=None if budget is not None else 2 * (1 - min_fidelity))
+        return chosen, predicted, objective
 
     def front(self, points: int = 12) -> list[tuple[float, float]]:
         """The predicted Pareto front from the measured options: (predicted latency s, summed
@@ -295,41 +327,63 @@ def _module_node(gm: torch.fx.GraphModule, node: str, cand: str) -> torch.fx.Nod
                 None)
 
 
-def _swap(l0: torch.fx.GraphModule, swaps: dict[str, tuple[str, str, torch.nn.Module]]
-          ) -> torch.fx.GraphModule:
-    """A copy of ``l0`` whose default module at each node is replaced: node -> (default
-    candidate, new candidate, module)."""
-    out = torch.fx.GraphModule(l0, copy.deepcopy(l0.graph), l0.__class__.__name__)
-    out.meta = dict(l0.meta)               # shares l0's other modules: only the graph differs
-    for node, (c0, c, mod) in swaps.items():
-        n = _module_node(out, node, c0)
-        name = f"{node}_{c}"
-        out.add_submodule(name, mod)
-        n.target = name
-    out.recompile()
-    out.delete_all_unused_submodules()
-    return out
+class _Recorder(torch.fx.Interpreter):
+    """Runs a graph and keeps the values of the named nodes."""
+
+    def __init__(self, gm: torch.fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.seen = names, {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.seen[n.name] = pytree.tree_map(
+                lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+        return out
 
 
-def _record_io(gm: torch.fx.GraphModule, targets: list[str],
-               batches: Sequence[tuple[tuple, dict]]) -> dict[str, list[tuple[tuple, Any]]]:
-    """Inputs and outputs of the named submodules on ``batches`` (forward hooks)."""
-    got: dict[str, list] = {t: [] for t in targets}
-    hooks = []
-    for t in targets:
-        def hook(mod, args, out, t=t):
-            got[t].append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                           pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor)
-                                           else v, out)))
-        hooks.append(gm.get_submodule(t).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for a, k in batches:
-                gm(*a, **k)
-    finally:
-        for h in hooks:
-            h.remove()
+def _run_bound(gm: torch.fx.GraphModule, interp: torch.fx.Interpreter, args: tuple,
+               kwargs: dict) -> Any:
+    """``interp.run`` with keyword inputs bound to the graph's placeholders."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bound = list(args)
+    for n in phs[len(args):]:
+        bound.append(kwargs.get(n.target, kwargs.get(n.name, n.args[0] if n.args else None)))
+    return interp.run(*bound)
+
+
+def _teacher_io(teacher: torch.fx.GraphModule, sites: dict[tuple[str, tuple], list[str]],
+                batches: Sequence[tuple[tuple, dict]]) -> dict[tuple[str, tuple], list]:
+    """Per site (``(node, its arguments) -> the teacher nodes a surrogate of the node takes as
+    arguments``), the arguments' values and the node's own output on ``batches``."""
+    names = {n for n, _ in sites} | {a for args in sites.values() for a in args}
+    got: dict[tuple[str, tuple], list] = {site: [] for site in sites}
+    with torch.no_grad():
+        for a, k in batches:
+            rec = _Recorder(teacher, names)
+            _run_bound(teacher, rec, a, k)
+            for site, args in sites.items():
+                got[site].append((tuple(rec.seen[x] for x in args), rec.seen[site[0]]))
     return got
+
+
+def _swap_into_teacher(teacher: torch.fx.GraphModule, node: str, args: list[str],
+                       mod: torch.nn.Module) -> torch.fx.GraphModule:
+    """A copy of ``teacher`` whose node ``node`` is computed by ``mod`` from the teacher nodes
+    ``args`` (the graph is copied; the teacher's parameters are shared, not copied)."""
+    graph = copy.deepcopy(teacher.graph)
+    out = torch.fx.GraphModule(teacher, graph, teacher.__class__.__name__)
+    out.meta = dict(teacher.meta)
+    by_name = {n.name: n for n in out.graph.nodes}
+    old = by_name[node]
+    name = f"{node}__candidate"
+    out.add_submodule(name, mod)
+    with out.graph.inserting_after(old):
+        new = out.graph.call_module(name, tuple(by_name[a] for a in args))
+    old.replace_all_uses_with(new)
+    out.graph.erase_node(old)
+    out.recompile()
+    return out
 
 
 def _fit(mod: torch.nn.Module, io: list[tuple[tuple, Any]], steps: int, lr: float,
@@ -387,15 +441,142 @@ def _latency_by_module(gm: torch.fx.GraphModule, tgt: Target, one: Any, wbits: i
     return rep.total_s, per
 
 
+@dataclass
+class _Job:
+    """Measuring one lossy candidate at one node, or every node of one lossless candidate."""
+    kind: str
+    candidate: str
+    node: str | None            # None: a lossless candidate, all its nodes at once
+
+
+def _jobs(selectable: dict[str, str], kind_of: dict[str, str], alts: dict[str, list[str]],
+          styles: dict[str, str]) -> list[_Job]:
+    """Every (kind, candidate[, node]) to measure, in a fixed order (the same on every rank)."""
+    jobs = []
+    for kind in sorted({kind_of.get(n, "") for n in selectable}):
+        nodes = [n for n in selectable if kind_of.get(n) == kind]
+        for cand in dict.fromkeys(alts.get(kind, [])):
+            todo = [n for n in nodes if selectable[n] != cand]
+            if not todo:
+                continue
+            if styles.get(cand) in LOSSLESS:
+                jobs.append(_Job(kind, cand, None))
+            else:
+                jobs += [_Job(kind, cand, n) for n in todo]
+    return jobs
+
+
+class _Measurer:
+    """Measures jobs (see the module docstring): legalizes each (kind, candidate) once, on the
+    fitting batches, when one of its jobs comes up."""
+
+    def __init__(self, teacher: torch.fx.GraphModule, tgt: Target, leg: Any, l0: Any,
+                 selectable: dict[str, str], styles: dict[str, str], fid: _Fidelity,
+                 call: list, one: Any, options: SelectOptions, wbits: int, abits: int,
+                 seed: int) -> None:
+        self.teacher, self.tgt, self.leg, self.l0 = teacher, tgt, leg, l0
+        self.selectable, self.styles, self.fid, self.call = selectable, styles, fid, call
+        self.one, self.options, self.bits, self.seed = one, options, (wbits, abits), seed
+        self.per0 = _latency_by_module(l0.module, tgt, one, wbits, abits)[1]
+        self.teacher_names = {t.name for t in teacher.graph.nodes}
+        self.pairs: dict[tuple[str, str], Any] = {}
+        self.recorded: tuple[str, dict] = ("", {})
+
+    def _io(self, kind: str, node: str, args: list[str]) -> list[tuple[tuple, Any]]:
+        """The teacher's arguments and output at ``node`` on the fitting batches; recorded for
+        every node of ``kind`` whose arguments are known at once (one pass over the teacher
+        per kind; jobs come kind by kind), and dropped when the kind changes."""
+        rec_kind, rec = self.recorded
+        if rec_kind != kind or (node, tuple(args)) not in rec:
+            sites = {(node, tuple(args)): args}
+            for (k, _), pair in self.pairs.items():
+                if k == kind and not isinstance(pair, str):
+                    lc, _, todo, _ = pair
+                    names = _surrogate_names(lc)
+                    for n in todo:
+                        m = _module_node(lc.module, n, lc.choices[n])
+                        a = [names.get(x.name, x.name) if isinstance(x, torch.fx.Node) else None
+                             for x in m.args] if m is not None else []
+                        if a and all(x in self.teacher_names for x in a):
+                            sites.setdefault((n, tuple(a)), a)
+            rec = _teacher_io(self.teacher, sites, self.call[:FIT_BATCHES])
+            self.recorded = (kind, rec)
+        return rec[node, tuple(args)]
+
+    def _pair(self, kind: str, cand: str) -> Any:
+        """(legalization, per-module latency, the nodes it took, rest share) or a note."""
+        if (kind, cand) not in self.pairs:
+            try:
+                lc = self.leg({kind: cand}, self.call[:FIT_BATCHES])
+            except UnsupportedOpError as e:
+                self.pairs[kind, cand] = f"{kind}→{cand}: not offered here ({first_line(e)})"
+                return self.pairs[kind, cand]
+            per_c = _latency_by_module(lc.module, self.tgt, self.one, *self.bits)[1]
+            todo = [n for n, c in lc.choices.items() if c == cand and n in self.selectable
+                    and self.selectable[n] != cand]
+            # what the candidate changes outside its modules (a host lookup uploads the rows it
+            # read instead of a one-hot matrix built in the prologue), shared among its nodes
+            rest = (per_c[REST_KEY] - self.per0[REST_KEY]) / max(len(todo), 1)
+            self.pairs[kind, cand] = (lc, per_c, todo, rest)
+        return self.pairs[kind, cand]
+
+    def __call__(self, job: _Job, index: int) -> tuple[list[Option], dict, list[str]]:
+        pair = self._pair(job.kind, job.candidate)
+        if isinstance(pair, str):
+            return [], {}, [pair]
+        lc, per_c, todo, rest = pair
+        cand, style = job.candidate, self.styles.get(job.candidate, "?")
+
+        def lat(n: str) -> float:
+            # a host candidate has no module of its own: all of it is in the rest
+            return per_c.get(f"{n}_{cand}", 0.0) + rest
+        if job.node is None:                 # exact or host: nothing to fit, nothing lost
+            PROGRESS.info("selection: %s → %s (lossless) at %d node(s)", job.kind, cand,
+                          len(todo))
+            return [Option(n, job.kind, cand, style, lat(n), 0.0) for n in todo], {}, []
+        n = job.node
+        if n not in todo:
+            return [], {}, [f"{n}→{cand}: the rule refused this node"]
+        nc = _module_node(lc.module, n, cand)
+        names = _surrogate_names(lc)
+        args = [names.get(a.name, a.name) if isinstance(a, torch.fx.Node) else None
+                for a in (nc.args if nc is not None else ())]
+        if nc is None or nc.kwargs or not args or not all(a in self.teacher_names
+                                                           for a in args):
+            return [], {}, [f"{n}→{cand}: its module takes other arguments than the original "
+                            "node's; not measured"]
+        mod = copy.deepcopy(lc.module.get_submodule(nc.target))
+        io = self._io(job.kind, n, args)
+        local = _fit(mod, io, self.options.steps, self.options.lr, self.seed + index)
+        state = {k: v.detach().clone() for k, v in mod.state_dict().items()}
+        nmse, _ = self.fid(_swap_into_teacher(self.teacher, n, args, mod))
+        PROGRESS.info("selection: %s → %s: held-out cost %.2e (local %.2e)", n, cand, nmse,
+                      local)
+        return [Option(n, job.kind, cand, style, lat(n), max(nmse, 0.0), local)], \
+            {(n, cand): state}, []
+
+
+def _surrogate_names(res: Any) -> dict[str, str]:
+    """The surrogate call nodes of a legalization, by node name -> the original node's name."""
+    out = {}
+    for n, c in res.choices.items():
+        m = _module_node(res.module, n, c)
+        if m is not None:
+            out[m.name] = n
+    return out
+
+
 def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
-             selectable: dict[str, str], kind_of: dict[str, str], fid: _Fidelity,
-             base_nmse: float, call: list, one: Any, options: SelectOptions, weight_bits: int,
-             act_bits: int, prefer: str, seed: int
+             selectable: dict[str, str], kind_of: dict[str, str], fid: _Fidelity, call: list,
+             one: Any, options: SelectOptions, weight_bits: int, act_bits: int, prefer: str,
+             seed: int, workers: int = 1
              ) -> tuple[list[Option], dict[tuple[str, str], dict], float, float, list[str]]:
     """Every candidate at every selectable node: (options, fitted state dicts, L0's latency,
-    the original's latency, notes). See the module docstring."""
+    the original's latency, notes). See the module docstring; with ``workers`` > 1 or inside
+    a ``torch.distributed`` group the jobs are shared out (:mod:`archnet_fx.infra.workers`)."""
     from archnet_fx.cost.latency import estimate_latency
     from archnet_fx.legalize import default_candidates
+    from archnet_fx.infra.workers import run_jobs
 
     default_s, per0 = _latency_by_module(l0.module, tgt, one, weight_bits, act_bits)
     original_s = estimate_latency(teacher, tgt, one, weight_bits=weight_bits,
@@ -409,57 +590,26 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
                 alts.setdefault(kind, []).append(c.name)
     out = [Option(n, kind_of.get(n, "?"), c0, styles.get(c0, "?"), per0.get(f"{n}_{c0}", 0.0),
                   0.0, 0.0, default=True) for n, c0 in selectable.items()]
+    jobs = _jobs(selectable, kind_of, alts, styles)
+    measurer = _Measurer(teacher, tgt, leg, l0, selectable, styles, fid, call, one, options,
+                         weight_bits, act_bits, seed)
     notes: list[str] = []
     fitted: dict[tuple[str, str], dict] = {}
-    for kind in sorted({kind_of.get(n, "") for n in selectable}):
-        nodes = [n for n in selectable if kind_of.get(n) == kind]
-        for cand in dict.fromkeys(alts.get(kind, [])):
-            if all(selectable[n] == cand for n in nodes):
-                continue
-            try:
-                lc = leg({kind: cand})
-            except UnsupportedOpError as e:
-                notes.append(f"{kind}→{cand}: not offered here "
-                             f"({first_line(e)})")
-                continue
-            _, per_c = _latency_by_module(lc.module, tgt, one, weight_bits, act_bits)
-            todo = [n for n in nodes if lc.choices.get(n) == cand and selectable[n] != cand]
-            if not todo:
-                continue
-            # what the candidate changes outside its modules (a host lookup uploads the rows it
-            # read instead of a one-hot matrix built in the prologue), shared among its nodes
-            rest = (per_c[REST_KEY] - per0[REST_KEY]) / len(todo)
-
-            def lat(n: str, cand: str = cand, per_c: dict = per_c, rest: float = rest) -> float:
-                # a host candidate has no module of its own: all of it is in the rest
-                return per_c.get(f"{n}_{cand}", 0.0) + rest
-            if styles.get(cand) in LOSSLESS:     # exact or host: nothing to fit, nothing lost
-                out += [Option(n, kind, cand, styles[cand], lat(n), 0.0) for n in todo]
-                PROGRESS.info("selection: %s → %s (lossless) at %d node(s)", kind, cand,
-                              len(todo))
-                continue
-            io = _record_io(l0.module, [f"{n}_{selectable[n]}" for n in todo],
-                            call[:FIT_BATCHES])
-            for i, n in enumerate(todo):
-                c0 = selectable[n]
-                n0, nc = _module_node(l0.module, n, c0), _module_node(lc.module, n, cand)
-                if nc is None or [str(a) for a in nc.args] != [str(a) for a in n0.args] or \
-                        nc.kwargs != n0.kwargs:
-                    notes.append(f"{n}→{cand}: its module takes other arguments than "
-                                 f"{c0}'s; not measured")
-                    continue
-                mod = copy.deepcopy(lc.module.get_submodule(nc.target))
-                local = _fit(mod, io[f"{n}_{c0}"], options.steps, options.lr, seed + i)
-                fitted[(n, cand)] = {k: v.detach().clone() for k, v in mod.state_dict().items()}
-                nmse, _ = fid(_swap(l0.module, {n: (c0, cand, mod)}))
-                out.append(Option(n, kind, cand, styles.get(cand, "?"), lat(n),
-                                  max(nmse - base_nmse, 0.0), local))
-            PROGRESS.info("selection: measured %s → %s at %d node(s)", kind, cand, len(todo))
+    for opts, fit, note in run_jobs(measurer, jobs, workers):
+        out += opts
+        fitted.update(fit)
+        notes += [x for x in note if x not in notes]
     return out, fitted, default_s, original_s, notes
 
 
 #: Bumped when the measurement changes meaning (a cache entry of another recipe is not reused).
-RECIPE = 5
+RECIPE = 6
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: int, prefer: str,
@@ -526,8 +676,9 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
     call = [(a, k) for a, k in train]
     one = first_sample(as_call(held[0] if held else train[0]))
 
-    def leg(extra: dict[str, str]):
-        return legalize(teacher, tgt, example, calib_data=[as_call(b) for b in call],
+    def leg(extra: dict[str, str], batches: Sequence | None = None):
+        return legalize(teacher, tgt, example,
+                        calib_data=[as_call(b) for b in (call if batches is None else batches)],
                         choices={**extra, **user}, prefer=prefer,
                         allow_host_fallback=allow_host_fallback, verify=False)
     l0 = leg({})
@@ -548,19 +699,22 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                       _cache_file(options.cache_dir, key))
     else:
         base_nmse, _ = fid(l0.module)
+        # candidates' costs on at most MEASURE_HELD batches (the assembled network's check
+        # below uses every held-out batch)
+        fid_m = fid if len(held) <= MEASURE_HELD else _Fidelity(teacher, held[:MEASURE_HELD])
         out, fitted, default_s, original_s, notes = _measure(
-            teacher, tgt, l0, leg, selectable, kind_of, fid, base_nmse, call, one, options,
-            weight_bits, act_bits, prefer, seed)
-        _cache_save(options.cache_dir, key, {
-            "selectable": selectable, "options": [dataclasses.asdict(o) for o in out],
-            "fitted": {f"{n}|{c}": v for (n, c), v in fitted.items()},
-            "default_s": default_s, "original_s": original_s, "notes": notes,
-            "base_nmse": base_nmse})
+            teacher, tgt, l0, leg, selectable, kind_of, fid_m, call, one, options,
+            weight_bits, act_bits, prefer, seed, options.workers)
+        if _rank() == 0:
+            _cache_save(options.cache_dir, key, {
+                "selectable": selectable, "options": [dataclasses.asdict(o) for o in out],
+                "fitted": {f"{n}|{c}": v for (n, c), v in fitted.items()},
+                "default_s": default_s, "original_s": original_s, "notes": notes,
+                "base_nmse": base_nmse})
     base_s = default_s - sum(o.latency_s for o in out if o.default)
     measure_s = time.perf_counter() - t_start
 
-    budget = options.latency_budget if options.latency_budget is not None else (
-        original_s / options.speedup if options.speedup is not None else None)
+    budget = _budget(options, original_s)
     resolves = 0
     max_cost = (2 * (1 - options.min_fidelity) if budget is None and
                 options.min_fidelity is not None else None)
@@ -590,6 +744,13 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                   predicted * 1e6, f"{assembled_s * 1e6:.0f}" if assembled_s else "?",
                   original_s * 1e6, f"{cos:.4f}" if cos is not None else "?", measure_s)
     return sel
+
+
+def _budget(options: SelectOptions, original_s: float) -> float | None:
+    """The latency budget in seconds, or None (``min_fidelity`` alone)."""
+    if options.latency_budget is not None:
+        return options.latency_budget
+    return original_s / options.speedup if options.speedup is not None else None
 
 
 def assemble(l0: Any, defaults: dict[str, str], chosen: dict[str, str],

@@ -67,7 +67,14 @@ from archnet_fx.targets import Target, load_target
 log = logging.getLogger(__name__)
 
 __all__ = ["transform", "TransformResult", "TransformReport",
-           "output_fidelity"]
+           "output_fidelity", "DEFAULT_MIN_FIDELITY", "SELECT_MODES"]
+
+#: How transform picks each node's surrogate (see :func:`transform`).
+SELECT_MODES = ("measured", "order", "latency")
+#: The fidelity floor of the default selection: held-out mean cosine of the outputs of the
+#: assembled float network (quantization and distillation come after; the report states the
+#: final figure).
+DEFAULT_MIN_FIDELITY = 0.99
 
 
 # --------------------------------------------------------------------------- report
@@ -371,26 +378,41 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               cut_nodes: Sequence[str] | None = None, prefer: str = DEFAULT_STYLE,
               allow_host_fallback: bool = False, quantize_surrogates: str | bool = "structural",
               surrogate_weight_bits: int | None = None, verify: bool = True,
-              select: str = "order", max_seq_len: int | str | None = "auto",
+              select: str = "measured", max_seq_len: int | str | None = "auto",
               speedup: float | None = None, latency_budget: float | None = None,
-              min_fidelity: float | None = None, cache_dir: Any = None,
+              min_fidelity: float | None = None, cache_dir: Any = None, workers: int = 1,
               **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
     Extra keyword arguments go to :class:`~archnet_fx.train.distill.DistillOptions` (``lr_surrogate``,
     ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``, ``memory_budget_mb``,
-    ``spill_dir``, ``stop_after``, ``progress``). ``select="latency"`` lets legalization pick
-    among lossless candidates by estimated latency (see :func:`archnet_fx.legalize`).
+    ``spill_dir``, ``stop_after``, ``progress``).
+
+    **Which surrogate each unsupported node gets** (``select``):
+
+    * ``"measured"`` (default): hardware-aware selection (:mod:`archnet_fx.selection`): every
+      candidate of every replaced node is fitted and measured (held-out output error when
+      swapped alone into the original, latency from the target's cost model), one integer
+      program chooses, and distillation starts from the fitted modules. ``speedup`` (over the
+      original's estimate) / ``latency_budget`` (seconds): the most faithful choice within it;
+      ``min_fidelity`` (held-out mean cosine of the outputs, float, checked after assembly):
+      the fastest choice that keeps it. With none of the three, ``min_fidelity=`` 0.99
+      (:data:`DEFAULT_MIN_FIDELITY`): the fastest network that stays faithful. ``cache_dir``
+      keeps the measurements, so another budget on the same model and data skips them;
+      ``workers`` > 1 measures in that many local processes (``torch.distributed``, gloo), and
+      inside a running process group (``torchrun``) the ranks share the work. The report's
+      ``selection`` holds the table.
+    * ``"order"``: no measurement: each node takes the first candidate of ``prefer``'s order
+      (``prefer="structural"`` then means Arch-Net's forms everywhere).
+    * ``"latency"``: as ``"order"``, then each node's lossless alternatives are kept where the
+      estimate is faster (see :func:`archnet_fx.legalize`).
+
+    ``choices`` pins nodes or kinds under any of the three.
     ``max_seq_len`` (default ``"auto"``: the calibration data's length for models with token-id
     inputs; an int; None for the example's fixed length): the result runs at any sequence
     length from 2 up to it (see :func:`archnet_fx.capture`); calibration batches keep the
     example's shape. Under ``"auto"`` a model or rewrite that fixes the length keeps the
     example's, with a note in the report.
-    ``speedup`` / ``latency_budget`` (seconds) / ``min_fidelity`` (held-out mean cosine) replace
-    the default candidates by a measured selection (:mod:`archnet_fx.selection`): every
-    candidate of every replaced node is fitted and measured, one integer program chooses, and
-    distillation starts from the fitted modules; ``cache_dir`` keeps the measurements so another
-    budget on the same model and data skips them. The report's ``selection`` holds the table.
     """
     t_all = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -424,14 +446,25 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise OptionError(f"max_seq_len must be an integer >= 2, 'auto' or None, got "
                           f"{max_seq_len!r}")
-    if select not in ("order", "latency"):
-        raise OptionError(f"select must be 'order' or 'latency', got {select!r}")
+    if select not in SELECT_MODES:
+        raise OptionError(f"select must be one of {', '.join(map(repr, SELECT_MODES))}, got "
+                          f"{select!r}")
+    given = [k for k, v in (("speedup", speedup), ("latency_budget", latency_budget),
+                            ("min_fidelity", min_fidelity)) if v is not None]
+    if select != "measured" and given:
+        raise OptionError(f"{', '.join(given)} need(s) select='measured' (the default); "
+                          f"select={select!r} does not measure candidates")
+    if select != "measured" and (cache_dir is not None or workers != 1):
+        raise OptionError(f"cache_dir and workers belong to select='measured'; got "
+                          f"select={select!r}")
+    if select == "measured" and not given:
+        min_fidelity = DEFAULT_MIN_FIDELITY
     if choices is not None and not isinstance(choices, Mapping):
         raise OptionError(f"choices must be a mapping {{kind or node: candidate or style}}, "
                           f"got {type(choices).__name__}")
     LegalizeOptions(dict(choices or {}), prefer, allow_host_fallback)  # validates prefer
     sel_opts = SelectOptions(speedup=speedup, latency_budget=latency_budget,
-                             min_fidelity=min_fidelity, cache_dir=cache_dir)
+                             min_fidelity=min_fidelity, cache_dir=cache_dir, workers=workers)
     for name, flag in (("allow_host_fallback", allow_host_fallback), ("verify", verify)):
         if not isinstance(flag, bool):
             raise OptionError(f"{name} must be a bool, got {flag!r}")
@@ -469,7 +502,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         run_legalize = functools.partial(
             legalize, target=tgt, example_inputs=example_inputs,
             calib_data=[as_call(b) for b in train], choices=choices, prefer=prefer,
-            allow_host_fallback=allow_host_fallback, verify=verify, select=select)
+            allow_host_fallback=allow_host_fallback, verify=verify,
+            select="order" if select == "measured" else select)
 
         def legalize_or_select(teacher: torch.fx.GraphModule) -> Any:
             nonlocal selection

@@ -100,6 +100,9 @@ class Config:
     prefer: str = "emulation"
     choices: dict[str, str] = field(default_factory=dict)
     legal_on_npu_a: bool = True
+    #: transform's ``select``: "order" keeps the named forms as they are; "measured" is
+    #: transform's default (hardware-aware selection, 10 % of the calibration held out)
+    select: str = "order"
 
     def load_target(self):
         from archnet_fx.targets import load_target
@@ -109,6 +112,8 @@ class Config:
 
 
 CONFIGS: dict[str, Config] = {c.name: c for c in [
+    Config("default", "npu_a, transform's defaults: measured selection, fastest network with "
+           "float held-out cosine >= 0.99", select="measured"),
     Config("emulation", "npu_a, emulation surrogates (PWL LayerNorm / GELU / softmax-exp)"),
     Config("structural", "npu_a, prefer=structural (affine LN, ReLU-form GELU, ReLU attention)",
            prefer="structural"),
@@ -217,9 +222,17 @@ def archnet_onnx(model, calib: list[dict], cfg: Config, steps: int, stem: Path, 
     tgt = cfg.load_target()
     t0 = time.perf_counter()
     res = transform(model, tgt, calib[0], calib, weight_bits=8, act_bits=8, steps=steps,
-                    holdout=0, progress=False, prefer=cfg.prefer, choices=cfg.choices or None,
+                    holdout=0.1 if cfg.select == "measured" else 0, progress=False,
+                    prefer=cfg.prefer, choices=cfg.choices or None, select=cfg.select,
                     **(distill_opts or {}))
-    info = {"config": cfg.name, "target": tgt.name, "prefer": cfg.prefer,
+    sel = res.report.selection
+    info = {"config": cfg.name, "target": tgt.name, "prefer": cfg.prefer, "select": cfg.select,
+            "selection": None if sel is None else {
+                "chosen_changed": dict(collections.Counter(
+                    f"{o.kind}:{o.candidate}" for o in sel.options
+                    if sel.chosen.get(o.node) == o.candidate and not o.default)),
+                "original_us": sel.original_s * 1e6, "assembled_us": (sel.assembled_s or 0) * 1e6,
+                "float_cosine": sel.assembled_cosine, "measure_s": sel.measure_s},
             "choices": cfg.choices, "steps": steps, "distill_options": distill_opts or {},
             "calib_sentences": sum(
                 b["input_ids"].shape[0] for b in calib),
@@ -559,7 +572,7 @@ def parse_configs(spec: str, steps: int) -> list[tuple[Config, int]]:
         name, _, n = item.partition(":")
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
-        out.append((CONFIGS[name], int(n) if n else steps))
+        out.append((CONFIGS[name], int(n) if n else (None if name == "default" else steps)))
     return out
 
 

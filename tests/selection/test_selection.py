@@ -150,3 +150,68 @@ def test_cache_dir_that_is_a_file_is_refused_before_work(tiny_bert_run, tmp_path
     f.write_text("x")
     with pytest.raises(OptionError, match="cache_dir"):
         ax.transform(m, "npu_a", ex, batches, speedup=2.0, cache_dir=f / "sub")
+
+
+def test_the_default_transform_selects_the_fastest_faithful_network(tiny_bert_run):
+    from archnet_fx.transform import DEFAULT_MIN_FIDELITY
+
+    m, ex, batches, ax = tiny_bert_run
+    res = ax.transform(m, "npu_a", ex, batches, steps=2, holdout=2, progress=False,
+                       verify=False)
+    sel = res.report.selection
+    assert sel is not None, "the default transform must measure and select"
+    assert sel.assembled_cosine >= DEFAULT_MIN_FIDELITY
+    assert sel.assembled_s < sel.default_s
+    # "order" is the old default: the first candidate of the preferred style, nothing measured
+    order = ax.transform(m, "npu_a", ex, batches, steps=2, holdout=2, progress=False,
+                         verify=False, select="order")
+    assert order.report.selection is None
+    # ... and slower than the selected network
+    one = {k: v[:1] for k, v in ex.items()}
+    assert ax.estimate_latency(res.module, "npu_a", one).total_s < \
+        ax.estimate_latency(order.module, "npu_a", one).total_s
+
+
+@pytest.mark.parametrize("kw", [dict(select="order", speedup=2.0),
+                                dict(select="latency", min_fidelity=0.9),
+                                dict(select="order", workers=2),
+                                dict(select="fastest"), dict(workers=0)])
+def test_selection_arguments_without_measured_selection_are_refused(tiny_bert_run, kw):
+    m, ex, batches, ax = tiny_bert_run
+    with pytest.raises(OptionError):
+        ax.transform(m, "npu_a", ex, batches, steps=1, progress=False, **kw)
+
+
+def test_choose_resolves_another_budget_from_the_measurements(tiny_bert_run):
+    m, ex, batches, ax = tiny_bert_run
+    sel = ax.transform(m, "npu_a", ex, batches, steps=1, holdout=2, progress=False,
+                       verify=False, speedup=2.0).report.selection
+    for speedup in (2.0, 3.0, 4.0):
+        chosen, predicted, cost = sel.choose(speedup=speedup)
+        want, want_pred, want_cost, _ = solve(sel.options, sel.base_s,
+                                              budget_s=sel.original_s / speedup)
+        assert chosen == want and predicted == pytest.approx(want_pred)
+        assert predicted <= sel.original_s / speedup * (1 + 1e-9)
+    loose, _, loose_cost = sel.choose(min_fidelity=0.5)
+    tight, _, tight_cost = sel.choose(min_fidelity=0.999)
+    assert tight_cost <= 2 * (1 - 0.999) + 1e-12 and loose_cost <= 2 * (1 - 0.5)
+    with pytest.raises(SelectionError, match="fastest achievable"):
+        sel.choose(speedup=1000.0)
+
+
+def test_two_gloo_workers_measure_the_same_as_one(tiny_bert_run):
+    """workers=2: two forked ranks in a gloo group share the jobs; the measured options, the
+    choice, the fitted modules and the transformed network's outputs equal workers=1's."""
+    import torch
+
+    m, ex, batches, ax = tiny_bert_run
+    kw = dict(steps=2, holdout=2, progress=False, verify=False, speedup=3.0)
+    one = ax.transform(m, "npu_a", ex, batches, **kw)
+    two = ax.transform(m, "npu_a", ex, batches, workers=2, **kw)
+    a, b = one.report.selection, two.report.selection
+    assert [(o.node, o.candidate, o.cost, o.local_nmse) for o in a.options] == \
+        [(o.node, o.candidate, o.cost, o.local_nmse) for o in b.options]
+    assert a.chosen == b.chosen
+    with torch.no_grad():
+        outs = [torch.utils._pytree.tree_leaves(r.module(**ex)) for r in (one, two)]
+    assert outs[0] and all(torch.equal(x, y) for x, y in zip(*outs))
