@@ -371,6 +371,14 @@ def cmd_transform(args: argparse.Namespace) -> int:
     tgt.quant.check_bits(args.weight_bits, args.act_bits)  # fail early on bad bits
     if args.calib and args.random_calib:
         raise UsageError("--calib and --random-calib: give one (real data, or random samples)")
+    measured = [f for f, on in (("--speedup", args.speedup is not None),
+                                ("--latency-budget", args.latency_budget is not None),
+                                ("--min-fidelity", args.min_fidelity is not None),
+                                ("--cache-dir", args.cache_dir is not None),
+                                ("--workers", args.workers != 1)) if on]
+    if args.select != "measured" and measured:
+        raise UsageError(f"{', '.join(measured)} belong(s) to --select measured (the default); "
+                         f"--select {args.select} measures nothing: drop one or the other")
     if args.calib:                          # cheap checks before loading the model
         check_paths(args.calib)
     t_all = time.perf_counter()

@@ -6,9 +6,10 @@ min_fidelity=None, ...) -> Selection``
 
 1. **Candidates.** The default legalization ``L0`` (every illegal node gets its default
    candidate, near-exact emulation where one exists) and one legalization per alternative
-   candidate of each kind (all nodes of that kind take it). Every surrogate is one
-   ``call_module`` node named ``<node>_<candidate>`` taking the original node's arguments, so a
-   candidate module of one legalization can stand in for the default in ``L0``.
+   candidate of each kind (all nodes of that kind take it, legalized on the fitting batches).
+   Every surrogate is one ``call_module`` node named ``<node>_<candidate>``; the legalization's
+   records say which node of the original (canonicalized) graph it computes — for a chain rule
+   the chain's output, not its anchor — and from which of the original's nodes.
 2. **Fidelity cost** of candidate *c* at node *n* (independent-block mode: the teacher's own
    inputs, so candidates of different nodes do not interact): its module is first fitted
    locally — ``steps`` Adam steps on the normalised MSE between its output and the original
@@ -37,8 +38,11 @@ min_fidelity=None, ...) -> Selection``
    that follows in :func:`~archnet_fx.transform`).
 
 Lossless candidates (styles ``exact`` and ``host``: a one-hot product or a host lookup for an
-embedding) cost nothing in fidelity and are not fitted; a lossy candidate whose module takes
-other arguments than the default's cannot be swapped in alone and is left out, with a note.
+embedding) cost nothing in fidelity and are not fitted; near-exact ``emulation`` defaults are
+charged 0 too (the default legalization's own error is reported); a lossy default (e.g. a
+structural form under ``prefer="structural"``) is measured like any alternative. A candidate
+whose module does not compute one node of the original from the original's nodes cannot be
+swapped in alone and is left out, with a note.
 
 **Jobs.** One job per (node, lossy candidate) and one per lossless candidate, in a fixed order;
 ``workers`` > 1 shares them over forked gloo ranks, and inside a running ``torch.distributed``
@@ -56,7 +60,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -68,6 +74,7 @@ from torch.utils import _pytree as pytree
 from archnet_fx.capture import as_call, first_sample
 from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
+from archnet_fx.infra.workers import all_ranks, run_jobs
 from archnet_fx.surrogate.base import LOSSLESS
 from archnet_fx.targets import Target, load_target
 
@@ -76,7 +83,7 @@ log = logging.getLogger(__name__)
 #: The estimate outside every surrogate module (host link, prologue, hand-offs); a candidate is
 #: charged the change it makes to it.
 REST_KEY = "<rest>"
-#: Calibration batches the candidates are fitted on (their inputs recorded in ``L0``).
+#: Calibration batches the candidates are fitted on (the original's inputs at their node).
 FIT_BATCHES = 4
 #: Held-out batches a candidate's fidelity cost is measured on.
 MEASURE_HELD = 4
@@ -100,7 +107,7 @@ class SelectOptions:
     lr: float = 3e-3
     max_resolves: int = 4
     cache_dir: Any = None                     # measured options on disk, keyed (see select)
-    workers: int = 1                          # local processes measuring (torch.distributed)
+    workers: int | str = 1                    # local processes, or "group" (torch.distributed)
 
     def __post_init__(self) -> None:
         for name in ("speedup", "latency_budget"):
@@ -114,9 +121,9 @@ class SelectOptions:
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float))
                               or not 0 < m < 1):
             raise OptionError(f"min_fidelity must be a cosine in (0, 1), got {m!r}")
-        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or \
-                self.workers < 1:
-            raise OptionError(f"workers must be an integer >= 1, got {self.workers!r}")
+        from archnet_fx.infra.workers import check_workers
+
+        check_workers(self.workers)
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
             raise OptionError(f"selection steps must be an integer >= 0, got {self.steps!r}")
         if self.cache_dir is not None:
@@ -147,8 +154,8 @@ class Option:
     candidate: str
     style: str
     latency_s: float
-    cost: float                  # held-out output nMSE it adds to L0 when swapped in alone
-    local_nmse: float = 0.0      # its module's fitted error against the default module's output
+    cost: float                  # held-out output nMSE when swapped alone into the original
+    local_nmse: float = 0.0      # its module's fitted error against the original op's output
     default: bool = False
 
 
@@ -192,8 +199,9 @@ class Selection:
                 + f"; measured in {self.measure_s:.1f} s, solved in {self.solver_s * 1e3:.0f} ms"
                 + (f" ({self.resolves} re-solves)" if self.resolves else ""))
         legend = ("µs: the candidate's modules in the cost model (batch 1); cost: held-out "
-                  "output nMSE it adds when swapped alone into the default legalization; "
-                  "local: its fitted error against the default module at that node")
+                  "output nMSE when swapped alone into the original model (emulation and "
+                  "lossless candidates: 0 by assumption, the default legalization's own error "
+                  f"is {self.base_nmse:.1e}); local: its fitted error against the original op")
         return "\n".join([head, tabulate(rows, headers=["node", "kind", "candidate", "style",
                                                         "µs", "cost", "local", "chosen"],
                                          tablefmt="github"), legend] + self.notes)
@@ -382,6 +390,7 @@ def _swap_into_teacher(teacher: torch.fx.GraphModule, node: str, args: list[str]
         new = out.graph.call_module(name, tuple(by_name[a] for a in args))
     old.replace_all_uses_with(new)
     out.graph.erase_node(old)
+    out.graph.eliminate_dead_code()      # the rest of a replaced chain
     out.recompile()
     return out
 
@@ -447,6 +456,12 @@ class _Job:
     kind: str
     candidate: str
     node: str | None            # None: a lossless candidate, all its nodes at once
+    default: bool = False       # the node's default candidate (lossy defaults are measured too)
+
+
+#: Styles charged no fidelity cost: lossless ones, and near-exact emulation (its error against
+#: the original, the default legalization's, is reported as :attr:`Selection.base_nmse`).
+FREE_STYLES = frozenset(LOSSLESS) | {"emulation"}
 
 
 def _jobs(selectable: dict[str, str], kind_of: dict[str, str], alts: dict[str, list[str]],
@@ -455,6 +470,8 @@ def _jobs(selectable: dict[str, str], kind_of: dict[str, str], alts: dict[str, l
     jobs = []
     for kind in sorted({kind_of.get(n, "") for n in selectable}):
         nodes = [n for n in selectable if kind_of.get(n) == kind]
+        jobs += [_Job(kind, selectable[n], n, default=True) for n in nodes
+                 if styles.get(selectable[n]) not in FREE_STYLES]
         for cand in dict.fromkeys(alts.get(kind, [])):
             todo = [n for n in nodes if selectable[n] != cand]
             if not todo:
@@ -466,9 +483,20 @@ def _jobs(selectable: dict[str, str], kind_of: dict[str, str], alts: dict[str, l
     return jobs
 
 
+def _replaced_by(res: Any) -> dict[str, str]:
+    """A legalization's surrogate nodes -> the node of the original (canonicalized) graph whose
+    value each computes (a chain rule's surrogate replaces the chain's output, not its anchor)."""
+    out: dict[str, str] = {}
+    for rec in getattr(res, "records", ()):
+        for old, new in rec.replaced.items():
+            out[new] = old
+    return out
+
+
 class _Measurer:
     """Measures jobs (see the module docstring): legalizes each (kind, candidate) once, on the
-    fitting batches, when one of its jobs comes up."""
+    fitting batches, when one of its jobs comes up. ``teacher`` is the canonicalized original
+    (exact rewrites only: its node names are the ones legalization replaces)."""
 
     def __init__(self, teacher: torch.fx.GraphModule, tgt: Target, leg: Any, l0: Any,
                  selectable: dict[str, str], styles: dict[str, str], fid: _Fidelity,
@@ -482,46 +510,63 @@ class _Measurer:
         self.pairs: dict[tuple[str, str], Any] = {}
         self.recorded: tuple[str, dict] = ("", {})
 
-    def _io(self, kind: str, node: str, args: list[str]) -> list[tuple[tuple, Any]]:
-        """The teacher's arguments and output at ``node`` on the fitting batches; recorded for
-        every node of ``kind`` whose arguments are known at once (one pass over the teacher
-        per kind; jobs come kind by kind), and dropped when the kind changes."""
+    def _site(self, lc: Any, n: str, cand: str) -> tuple[str, list[str]] | None:
+        """(the original node the surrogate of ``n`` replaces, the original nodes it takes as
+        arguments), or None when they are not nodes of the original graph."""
+        nc = _module_node(lc.module, n, cand)
+        if nc is None or nc.kwargs or not nc.args:
+            return None
+        inv = _replaced_by(lc)
+        value = inv.get(nc.name, n)
+        args = [inv.get(a.name, a.name) if isinstance(a, torch.fx.Node) else None
+                for a in nc.args]
+        if value not in self.teacher_names or not all(a in self.teacher_names for a in args):
+            return None
+        return value, args
+
+    def _io(self, kind: str, value: str, args: list[str]) -> list[tuple[tuple, Any]]:
+        """The original's arguments and output at ``value`` on the fitting batches; recorded for
+        every node of ``kind`` known so far at once (one pass over the original per kind; jobs
+        come kind by kind), and dropped when the kind changes."""
         rec_kind, rec = self.recorded
-        if rec_kind != kind or (node, tuple(args)) not in rec:
-            sites = {(node, tuple(args)): args}
-            for (k, _), pair in self.pairs.items():
+        if rec_kind != kind or (value, tuple(args)) not in rec:
+            sites = {(value, tuple(args)): args}
+            for (k, _, _), pair in self.pairs.items():
                 if k == kind and not isinstance(pair, str):
                     lc, _, todo, _ = pair
-                    names = _surrogate_names(lc)
                     for n in todo:
-                        m = _module_node(lc.module, n, lc.choices[n])
-                        a = [names.get(x.name, x.name) if isinstance(x, torch.fx.Node) else None
-                             for x in m.args] if m is not None else []
-                        if a and all(x in self.teacher_names for x in a):
-                            sites.setdefault((n, tuple(a)), a)
+                        site = self._site(lc, n, lc.choices[n])
+                        if site is not None:
+                            sites.setdefault((site[0], tuple(site[1])), site[1])
             rec = _teacher_io(self.teacher, sites, self.call[:FIT_BATCHES])
             self.recorded = (kind, rec)
-        return rec[node, tuple(args)]
+        return rec[value, tuple(args)]
 
-    def _pair(self, kind: str, cand: str) -> Any:
-        """(legalization, per-module latency, the nodes it took, rest share) or a note."""
-        if (kind, cand) not in self.pairs:
+    def _pair(self, kind: str, cand: str, default: bool = False) -> Any:
+        """(legalization, per-module latency, the nodes it took, rest share) or a note. A
+        default candidate's legalization is the default one (``L0``)."""
+        key = (kind, cand, default)
+        if key not in self.pairs:
+            if default:
+                todo = [n for n, c in self.selectable.items() if c == cand]
+                self.pairs[key] = (self.l0, self.per0, todo, 0.0)
+                return self.pairs[key]
             try:
                 lc = self.leg({kind: cand}, self.call[:FIT_BATCHES])
             except UnsupportedOpError as e:
-                self.pairs[kind, cand] = f"{kind}→{cand}: not offered here ({first_line(e)})"
-                return self.pairs[kind, cand]
+                self.pairs[key] = f"{kind}→{cand}: not offered here ({first_line(e)})"
+                return self.pairs[key]
             per_c = _latency_by_module(lc.module, self.tgt, self.one, *self.bits)[1]
             todo = [n for n, c in lc.choices.items() if c == cand and n in self.selectable
                     and self.selectable[n] != cand]
             # what the candidate changes outside its modules (a host lookup uploads the rows it
             # read instead of a one-hot matrix built in the prologue), shared among its nodes
             rest = (per_c[REST_KEY] - self.per0[REST_KEY]) / max(len(todo), 1)
-            self.pairs[kind, cand] = (lc, per_c, todo, rest)
-        return self.pairs[kind, cand]
+            self.pairs[key] = (lc, per_c, todo, rest)
+        return self.pairs[key]
 
     def __call__(self, job: _Job, index: int) -> tuple[list[Option], dict, list[str]]:
-        pair = self._pair(job.kind, job.candidate)
+        pair = self._pair(job.kind, job.candidate, job.default)
         if isinstance(pair, str):
             return [], {}, [pair]
         lc, per_c, todo, rest = pair
@@ -536,34 +581,21 @@ class _Measurer:
             return [Option(n, job.kind, cand, style, lat(n), 0.0) for n in todo], {}, []
         n = job.node
         if n not in todo:
-            return [], {}, [f"{n}→{cand}: the rule refused this node"]
-        nc = _module_node(lc.module, n, cand)
-        names = _surrogate_names(lc)
-        args = [names.get(a.name, a.name) if isinstance(a, torch.fx.Node) else None
-                for a in (nc.args if nc is not None else ())]
-        if nc is None or nc.kwargs or not args or not all(a in self.teacher_names
-                                                           for a in args):
-            return [], {}, [f"{n}→{cand}: its module takes other arguments than the original "
-                            "node's; not measured"]
-        mod = copy.deepcopy(lc.module.get_submodule(nc.target))
-        io = self._io(job.kind, n, args)
-        local = _fit(mod, io, self.options.steps, self.options.lr, self.seed + index)
+            return [], {}, [f"{job.kind}→{cand}: the rule refused node {n}"]
+        site = self._site(lc, n, cand)
+        if site is None:
+            return [], {}, [f"{n}→{cand}: its module does not compute one node of the "
+                            "original from the original's nodes; not measured"]
+        value, args = site
+        mod = copy.deepcopy(lc.module.get_submodule(_module_node(lc.module, n, cand).target))
+        local = _fit(mod, self._io(job.kind, value, args), self.options.steps,
+                     self.options.lr, self.seed + index)
         state = {k: v.detach().clone() for k, v in mod.state_dict().items()}
-        nmse, _ = self.fid(_swap_into_teacher(self.teacher, n, args, mod))
-        PROGRESS.info("selection: %s → %s: held-out cost %.2e (local %.2e)", n, cand, nmse,
-                      local)
-        return [Option(n, job.kind, cand, style, lat(n), max(nmse, 0.0), local)], \
-            {(n, cand): state}, []
-
-
-def _surrogate_names(res: Any) -> dict[str, str]:
-    """The surrogate call nodes of a legalization, by node name -> the original node's name."""
-    out = {}
-    for n, c in res.choices.items():
-        m = _module_node(res.module, n, c)
-        if m is not None:
-            out[m.name] = n
-    return out
+        nmse, _ = self.fid(_swap_into_teacher(self.teacher, value, args, mod))
+        PROGRESS.info("selection: %s → %s%s: held-out cost %.2e (local %.2e)", n, cand,
+                      " (default)" if job.default else "", nmse, local)
+        return [Option(n, job.kind, cand, style, lat(n), max(nmse, 0.0), local,
+                       default=job.default)], {(n, cand): state}, []
 
 
 def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
@@ -576,7 +608,6 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
     a ``torch.distributed`` group the jobs are shared out (:mod:`archnet_fx.infra.workers`)."""
     from archnet_fx.cost.latency import estimate_latency
     from archnet_fx.legalize import default_candidates
-    from archnet_fx.infra.workers import run_jobs
 
     default_s, per0 = _latency_by_module(l0.module, tgt, one, weight_bits, act_bits)
     original_s = estimate_latency(teacher, tgt, one, weight_bits=weight_bits,
@@ -596,10 +627,27 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
     notes: list[str] = []
     fitted: dict[tuple[str, str], dict] = {}
     for opts, fit, note in run_jobs(measurer, jobs, workers):
-        out += opts
+        for o in opts:
+            if o.default:          # a measured lossy default replaces its free placeholder
+                out = [x for x in out if not (x.default and x.node == o.node)]
+            out.append(o)
         fitted.update(fit)
         notes += [x for x in note if x not in notes]
-    return out, fitted, default_s, original_s, notes
+    return out, fitted, default_s, original_s, _grouped(notes)
+
+
+def _grouped(notes: list[str]) -> list[str]:
+    """"k→c: the rule refused node n" notes as one line per (kind, candidate)."""
+    refused: dict[str, list[str]] = {}
+    rest = []
+    for x in notes:
+        head, sep, node = x.partition(": the rule refused node ")
+        if sep:
+            refused.setdefault(head, []).append(node)
+        else:
+            rest.append(x)
+    return rest + [f"{head}: the rule refused {len(ns)} node(s) ({', '.join(ns[:6])}"
+                   f"{', …' if len(ns) > 6 else ''})" for head, ns in refused.items()]
 
 
 #: Bumped when the measurement changes meaning (a cache entry of another recipe is not reused).
@@ -664,10 +712,14 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
            train: Sequence[tuple[tuple, dict]], held: Sequence[tuple[tuple, dict]], *,
            options: SelectOptions, weight_bits: int, act_bits: int,
            choices: dict[str, str] | None = None, prefer: str = "emulation",
-           allow_host_fallback: bool = False, seed: int = 0) -> Selection:
+           allow_host_fallback: bool = False, seed: int = 0, verify: bool = False
+           ) -> Selection:
     """Measure every candidate of every replaced node and choose (see the module docstring).
-    Nodes the user pinned in ``choices`` (by node name or kind) are not selected."""
+    Nodes the user pinned in ``choices`` (by node name or kind) are not selected. ``verify``:
+    the default and the assembled legalizations check every pass numerically."""
+    from archnet_fx import pipelines
     from archnet_fx.cost.latency import estimate_latency
+    from archnet_fx.infra.manager import PassManager
     from archnet_fx.legalize import legalize
 
     tgt = load_target(target)
@@ -676,21 +728,26 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
     call = [(a, k) for a, k in train]
     one = first_sample(as_call(held[0] if held else train[0]))
 
-    def leg(extra: dict[str, str], batches: Sequence | None = None):
+    def leg(extra: dict[str, str], batches: Sequence | None = None, check: bool = False):
         return legalize(teacher, tgt, example,
                         calib_data=[as_call(b) for b in (call if batches is None else batches)],
                         choices={**extra, **user}, prefer=prefer,
-                        allow_host_fallback=allow_host_fallback, verify=False)
-    l0 = leg({})
+                        allow_host_fallback=allow_host_fallback, verify=check)
+    l0 = leg({}, check=verify)
     kind_of = {v.node: v.kind for v in l0.before.unsupported}
-    fid = _Fidelity(teacher, held)
+    # candidates are measured in the canonicalized original (exact rewrites: the graph whose
+    # node names legalization replaces)
+    canon = PassManager("canonicalize", pipelines.canonicalize_passes(), verify=False).run(
+        teacher).module
+    fid = _Fidelity(canon, held)
     selectable = {n: c for n, c in l0.choices.items()
                   if n not in user and kind_of.get(n, "") not in user
                   and _module_node(l0.module, n, c) is not None}
     key = _cache_key(teacher, tgt, weight_bits, act_bits, prefer, user, allow_host_fallback,
                      train, held, options, seed)
     entry = _cache_load(options.cache_dir, key)
-    if entry is not None and entry["selectable"] == selectable:
+    hit = entry is not None and entry["selectable"] == selectable
+    if all_ranks(hit, options.workers):     # in a process group: only if every rank has it
         out = [Option(**d) for d in entry["options"]]
         fitted = {tuple(k.split("|", 1)): v for k, v in entry["fitted"].items()}
         default_s, original_s, notes = entry["default_s"], entry["original_s"], entry["notes"]
@@ -701,9 +758,9 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
         base_nmse, _ = fid(l0.module)
         # candidates' costs on at most MEASURE_HELD batches (the assembled network's check
         # below uses every held-out batch)
-        fid_m = fid if len(held) <= MEASURE_HELD else _Fidelity(teacher, held[:MEASURE_HELD])
+        fid_m = fid if len(held) <= MEASURE_HELD else _Fidelity(canon, held[:MEASURE_HELD])
         out, fitted, default_s, original_s, notes = _measure(
-            teacher, tgt, l0, leg, selectable, kind_of, fid_m, call, one, options,
+            canon, tgt, l0, leg, selectable, kind_of, fid_m, call, one, options,
             weight_bits, act_bits, prefer, seed, options.workers)
         if _rank() == 0:
             _cache_save(options.cache_dir, key, {
@@ -711,6 +768,7 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                 "fitted": {f"{n}|{c}": v for (n, c), v in fitted.items()},
                 "default_s": default_s, "original_s": original_s, "notes": notes,
                 "base_nmse": base_nmse})
+        all_ranks(True, options.workers)      # the entry is written before any rank goes on
     base_s = default_s - sum(o.latency_s for o in out if o.default)
     measure_s = time.perf_counter() - t_start
 
@@ -718,18 +776,36 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
     resolves = 0
     max_cost = (2 * (1 - options.min_fidelity) if budget is None and
                 options.min_fidelity is not None else None)
+    final = functools.partial(leg, check=verify)
+    best = None
     while True:
-        chosen, predicted, objective, solver_s = solve(out, base_s, budget_s=budget,
-                                                       max_cost=max_cost)
-        result = assemble(l0, selectable, chosen, fitted, leg)
-        assembled = result.module
-        cos = fid(assembled)[1]
-        if (options.min_fidelity is None or budget is not None
+        try:
+            chosen, predicted, objective, solver_s = solve(out, base_s, budget_s=budget,
+                                                           max_cost=max_cost)
+        except SelectionError:
+            if budget is not None:
+                raise
+            if best is not None:             # tightened past what any choice meets: keep
+                break
+            # no choice is estimated to keep min_fidelity: the most faithful one, said so
+            chosen, predicted, objective, solver_s = solve(out, base_s, budget_s=math.inf)
+            notes.append(f"no choice is estimated to keep min_fidelity {options.min_fidelity} "
+                         f"(summed cost allowance {max_cost:.3g}): the most faithful one "
+                         "taken")
+            log.warning("selection: %s", notes[-1])
+            max_cost = None
+        result = assemble(l0, selectable, chosen, fitted, final)
+        cos = fid(result.module)[1]
+        if best is None or budget is not None or cos > best[-1]:
+            best = (chosen, predicted, objective, solver_s, result, cos)
+        if (options.min_fidelity is None or budget is not None or max_cost is None
                 or cos >= options.min_fidelity or resolves >= options.max_resolves
-                or objective <= 0):          # nothing left to tighten: the lossless choice
+                or objective <= 0):          # nothing left to tighten
             break
         resolves += 1
         max_cost = objective / 2
+    chosen, predicted, objective, solver_s, result, cos = best
+    assembled = result.module
     assembled_s = estimate_latency(assembled, tgt, one, weight_bits=weight_bits,
                                    act_bits=act_bits).total_s
     if options.min_fidelity is not None and cos < options.min_fidelity:
@@ -755,16 +831,14 @@ def _budget(options: SelectOptions, original_s: float) -> float | None:
 
 def assemble(l0: Any, defaults: dict[str, str], chosen: dict[str, str],
              fitted: dict[tuple[str, str], dict], leg: Any) -> Any:
-    """The legalization with the chosen candidates (``leg(node choices)``), each measured
-    candidate's locally fitted module loaded in place of its fresh one; ``l0`` itself when
-    nothing changed."""
+    """The legalization with the chosen candidates (``leg(node choices)``; ``l0`` itself when
+    nothing changed), each measured candidate's locally fitted module loaded in place of its
+    fresh one (a measured lossy default's too)."""
     changed = {n: c for n, c in chosen.items() if defaults.get(n) != c}
-    if not changed:
-        return l0
     # every node pinned by name: a node may be named like a kind ("softmax"), and a choice
     # under that key alone would move every node of the kind
-    res = leg({**defaults, **chosen})
-    for n, c in changed.items():
+    res = leg({**defaults, **chosen}) if changed else l0
+    for n, c in chosen.items():
         if (n, c) in fitted and res.choices.get(n) == c:
             try:
                 res.module.get_submodule(f"{n}_{c}").load_state_dict(fitted[(n, c)])

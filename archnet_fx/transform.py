@@ -453,10 +453,14 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                             ("min_fidelity", min_fidelity)) if v is not None]
     if select != "measured" and given:
         raise OptionError(f"{', '.join(given)} need(s) select='measured' (the default); "
-                          f"select={select!r} does not measure candidates")
-    if select != "measured" and (cache_dir is not None or workers != 1):
-        raise OptionError(f"cache_dir and workers belong to select='measured'; got "
-                          f"select={select!r}")
+                          f"select={select!r} does not measure candidates: drop "
+                          f"{', '.join(given)} or leave select at its default")
+    extra = [k for k, bad in (("cache_dir", cache_dir is not None), ("workers", workers != 1))
+             if bad]
+    if select != "measured" and extra:
+        raise OptionError(f"{' and '.join(extra)} belong(s) to select='measured' (the default); "
+                          f"select={select!r} measures nothing: drop {' and '.join(extra)} or "
+                          "leave select at its default")
     if select == "measured" and not given:
         min_fidelity = DEFAULT_MIN_FIDELITY
     if choices is not None and not isinstance(choices, Mapping):
@@ -512,7 +516,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             selection = measure_and_select(
                 teacher, tgt, example_inputs, train, held, options=sel_opts, weight_bits=w_bits,
                 act_bits=a_bits, choices=choices, prefer=prefer,
-                allow_host_fallback=allow_host_fallback, seed=seed)
+                allow_host_fallback=allow_host_fallback, seed=seed, verify=verify)
             return selection.legalized
         try:
             leg = legalize_or_select(teacher)

@@ -52,7 +52,7 @@ RUNS = {
     "w8a8": [dict(name="W8A8 default", n=1024, w=8, a=8, kw={})],
     "w4a8": [dict(name="W4A8 default", n=1024, w=4, a=8, kw={})],
     "structural": [dict(name="W8A8 prefer=structural", n=2048, w=8, a=8,
-                        kw=dict(prefer="structural"))],
+                        kw=dict(prefer="structural", select="order"))],
     "rss2048": [dict(name="W8A8 default, 2048 sentences", n=2048, w=8, a=8, kw={})],
     "ablation": [
         dict(name="ablation: recipe of issue 14", n=256, w=8, a=8, kw={}),

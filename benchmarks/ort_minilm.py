@@ -103,6 +103,8 @@ class Config:
     #: transform's ``select``: "order" keeps the named forms as they are; "measured" is
     #: transform's default (hardware-aware selection, 10 % of the calibration held out)
     select: str = "order"
+    #: the measured selection's budget (``speedup``/``min_fidelity``), for sweep points
+    budget: dict = field(default_factory=dict)
 
     def load_target(self):
         from archnet_fx.targets import load_target
@@ -224,14 +226,16 @@ def archnet_onnx(model, calib: list[dict], cfg: Config, steps: int, stem: Path, 
     res = transform(model, tgt, calib[0], calib, weight_bits=8, act_bits=8, steps=steps,
                     holdout=0.1 if cfg.select == "measured" else 0, progress=False,
                     prefer=cfg.prefer, choices=cfg.choices or None, select=cfg.select,
-                    **(distill_opts or {}))
+                    cache_dir=SELECT_CACHE if cfg.select == "measured" else None,
+                    **cfg.budget, **(distill_opts or {}))
     sel = res.report.selection
     info = {"config": cfg.name, "target": tgt.name, "prefer": cfg.prefer, "select": cfg.select,
             "selection": None if sel is None else {
                 "chosen_changed": dict(collections.Counter(
                     f"{o.kind}:{o.candidate}" for o in sel.options
                     if sel.chosen.get(o.node) == o.candidate and not o.default)),
-                "original_us": sel.original_s * 1e6, "assembled_us": (sel.assembled_s or 0) * 1e6,
+                "original_us": sel.original_s * 1e6, "predicted_us": sel.predicted_s * 1e6,
+                "assembled_us": (sel.assembled_s or 0) * 1e6,
                 "float_cosine": sel.assembled_cosine, "measure_s": sel.measure_s},
             "choices": cfg.choices, "steps": steps, "distill_options": distill_opts or {},
             "calib_sentences": sum(
@@ -247,7 +251,7 @@ def archnet_onnx(model, calib: list[dict], cfg: Config, steps: int, stem: Path, 
                 if note.startswith("chosen: ") for p in note[len("chosen: "):].split(", "))),
             "block_losses": [(b.name, b.loss_before, b.loss_after_all)
                              for b in res.report.distill.blocks]}
-    logging.info("transform (%s, %d steps) took %.0f s", cfg.name, steps, info["transform_s"])
+    logging.info("transform (%s, %s steps) took %.0f s", cfg.name, steps, info["transform_s"])
     t0 = time.perf_counter()
     ex = {k: v[:2] for k, v in calib[0].items()}
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +364,15 @@ def npu_a_census(path: Path) -> dict:
 
     model = onnx.load(str(path), load_external_data=False)
     illegal, prologue = onnx_legality(model, load_target("npu_a"))
+    # the host prologue, and constant subgraphs (what depends only on weights and input
+    # *shapes*, e.g. the position rows of a dynamic-length model: folded per length at load
+    # time, as onnx_legality treats them) are not the chip's path
     pro = set(prologue)
+    const = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in ("Shape", "Size") or all(i in const for i in n.input if i):
+            const.update(n.output)
+            pro.add(n.name)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     chip = collections.Counter(n.op_type for n in model.graph.node
                                if n.op_type in BANNED_OPS and n.name not in pro)
@@ -566,13 +578,40 @@ def _census_table(inv: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+#: Measured selections of every configuration share one measurement (same model and data).
+SELECT_CACHE = HERE / "results" / "hant_cache"
+
+
+def sweep_config(name: str) -> Config | None:
+    """``speedup=X`` / ``min_fidelity=C``: transform's measured selection at that budget."""
+    key, _, value = name.partition("=")
+    if key not in ("speedup", "min_fidelity") or not value:
+        return None
+    return Config(name, f"npu_a, measured selection, {key} {value}", select="measured",
+                  budget={key: float(value)})
+
+
+#: ``--configs hant``: the budget sweep of the HANT issue, from all-emulation (the old default)
+#: through transform's default down to the fastest feasible (each a measured selection sharing
+#: one measurement, then quantized, distilled at the default steps and exported).
+HANT_SWEEP = ("emulation,default,min_fidelity=0.98,min_fidelity=0.95,speedup=2.8,speedup=3.0,"
+              "speedup=3.5,speedup=4.0")
+
+
 def parse_configs(spec: str, steps: int) -> list[tuple[Config, int]]:
     out = []
+    spec_names = {s.strip() for s in spec.split(",")}
+    spec = ",".join(HANT_SWEEP if s.strip() == "hant" else s for s in spec.split(","))
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = item.partition(":")
+        sweep = sweep_config(name)
+        if sweep is not None:
+            out.append((sweep, int(n) if n else None))
+            continue
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
-        out.append((CONFIGS[name], int(n) if n else (None if name == "default" else steps)))
+        out.append((CONFIGS[name], int(n) if n else (
+            None if name == "default" or "hant" in spec_names else steps)))
     return out
 
 
@@ -657,7 +696,7 @@ def main(argv=None) -> int:
                                          "steps, chip graph (one-hot matmul)",
                                          "path": paths["chip"], "cfg": cfg, "form": "chip",
                                          "info": key}
-            models[key] = {"label": f"(d) archnet_fx W8A8 {cfg.name}, {steps} steps{tags}",
+            models[key] = {"label": f"(d) archnet_fx W8A8 {cfg.name}, {steps if steps is not None else 'default'} steps{tags}",
                            "path": paths["cpu"], "cfg": cfg, "form": "gather", "info": key}
 
         load_before = loadavg()
@@ -720,7 +759,8 @@ def main(argv=None) -> int:
                          verdict))
     print("\ntarget: (d) ≥ 1.6× fp32 and mean cosine ≥ 0.98, legal on npu_a: none of "
           f"{', '.join(BANNED_OPS)} on the chip's path (the host prologue — integer-only "
-          "attention-mask arithmetic — may keep index ops)\n")
+          "attention-mask arithmetic — and per-length constants such as the position rows "
+          "may keep index ops)\n")
     print(tabulate(verdicts, headers=["model", "target", "vs fp32", "mean cos",
                                       "banned ops (chip path)", "in host prologue",
                                       "npu_a-illegal nodes", "export check",
@@ -729,6 +769,30 @@ def main(argv=None) -> int:
     for key, info in infos.items():
         print(f"  {key}: surrogates {info.get('surrogates_chosen')}; export rewrites "
               f"{info.get('export_rewrites')}")
+    sel_rows = []
+    dyn = timed.get("ort_dynamic", {}).get("sentences_per_s")
+    for r in rows:
+        m = models[r["key"]]
+        info = infos.get(m.get("info", ""), {})
+        sel = info.get("selection")
+        if not sel or m["form"] == "chip":
+            continue
+        sel_rows.append((r["key"], f"{sel['predicted_us']:.0f}", f"{sel['assembled_us']:.0f}",
+                         f"{sel['original_us'] / sel['assembled_us']:.2f}×",
+                         f"{sel['float_cosine']:.4f}", f"{r['mean_cos']:.4f}",
+                         f"{r['speedup_vs_fp32']:.2f}×",
+                         f"{r['sentences_per_s'] / dyn:.2f}×" if dyn else "",
+                         ", ".join(f"{k}×{n}" for k, n in sorted(sel["chosen_changed"].items()))
+                         or "defaults", f"{sel['measure_s']:.0f}"))
+    if sel_rows:
+        print("\nmeasured selections (npu_a estimate at batch 1 × 128; float cosine: the assembled "
+              "network before quantization, on the transform's held-out batches; ORT columns: "
+              "the exported W8A8 network on the evaluation sentences)\n")
+        print(tabulate(sel_rows, headers=["config", "ILP µs", "assembled µs",
+                                          "est. speed-up", "float cos", "ORT mean cos",
+                                          "ORT vs fp32", "vs ORT dynamic int8",
+                                          "changed from the default candidates",
+                                          "select s"], tablefmt="github"))
 
     if level_rows:
         print("\nsentences/s (vs fp32 at the same level) by onnxruntime graph optimization level;"

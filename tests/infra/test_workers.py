@@ -29,3 +29,43 @@ def test_an_error_in_a_worker_is_raised_here():
         return job
     with pytest.raises(ValueError, match="job five"):
         run_jobs(fn, list(range(6)), workers=2)
+
+
+def _group_rank(rank, init, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        out = run_jobs(lambda job, i: (job + 100, dist.get_rank()), list(range(5)), "group")
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_group_shares_over_a_running_process_group(tmp_path):
+    """What a torchrun program gets: every rank returns every result, in job order."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_group_rank, args=(r, init, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    got = dict(queue.get() for _ in range(2))
+    assert [o[0] for o in got[0]] == list(range(100, 105)) == [o[0] for o in got[1]]
+    assert got[0] == got[1] and {o[1] for o in got[0]} == {0, 1}
+
+
+@pytest.mark.parametrize("workers, match", [(0, "integer >= 1"), ("3", "integer >= 1"),
+                                            (True, "integer >= 1"),
+                                            ("group", "no.*initialized|none is initialized")])
+def test_unusable_workers_are_refused_before_any_job(workers, match):
+    from archnet_fx.errors import OptionError
+
+    ran = []
+    with pytest.raises(OptionError, match=match):
+        run_jobs(lambda job, i: ran.append(job), [1, 2, 3], workers)
+    assert not ran

@@ -142,6 +142,17 @@ def test_cache_is_reused_for_a_new_budget_and_not_for_new_data(tiny_bert_run, tm
     ax.transform(m, "npu_a", ex, other, speedup=2.0, **kw)
     assert "from the cache" not in caplog.text
     assert len(list(tmp_path.glob("selection-*.pt"))) == 2
+    caplog.clear()
+    import copy
+
+    import torch
+
+    changed = copy.deepcopy(m)                                  # a changed model: measured again
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    ax.transform(changed, "npu_a", ex, batches, speedup=2.0, **kw)
+    assert "from the cache" not in caplog.text
+    assert len(list(tmp_path.glob("selection-*.pt"))) == 3
 
 
 def test_cache_dir_that_is_a_file_is_refused_before_work(tiny_bert_run, tmp_path):
@@ -172,14 +183,41 @@ def test_the_default_transform_selects_the_fastest_faithful_network(tiny_bert_ru
         ax.estimate_latency(order.module, "npu_a", one).total_s
 
 
-@pytest.mark.parametrize("kw", [dict(select="order", speedup=2.0),
-                                dict(select="latency", min_fidelity=0.9),
-                                dict(select="order", workers=2),
-                                dict(select="fastest"), dict(workers=0)])
-def test_selection_arguments_without_measured_selection_are_refused(tiny_bert_run, kw):
+@pytest.mark.parametrize("kw, match", [
+    (dict(select="order", speedup=2.0), "speedup need.*select='measured'"),
+    (dict(select="latency", min_fidelity=0.9), "min_fidelity need.*select='measured'"),
+    (dict(select="order", workers=2), "workers belong.*select='measured'"),
+    (dict(select="order", cache_dir="x"), "cache_dir belong.*select='measured'"),
+    (dict(select="fastest"), "select must be one of"),
+    (dict(workers=0), "workers must be an integer >= 1"),
+    (dict(workers="group"), "none is initialized")])
+def test_selection_arguments_without_measured_selection_are_refused(tiny_bert_run, kw, match):
     m, ex, batches, ax = tiny_bert_run
-    with pytest.raises(OptionError):
+    with pytest.raises(OptionError, match=match):
         ax.transform(m, "npu_a", ex, batches, steps=1, progress=False, **kw)
+
+
+def test_chain_surrogates_are_measured_at_the_chain_output_and_lossy_defaults_cost():
+    """The decoder's hand-written RMSNorm is one chain rule anchored at `pow`: its surrogate
+    replaces the chain's output. Measured there, the near-exact chain emulation costs ~0 and the
+    affine form more; under prefer="structural" the lossy defaults are measured too (not free)."""
+    import archnet_fx as ax
+    from archnet_fx.demo import zoo
+
+    m, ex = zoo.get_model("decoder")
+    batches = zoo.random_batches("decoder", 6, 8, seed=0)
+    sel = ax.transform(m, "npu_a", ex, batches, steps=1, holdout=2, progress=False,
+                       prefer="structural").report.selection
+    by = {(o.node, o.candidate): o for o in sel.options}
+    chains = [n for (n, c) in by if c == "norm_chain_emulate"]
+    assert chains, "the RMSNorm chains must be offered"
+    for n in chains:
+        emu, aff = by[n, "norm_chain_emulate"], by[n, "norm_chain_affine"]
+        assert aff.default and emu.cost < 1e-6 and emu.local_nmse < 1e-6
+        assert aff.cost > emu.cost and aff.local_nmse > 1e-4
+    lossy_defaults = [o for o in sel.options if o.default and o.style == "structural"]
+    assert lossy_defaults and all(o.cost > 0 for o in lossy_defaults)
+    assert sel.assembled_cosine >= 0.99
 
 
 def test_choose_resolves_another_budget_from_the_measurements(tiny_bert_run):
@@ -214,4 +252,5 @@ def test_two_gloo_workers_measure_the_same_as_one(tiny_bert_run):
     assert a.chosen == b.chosen
     with torch.no_grad():
         outs = [torch.utils._pytree.tree_leaves(r.module(**ex)) for r in (one, two)]
-    assert outs[0] and all(torch.equal(x, y) for x, y in zip(*outs))
+    assert outs[0] and len(outs[0]) == len(outs[1])
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
