@@ -46,9 +46,10 @@ swapped in alone and is left out, with a note.
 
 **Jobs.** One job per (node, lossy candidate) and one per lossless candidate, in a fixed order;
 ``workers`` > 1 shares them over forked gloo ranks, and inside a running ``torch.distributed``
-group (``torchrun``, one machine or several with a shared ``cache_dir``) the ranks share them
-(:mod:`archnet_fx.infra.workers`); a job's seed comes from its index, so the measurement does not
-depend on how it was shared. **Cache** (``cache_dir``): one file per model (parameters, buffers
+group (``workers="group"``: ``torchrun``, one machine or several with a shared ``cache_dir``) the
+ranks share them (:mod:`archnet_fx.infra.workers`); a job's seed comes from its index, so the
+measurement does not depend on how it was shared (up to floating-point summation order where
+the per-process thread count changes a kernel's reduction). **Cache** (``cache_dir``): one file per model (parameters, buffers
 and graph code), target, bits, candidate settings, calibration and held-out data and recipe,
 holding every option and fitted module; a new budget on the same model and data reads it and
 re-solves (:meth:`Selection.choose` re-solves in milliseconds without assembling).
@@ -180,14 +181,8 @@ class Selection:
     legalized: Any = field(default=None, repr=False)   # L0's LegalizeResult
     module: Any = field(default=None, repr=False)      # the assembled float network
 
-    def table(self) -> str:
-        from tabulate import tabulate
-
-        rows = [(o.node, o.kind, o.candidate + (" (default)" if o.default else ""), o.style,
-                 f"{o.latency_s * 1e6:.1f}", f"{o.cost:.2e}", f"{o.local_nmse:.2e}",
-                 "←" if self.chosen.get(o.node) == o.candidate else "")
-                for o in self.options]
-        head = (f"selection: predicted {self.predicted_s * 1e6:.0f} µs (additive model), "
+    def _head(self) -> str:
+        return (f"selection: predicted {self.predicted_s * 1e6:.0f} µs (additive model), "
                 + (f"assembled {self.assembled_s * 1e6:.0f} µs, " if self.assembled_s else "")
                 + f"original {self.original_s * 1e6:.0f} µs "
                   f"({self.original_s / (self.assembled_s or self.predicted_s):.2f}× faster), "
@@ -198,6 +193,39 @@ class Selection:
                    if self.assembled_cosine is not None else "")
                 + f"; measured in {self.measure_s:.1f} s, solved in {self.solver_s * 1e3:.0f} ms"
                 + (f" ({self.resolves} re-solves)" if self.resolves else ""))
+
+    def summary(self) -> str:
+        """One row per (kind, candidate): at how many of the kind's nodes it was chosen, their
+        µs and summed cost, and the range of its measured costs (the per-node table is
+        :meth:`table`)."""
+        from tabulate import tabulate
+
+        groups: dict[tuple[str, str], list[Option]] = {}
+        for o in self.options:
+            groups.setdefault((o.kind, o.candidate), []).append(o)
+        rows = []
+        for (kind, cand), opts in groups.items():
+            picked = [o for o in opts if self.chosen.get(o.node) == o.candidate]
+            costs = [o.cost for o in opts]
+            rows.append((kind, cand + (" (default)" if any(o.default for o in opts) else ""),
+                         opts[0].style, f"{len(picked)}/{len(opts)}",
+                         f"{sum(o.latency_s for o in picked) * 1e6:.1f}",
+                         f"{sum(o.cost for o in picked):.2e}",
+                         f"{min(costs):.1e} – {max(costs):.1e}"))
+        return "\n".join([self._head(), tabulate(
+            rows, headers=["kind", "candidate", "style", "chosen at", "µs (chosen)",
+                           "cost (chosen)", "cost per node (measured)"], tablefmt="github"),
+            "cost: held-out output nMSE of the candidate swapped alone into the original; the "
+            "per-node table is report.selection.table()"] + self.notes)
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        rows = [(o.node, o.kind, o.candidate + (" (default)" if o.default else ""), o.style,
+                 f"{o.latency_s * 1e6:.1f}", f"{o.cost:.2e}", f"{o.local_nmse:.2e}",
+                 "←" if self.chosen.get(o.node) == o.candidate else "")
+                for o in self.options]
+        head = self._head()
         legend = ("µs: the candidate's modules in the cost model (batch 1); cost: held-out "
                   "output nMSE when swapped alone into the original model (emulation and "
                   "lossless candidates: 0 by assumption, the default legalization's own error "

@@ -130,7 +130,7 @@ class TransformReport:
                 rows, headers=["stage", "output", "mean cosine", "normalised MSE"],
                 tablefmt="github"))
         if self.selection is not None:
-            parts.append(self.selection.table())
+            parts.append(self.selection.summary())
         parts.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         parts += [f"note: {n}" for n in self.notes]
         return "\n\n".join(parts)

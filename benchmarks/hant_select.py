@@ -2,13 +2,14 @@
 latency budgets (issue 18, first part).
 
 One measurement (``archnet_fx.selection.select`` with an on-disk cache: every candidate of every
-replaced node fitted locally, swapped alone into the default legalization, held-out output nMSE
-and cost-model latency), then for each budget of a sweep from the most faithful choice's
-predicted latency down to the fastest achievable (plus ``min_fidelity`` points): the ILP's
-predicted latency, the assembled network's estimate (the error of the additive model), the
-assembled *float* network's held-out mean cosine (before quantization and distillation), and
-the candidate counts per kind. Not here yet (see the README): quantization and distillation of
-each point, onnxruntime speed of its export, per-layer bit widths.
+replaced node fitted locally on the original's inputs at its node, swapped alone into the
+original, held-out output nMSE and cost-model latency), then for each budget of a sweep from the
+most faithful choice's predicted latency down to the fastest achievable (plus ``min_fidelity``
+points): the ILP's predicted latency, the assembled network's estimate (the error of the
+additive model), the assembled *float* network's held-out mean cosine (before quantization and
+distillation), and the candidate counts per kind. The whole pipeline per budget (quantized,
+distilled, exported, timed in onnxruntime against fp32 and ORT's dynamic int8) is
+``python benchmarks/ort_minilm.py --configs hant --calib 512``.
 
     python benchmarks/hant_select.py                 # 512 sentences (~10 min here)
     python benchmarks/hant_select.py --sentences 256 --points 6

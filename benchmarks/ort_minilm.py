@@ -29,6 +29,15 @@ embedding products rewritten as row gathers (exact; ``onehot_gather=True``), one
   LayerNorm/Softmax/GELU/embedding): nothing to legalize, the linears quantized exactly as for
   npu_a; what the Q/DQ linears alone give (not a legal npu_a model).
 
+* ``default`` — ``transform``'s defaults: the measured selection (fastest network whose float
+  held-out cosine stays ≥ 0.99), default distillation steps, 10 % of the calibration held out;
+* ``speedup=X`` / ``min_fidelity=C`` — the measured selection at that budget (all share one
+  measurement, cached in ``benchmarks/results/hant_cache/``); ``--configs hant`` is the issue-18
+  sweep: ``emulation`` (the old default), ``default``, ``min_fidelity`` 0.98 / 0.95, ``speedup``
+  2.8 / 3.0 / 3.5 / 4.0, each at the default steps, with a table per point of the ILP's
+  prediction, the assembled estimate, the float cosine, the ORT speed against fp32 and against
+  ORT's dynamic int8, and what changed from the default candidates.
+
 ``--configs name[:steps],…`` picks them (steps default ``--steps``). Exported files are cached
 per configuration, step count and calibration size at ``--cache``.<name>.s<steps>.c<calib>.*
 so re-runs skip the transform (``--fresh`` redoes it).
@@ -46,6 +55,7 @@ or slow in onnxruntime:
   (basic keeps Q/DQ as float emulation, extended adds the QDQ fusions and contrib-op fusions).
 
     python benchmarks/ort_minilm.py                   # default configs, investigation
+    python benchmarks/ort_minilm.py --configs hant --calib 512 --repeats 3 --no-investigate
     python benchmarks/ort_minilm.py --configs emulation:0,native:0 --calib 32 --eval 64  # quick
     python benchmarks/ort_minilm.py --configs emulation:10,act_structural:40,structural:80,\
 native:20 --levels basic,extended,all
@@ -116,6 +126,9 @@ class Config:
 CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("default", "npu_a, transform's defaults: measured selection, fastest network with "
            "float held-out cosine >= 0.99", select="measured"),
+    Config("cpu_fast", "npu_a, GELU and softmax pinned to their CPU-cheap forms (hard_gate, "
+           "softmax_pow), the rest measured and selected at transform's default floor",
+           choices={"gelu": "hard_gate", "softmax": "softmax_pow"}, select="measured"),
     Config("emulation", "npu_a, emulation surrogates (PWL LayerNorm / GELU / softmax-exp)"),
     Config("structural", "npu_a, prefer=structural (affine LN, ReLU-form GELU, ReLU attention)",
            prefer="structural"),
@@ -611,7 +624,7 @@ def parse_configs(spec: str, steps: int) -> list[tuple[Config, int]]:
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
         out.append((CONFIGS[name], int(n) if n else (
-            None if name == "default" or "hant" in spec_names else steps)))
+            None if CONFIGS[name].select == "measured" or "hant" in spec_names else steps)))
     return out
 
 
@@ -777,7 +790,8 @@ def main(argv=None) -> int:
         sel = info.get("selection")
         if not sel or m["form"] == "chip":
             continue
-        sel_rows.append((r["key"], f"{sel['predicted_us']:.0f}", f"{sel['assembled_us']:.0f}",
+        pred = sel.get("predicted_us")       # absent from exports cached before it was kept
+        sel_rows.append((r["key"], f"{pred:.0f}" if pred else "", f"{sel['assembled_us']:.0f}",
                          f"{sel['original_us'] / sel['assembled_us']:.2f}×",
                          f"{sel['float_cosine']:.4f}", f"{r['mean_cos']:.4f}",
                          f"{r['speedup_vs_fp32']:.2f}×",

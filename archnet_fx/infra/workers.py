@@ -7,9 +7,11 @@ enumerate(jobs)]``, computed:
 * on **local workers** (``workers`` = N > 1): N processes are forked, join a gloo group of their
   own (file rendezvous in a temporary directory), each takes a disjoint contiguous share (rank
   *r* of *W* takes jobs ``[r·n/W, (r+1)·n/W)``), the results are exchanged with
-  ``all_gather_object``, and rank 0 hands the list back. Each worker keeps this process's
-  intra-op thread count, so its floating-point reductions are the ones ``workers=1`` would do
-  (bit-identical results, at the price of oversubscribed cores);
+  ``all_gather_object``, and rank 0 hands the list back. Each worker runs one intra-op thread:
+  GNU OpenMP, which torch's CPU kernels use, hangs in a forked child that opens a parallel
+  region after its parent did (measured here: the suite deadlocked). Results equal
+  ``workers=1``'s up to floating-point summation order where a kernel splits a reduction by
+  thread (bit for bit on the small models the tests use);
 * **over a running process group** (``workers="group"``: the program was started by
   ``torchrun``, on one machine or several, and called ``torch.distributed.init_process_group``;
   every rank calls ``run_jobs`` with the same jobs): the ranks share the jobs as above and
@@ -97,9 +99,11 @@ def _exchange(fn: Callable[[Any, int], Any], jobs: Sequence[Any], rank: int, wor
 
 def _rank_main(fn: Callable, jobs: Sequence, rank: int, world: int, init: str,
                queue: Any) -> None:
+    import torch
     import torch.distributed as dist
 
     try:
+        torch.set_num_threads(1)         # no OpenMP parallel region in a forked child
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         try:
             out = _exchange(fn, jobs, rank, world)

@@ -264,6 +264,18 @@ def test_selection_flags_write_the_front(capsys, user_dir):
               "-o", "m.onnx"])
 
 
+def test_selection_flags_with_select_order_fail_before_the_model_loads(capsys, user_dir,
+                                                                        monkeypatch):
+    import archnet_fx.workflow.models as models
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(models, "load_hf_dir", boom)
+    one_error(*run(capsys, "transform", "./some_dir", "-t", "npu_a", "--select", "order",
+                   "--speedup", "3", "--workers", "2", "-o", "m.onnx"),
+              "--speedup, --workers", "--select measured")
+
+
 def test_factory_importing_its_neighbour_and_failing_factories(capsys, user_dir):
     (user_dir / "helper_wf.py").write_text("import torch\nfrom torch import nn\n"
                                           "def make():\n    return nn.Linear(12, 4)\n")
