@@ -604,8 +604,8 @@ class _Measurer:
             # a host candidate has no module of its own: all of it is in the rest
             return per_c.get(f"{n}_{cand}", 0.0) + rest
         if job.node is None:                 # exact or host: nothing to fit, nothing lost
-            PROGRESS.info("selection: %s → %s (lossless) at %d node(s)", job.kind, cand,
-                          len(todo))
+            log.debug("selection: %s → %s (lossless) at %d node(s)", job.kind, cand,
+                      len(todo))
             return [Option(n, job.kind, cand, style, lat(n), 0.0) for n in todo], {}, []
         n = job.node
         if n not in todo:
@@ -620,8 +620,8 @@ class _Measurer:
                      self.options.lr, self.seed + index)
         state = {k: v.detach().clone() for k, v in mod.state_dict().items()}
         nmse, _ = self.fid(_swap_into_teacher(self.teacher, value, args, mod))
-        PROGRESS.info("selection: %s → %s%s: held-out cost %.2e (local %.2e)", n, cand,
-                      " (default)" if job.default else "", nmse, local)
+        log.debug("selection: %s → %s%s: held-out cost %.2e (local %.2e)", n, cand,
+                  " (default)" if job.default else "", nmse, local)
         return [Option(n, job.kind, cand, style, lat(n), max(nmse, 0.0), local,
                        default=job.default)], {(n, cand): state}, []
 
@@ -629,7 +629,7 @@ class _Measurer:
 def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
              selectable: dict[str, str], kind_of: dict[str, str], fid: _Fidelity, call: list,
              one: Any, options: SelectOptions, weight_bits: int, act_bits: int, prefer: str,
-             seed: int, workers: int = 1
+             seed: int, workers: int | str = 1, progress: bool = False
              ) -> tuple[list[Option], dict[tuple[str, str], dict], float, float, list[str]]:
     """Every candidate at every selectable node: (options, fitted state dicts, L0's latency,
     the original's latency, notes). See the module docstring; with ``workers`` > 1 or inside
@@ -654,7 +654,26 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
                          weight_bits, act_bits, seed)
     notes: list[str] = []
     fitted: dict[tuple[str, str], dict] = {}
-    for opts, fit, note in run_jobs(measurer, jobs, workers):
+    from tqdm.auto import tqdm
+
+    # a bar in this process only (forked ranks would each draw a copy)
+    bar = tqdm(total=len(jobs), desc="measuring candidates", leave=False, dynamic_ncols=True,
+               disable=not (progress and workers == 1))
+    done: dict[str, int] = {}
+
+    def job(j: _Job, i: int) -> Any:
+        out = measurer(j, i)
+        bar.update(1)
+        done[j.kind] = done.get(j.kind, 0) + 1
+        if i + 1 == len(jobs) or jobs[i + 1].kind != j.kind:
+            PROGRESS.info("selection: %s measured (%d job(s), %d/%d)", j.kind, done[j.kind],
+                          i + 1, len(jobs))
+        return out
+    try:
+        results = run_jobs(job, jobs, workers)
+    finally:
+        bar.close()
+    for opts, fit, note in results:
         for o in opts:
             if o.default:          # a measured lossy default replaces its free placeholder
                 out = [x for x in out if not (x.default and x.node == o.node)]
@@ -740,11 +759,12 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
            train: Sequence[tuple[tuple, dict]], held: Sequence[tuple[tuple, dict]], *,
            options: SelectOptions, weight_bits: int, act_bits: int,
            choices: dict[str, str] | None = None, prefer: str = "emulation",
-           allow_host_fallback: bool = False, seed: int = 0, verify: bool = False
-           ) -> Selection:
+           allow_host_fallback: bool = False, seed: int = 0, verify: bool = False,
+           progress: bool = False) -> Selection:
     """Measure every candidate of every replaced node and choose (see the module docstring).
     Nodes the user pinned in ``choices`` (by node name or kind) are not selected. ``verify``:
-    the default and the assembled legalizations check every pass numerically."""
+    the default and the assembled legalizations check every pass numerically; ``progress``: a
+    tqdm bar over the measuring jobs (one process only)."""
     from archnet_fx import pipelines
     from archnet_fx.cost.latency import estimate_latency
     from archnet_fx.infra.manager import PassManager
@@ -789,7 +809,7 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
         fid_m = fid if len(held) <= MEASURE_HELD else _Fidelity(canon, held[:MEASURE_HELD])
         out, fitted, default_s, original_s, notes = _measure(
             canon, tgt, l0, leg, selectable, kind_of, fid_m, call, one, options,
-            weight_bits, act_bits, prefer, seed, options.workers)
+            weight_bits, act_bits, prefer, seed, options.workers, progress)
         if _rank() == 0:
             _cache_save(options.cache_dir, key, {
                 "selectable": selectable, "options": [dataclasses.asdict(o) for o in out],

@@ -516,7 +516,8 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
             selection = measure_and_select(
                 teacher, tgt, example_inputs, train, held, options=sel_opts, weight_bits=w_bits,
                 act_bits=a_bits, choices=choices, prefer=prefer,
-                allow_host_fallback=allow_host_fallback, seed=seed, verify=verify)
+                allow_host_fallback=allow_host_fallback, seed=seed, verify=verify,
+                progress=opts.progress)
             return selection.legalized
         try:
             leg = legalize_or_select(teacher)
