@@ -582,7 +582,8 @@ class _Measurer:
             try:
                 lc = self.leg({kind: cand}, self.call[:FIT_BATCHES])
             except UnsupportedOpError as e:
-                self.pairs[key] = f"{kind}→{cand}: not offered here ({first_line(e)})"
+                self.pairs[key] = (f"{kind}→{cand}: not offered here "
+                                   f"({first_line(e).rstrip(':')})")
                 return self.pairs[key]
             per_c = _latency_by_module(lc.module, self.tgt, self.one, *self.bits)[1]
             todo = [n for n, c in lc.choices.items() if c == cand and n in self.selectable
