@@ -21,8 +21,9 @@ min_fidelity=None, ...) -> Selection``
 3. **Latency** of candidate *c* at node *n*: the cost model's time of its module's nodes
    (``estimate_latency`` rows ``<node>_<candidate>/...`` in the legalization that used it,
    batch 1, fused epilogues included), plus its share of the change it makes outside the
-   surrogate modules (a host lookup removes the prologue's one-hot matrix and its upload). The network's latency is taken as additive: the rest of
-   ``L0`` (its total minus its default modules' time) plus the chosen modules' times.
+   surrogate modules (a host lookup removes the prologue's one-hot matrix and its upload).
+   The network's latency is taken as additive: the rest of ``L0`` (its total minus its default
+   modules' time) plus the chosen modules' times.
    :attr:`Selection.predicted_s` is that sum; the assembled network's estimate is reported
    beside it (``assembled_s``) so the error of the additive model is visible.
 4. **One integer program** (``scipy.optimize.milp``, HiGHS): one binary per (node, candidate),
@@ -49,10 +50,11 @@ swapped in alone and is left out, with a note.
 group (``workers="group"``: ``torchrun``, one machine or several with a shared ``cache_dir``) the
 ranks share them (:mod:`archnet_fx.infra.workers`); a job's seed comes from its index, so the
 measurement does not depend on how it was shared (up to floating-point summation order where
-the per-process thread count changes a kernel's reduction). **Cache** (``cache_dir``): one file per model (parameters, buffers
-and graph code), target, bits, candidate settings, calibration and held-out data and recipe,
-holding every option and fitted module; a new budget on the same model and data reads it and
-re-solves (:meth:`Selection.choose` re-solves in milliseconds without assembling).
+the per-process thread count changes a kernel's reduction). **Cache** (``cache_dir``): one file
+per model (parameters, buffers and graph code), target, bits, candidate settings, calibration
+and held-out data and recipe, holding every option and fitted module; a new budget on the same
+model and data reads it and re-solves (:meth:`Selection.choose` re-solves in milliseconds
+without assembling).
 
 Per-layer bit widths are not selected: on npu_a (int8 activations only) a W4A8 layer computes at
 the int8 rate, so W4 changes weight bytes, not the estimate of a compute-bound layer.
@@ -76,6 +78,7 @@ from archnet_fx.capture import as_call, first_sample
 from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.infra.workers import all_ranks, run_jobs
+from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.surrogate.base import LOSSLESS
 from archnet_fx.targets import Target, load_target
 
@@ -378,16 +381,6 @@ class _Recorder(torch.fx.Interpreter):
         return out
 
 
-def _run_bound(gm: torch.fx.GraphModule, interp: torch.fx.Interpreter, args: tuple,
-               kwargs: dict) -> Any:
-    """``interp.run`` with keyword inputs bound to the graph's placeholders."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    bound = list(args)
-    for n in phs[len(args):]:
-        bound.append(kwargs.get(n.target, kwargs.get(n.name, n.args[0] if n.args else None)))
-    return interp.run(*bound)
-
-
 def _teacher_io(teacher: torch.fx.GraphModule, sites: dict[tuple[str, tuple], list[str]],
                 batches: Sequence[tuple[tuple, dict]]) -> dict[tuple[str, tuple], list]:
     """Per site (``(node, its arguments) -> the teacher nodes a surrogate of the node takes as
@@ -397,7 +390,7 @@ def _teacher_io(teacher: torch.fx.GraphModule, sites: dict[tuple[str, tuple], li
     with torch.no_grad():
         for a, k in batches:
             rec = _Recorder(teacher, names)
-            _run_bound(teacher, rec, a, k)
+            rec.run(*bind_placeholders(teacher, a, k)[1])
             for site, args in sites.items():
                 got[site].append((tuple(rec.seen[x] for x in args), rec.seen[site[0]]))
     return got
@@ -527,24 +520,26 @@ class _Measurer:
     (exact rewrites only: its node names are the ones legalization replaces)."""
 
     def __init__(self, teacher: torch.fx.GraphModule, tgt: Target, leg: Any, l0: Any,
-                 selectable: dict[str, str], styles: dict[str, str], fid: _Fidelity,
-                 call: list, one: Any, options: SelectOptions, wbits: int, abits: int,
-                 seed: int) -> None:
-        self.teacher, self.tgt, self.leg, self.l0 = teacher, tgt, leg, l0
+                 per0: dict[str, float], selectable: dict[str, str], styles: dict[str, str],
+                 fid: _Fidelity, call: list, one: Any, options: SelectOptions, wbits: int,
+                 abits: int, seed: int) -> None:
+        self.teacher, self.tgt, self.leg, self.l0, self.per0 = teacher, tgt, leg, l0, per0
         self.selectable, self.styles, self.fid, self.call = selectable, styles, fid, call
         self.one, self.options, self.bits, self.seed = one, options, (wbits, abits), seed
-        self.per0 = _latency_by_module(l0.module, tgt, one, wbits, abits)[1]
         self.teacher_names = {t.name for t in teacher.graph.nodes}
-        self.pairs: dict[tuple[str, str], Any] = {}
+        # (kind, candidate, default) -> (legalization, per-module latency, nodes, rest share,
+        # surrogate node -> replaced node), or the note of a candidate not offered
+        self.pairs: dict[tuple[str, str, bool], Any] = {}
         self.recorded: tuple[str, dict] = ("", {})
 
-    def _site(self, lc: Any, n: str, cand: str) -> tuple[str, list[str]] | None:
+    def _site(self, lc: Any, inv: dict[str, str], n: str, cand: str
+              ) -> tuple[str, list[str]] | None:
         """(the original node the surrogate of ``n`` replaces, the original nodes it takes as
-        arguments), or None when they are not nodes of the original graph."""
+        arguments), or None when they are not nodes of the original graph. ``inv``: the
+        legalization's :func:`_replaced_by`."""
         nc = _module_node(lc.module, n, cand)
         if nc is None or nc.kwargs or not nc.args:
             return None
-        inv = _replaced_by(lc)
         value = inv.get(nc.name, n)
         args = [inv.get(a.name, a.name) if isinstance(a, torch.fx.Node) else None
                 for a in nc.args]
@@ -561,9 +556,9 @@ class _Measurer:
             sites = {(value, tuple(args)): args}
             for (k, _, _), pair in self.pairs.items():
                 if k == kind and not isinstance(pair, str):
-                    lc, _, todo, _ = pair
+                    lc, _, todo, _, inv = pair
                     for n in todo:
-                        site = self._site(lc, n, lc.choices[n])
+                        site = self._site(lc, inv, n, lc.choices[n])
                         if site is not None:
                             sites.setdefault((site[0], tuple(site[1])), site[1])
             rec = _teacher_io(self.teacher, sites, self.call[:FIT_BATCHES])
@@ -571,13 +566,14 @@ class _Measurer:
         return rec[value, tuple(args)]
 
     def _pair(self, kind: str, cand: str, default: bool = False) -> Any:
-        """(legalization, per-module latency, the nodes it took, rest share) or a note. A
-        default candidate's legalization is the default one (``L0``)."""
+        """(legalization, per-module latency, the nodes it took, rest share, surrogate node ->
+        replaced node) or a note. A default candidate's legalization is the default one
+        (``L0``)."""
         key = (kind, cand, default)
         if key not in self.pairs:
             if default:
                 todo = [n for n, c in self.selectable.items() if c == cand]
-                self.pairs[key] = (self.l0, self.per0, todo, 0.0)
+                self.pairs[key] = (self.l0, self.per0, todo, 0.0, _replaced_by(self.l0))
                 return self.pairs[key]
             try:
                 lc = self.leg({kind: cand}, self.call[:FIT_BATCHES])
@@ -591,14 +587,14 @@ class _Measurer:
             # what the candidate changes outside its modules (a host lookup uploads the rows it
             # read instead of a one-hot matrix built in the prologue), shared among its nodes
             rest = (per_c[REST_KEY] - self.per0[REST_KEY]) / max(len(todo), 1)
-            self.pairs[key] = (lc, per_c, todo, rest)
+            self.pairs[key] = (lc, per_c, todo, rest, _replaced_by(lc))
         return self.pairs[key]
 
     def __call__(self, job: _Job, index: int) -> tuple[list[Option], dict, list[str]]:
         pair = self._pair(job.kind, job.candidate, job.default)
         if isinstance(pair, str):
             return [], {}, [pair]
-        lc, per_c, todo, rest = pair
+        lc, per_c, todo, rest, inv = pair
         cand, style = job.candidate, self.styles.get(job.candidate, "?")
 
         def lat(n: str) -> float:
@@ -611,7 +607,7 @@ class _Measurer:
         n = job.node
         if n not in todo:
             return [], {}, [f"{job.kind}→{cand}: the rule refused node {n}"]
-        site = self._site(lc, n, cand)
+        site = self._site(lc, inv, n, cand)
         if site is None:
             return [], {}, [f"{n}→{cand}: its module does not compute one node of the "
                             "original from the original's nodes; not measured"]
@@ -651,8 +647,8 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
     out = [Option(n, kind_of.get(n, "?"), c0, styles.get(c0, "?"), per0.get(f"{n}_{c0}", 0.0),
                   0.0, 0.0, default=True) for n, c0 in selectable.items()]
     jobs = _jobs(selectable, kind_of, alts, styles)
-    measurer = _Measurer(teacher, tgt, leg, l0, selectable, styles, fid, call, one, options,
-                         weight_bits, act_bits, seed)
+    measurer = _Measurer(teacher, tgt, leg, l0, per0, selectable, styles, fid, call, one,
+                         options, weight_bits, act_bits, seed)
     notes: list[str] = []
     fitted: dict[tuple[str, str], dict] = {}
     from tqdm.auto import tqdm

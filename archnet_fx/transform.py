@@ -380,13 +380,13 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
               surrogate_weight_bits: int | None = None, verify: bool = True,
               select: str = "measured", max_seq_len: int | str | None = "auto",
               speedup: float | None = None, latency_budget: float | None = None,
-              min_fidelity: float | None = None, cache_dir: Any = None, workers: int = 1,
+              min_fidelity: float | None = None, cache_dir: Any = None, workers: int | str = 1,
               **distill_options: Any) -> TransformResult:
     """Make ``model`` run on ``target`` at ``weight_bits``/``act_bits`` (see module docstring).
 
-    Extra keyword arguments go to :class:`~archnet_fx.train.distill.DistillOptions` (``lr_surrogate``,
-    ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``, ``memory_budget_mb``,
-    ``spill_dir``, ``stop_after``, ``progress``).
+    Extra keyword arguments go to :class:`~archnet_fx.train.distill.DistillOptions`
+    (``lr_surrogate``, ``lr_weight``, ``lr_quant``, ``e2e_steps``, ``grad_clip``,
+    ``memory_budget_mb``, ``spill_dir``, ``stop_after``, ``progress``).
 
     **Which surrogate each unsupported node gets** (``select``):
 

@@ -27,6 +27,7 @@ before any job starts.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import pickle
 import sys
@@ -63,7 +64,7 @@ def check_workers(workers: Any) -> None:
         raise OptionError(f"workers must be an integer >= 1 or 'group', got {workers!r}")
     if workers == 1:
         return
-    if sys.platform == "win32" or "fork" not in __import__("multiprocessing").get_all_start_methods():
+    if sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods():
         raise OptionError(f"workers={workers} forks local processes, which this platform cannot "
                           "do; use workers=1, or torchrun with workers='group'")
     if dist.is_available() and dist.is_initialized():

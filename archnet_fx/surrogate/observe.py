@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
+from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.surrogate.pwl import quantiles, subsample
 
 
@@ -89,14 +90,9 @@ def observe(gm: torch.fx.GraphModule, batches: Iterable[tuple[tuple, dict]], wat
     """Run ``gm`` on (args, kwargs) batches and keep samples of the watched nodes' inputs."""
     store: Ranges = {}
     gen = torch.Generator().manual_seed(0)
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(batches):
             if i >= max_batches:
                 break
-            bound = list(args)
-            for n in phs[len(args):]:
-                bound.append(kwargs.get(n.target, kwargs.get(n.name, n.args[0] if n.args
-                                                             else None)))
-            _Observer(gm, watch, rows, store, gen).run(*bound)
+            _Observer(gm, watch, rows, store, gen).run(*bind_placeholders(gm, args, kwargs)[1])
     return store
