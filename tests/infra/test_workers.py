@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from archnet_fx.infra.workers import run_jobs, share
+from archnet_fx.infra.workers import all_ranks, run_jobs, share
 
 
 def test_shares_are_disjoint_contiguous_and_cover_every_job():
@@ -37,7 +37,8 @@ def _group_rank(rank, init, queue):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         out = run_jobs(lambda job, i: (job + 100, dist.get_rank()), list(range(5)), "group")
-        queue.put((rank, out))
+        agreed = (all_ranks(True, "group"), all_ranks(rank == 0, "group"))
+        queue.put((rank, (out, agreed)))
     finally:
         dist.destroy_process_group()
 
@@ -55,8 +56,11 @@ def test_workers_group_shares_over_a_running_process_group(tmp_path):
     for p in procs:
         p.join(timeout=60)
     got = dict(queue.get() for _ in range(2))
-    assert [o[0] for o in got[0]] == list(range(100, 105)) == [o[0] for o in got[1]]
-    assert got[0] == got[1] and {o[1] for o in got[0]} == {0, 1}
+    outs, agreed = {r: v[0] for r, v in got.items()}, {r: v[1] for r, v in got.items()}
+    assert [o[0] for o in outs[0]] == list(range(100, 105)) == [o[0] for o in outs[1]]
+    assert outs[0] == outs[1] and {o[1] for o in outs[0]} == {0, 1}
+    # all_ranks: true only where every rank says so (a cache entry one rank lacks is not used)
+    assert agreed[0] == agreed[1] == (True, False)
 
 
 @pytest.mark.parametrize("workers, match", [(0, "integer >= 1"), ("3", "integer >= 1"),

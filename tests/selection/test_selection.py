@@ -99,6 +99,14 @@ def test_transform_with_a_speedup_measures_every_candidate_and_meets_the_budget(
     est = ax.estimate_latency(res.module, "npu_a", {k: v[:1] for k, v in ex.items()}).total_s
     assert est <= sel.original_s / 4 * 1.1
     assert "selection: predicted" in res.report.table()
+    # the report's summary: one row per (kind, candidate), chosen counts adding up per kind
+    summary = sel.summary()
+    for kind, cand in kinds:
+        picked = sum(1 for o in sel.options if (o.kind, o.candidate) == (kind, cand)
+                     and sel.chosen.get(o.node) == cand)
+        total = sum(1 for o in sel.options if (o.kind, o.candidate) == (kind, cand))
+        assert any(cand in line and f"{picked}/{total}" in line
+                   for line in summary.splitlines()), (kind, cand, summary)
     # the assembled network uses exactly the chosen candidate at every node (bert_tiny has nodes
     # named like their kind: "softmax", "gelu", "layer_norm", "embedding")
     assert {n: res_c for n, res_c in sel.legalized.choices.items() if n in nodes} == sel.chosen
