@@ -79,7 +79,7 @@ from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.infra.workers import all_ranks, run_jobs
 from archnet_fx.ir.shapes import bind_placeholders
-from archnet_fx.surrogate.base import LOSSLESS
+from archnet_fx.surrogate.base import LOSSLESS, frozen_parameters
 from archnet_fx.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -420,10 +420,10 @@ def _fit(mod: torch.nn.Module, io: list[tuple[tuple, Any]], steps: int, lr: floa
          seed: int) -> float:
     """Fit ``mod`` to map the recorded inputs to the recorded outputs (normalised MSE, Adam);
     returns the final error over all recorded pairs. Frozen parameters (``distill_frozen``)
-    and parameters already without grad stay as they are."""
-    frozen = set(getattr(mod, "distill_frozen", ()) or ())
-    params = [p for n, p in mod.named_parameters() if p.requires_grad
-              and n.split(".")[-1] not in frozen]
+    (:func:`~archnet_fx.surrogate.base.frozen_parameters`, nested ones too) and parameters
+    already without grad stay as they are."""
+    frozen = frozen_parameters(mod)
+    params = [p for p in mod.parameters() if p.requires_grad and id(p) not in frozen]
 
     def err() -> float:
         e = r = 0.0

@@ -41,6 +41,22 @@ class Surrogate(nn.Module):
         return f"replaces={self.replaces}, candidate={self.candidate}"
 
 
+def frozen_parameters(module: nn.Module) -> set[int]:
+    """Ids of the parameters no training may move: those a submodule of ``module`` names in its
+    ``distill_frozen`` (a parameter, or a submodule whose parameters all stay) — a PWL's skip
+    slope, the softmax surrogates' normalizer. Distillation and the selection's candidate fits
+    both honour it."""
+    out: set[int] = set()
+    for m in module.modules():
+        for n in getattr(m, "distill_frozen", ()) or ():
+            v = getattr(m, n, None)
+            if isinstance(v, nn.Module):
+                out.update(id(p) for p in v.parameters())
+            elif isinstance(v, nn.Parameter):
+                out.add(id(v))
+    return out
+
+
 # --------------------------------------------------------------------------- candidates
 
 

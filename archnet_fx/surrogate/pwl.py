@@ -8,6 +8,7 @@ range seen in calibration. Sample-free fits are memoized (:func:`clear_fit_cache
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -24,7 +25,8 @@ class PWL(nn.Module):
     """``f(x) = a + s·x + Σ c_i relu(x − b_i)`` elementwise, as Linear(1,K) → ReLU → Linear(K,1).
 
     Breakpoints ``b`` and coefficients are trainable. The skip term ``s·x`` is a multiply by a
-    constant. Outside the fitted range it continues with the end segments' slopes.
+    constant, left out of the traced (chip) form when ``s`` is exactly 0. Outside the fitted
+    range it continues with the end segments' slopes.
 
     Distillation leaves ``s`` as fitted (``distill_frozen``): it is the left tail's slope, which
     the hinges cancel to the right, so a small relative move of it shifts the whole function by
@@ -54,7 +56,21 @@ class PWL(nn.Module):
             return hinge_sum(x, self.inner.weight, self.inner.bias, self.outer.weight,
                              self.outer.bias, self.slope, fast=True)
         h = torch.relu(self.inner(x.unsqueeze(-1)))
-        return self.outer(h).squeeze(-1) + x * self.slope
+        y = self.outer(h).squeeze(-1)
+        if not self.skip_term():
+            return y  # a pinned zero slope: no multiply-by-zero kernel on the chip
+        return y + x * self.slope
+
+    def skip_term(self) -> bool:
+        """Whether ``s·x`` contributes: False for a slope of exactly 0 (pinned fits of exp,
+        GELU, sigmoid, the LayerNorm's 1/√x, ...; distillation never moves it), whose traced
+        form then has no multiply — a whole elementwise kernel on the chip, and a pass over the
+        tensor in an exported runtime — and no add."""
+        slope = self._parameters["slope"]  # the tensor itself, not a tracer's proxy of it
+        with warnings.catch_warnings():
+            # a static choice on purpose: the traced form is the one for the current value
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return bool(slope.detach() != 0)
 
     @staticmethod
     def fit(fn: Callable[[torch.Tensor], torch.Tensor], samples: torch.Tensor | None,

@@ -65,7 +65,7 @@ from archnet_fx.infra.instruments import blocked_directory, process_umask
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.infra.records import PassRecord
 from archnet_fx.quant.fakequant import FakeQuant, calibrating
-from archnet_fx.surrogate.base import Surrogate
+from archnet_fx.surrogate.base import Surrogate, frozen_parameters
 
 log = logging.getLogger(__name__)
 
@@ -497,12 +497,7 @@ def _param_groups(module: torch.nn.Module, opts: DistillOptions) -> list[dict[st
     groups: list[dict[str, Any]] = []
     # parameters (or submodules) a module declares untrainable by distillation: see
     # PWL.distill_frozen and the softmax surrogates' normalizer
-    seen: set[int] = set()
-    for m in module.modules():
-        for n in getattr(m, "distill_frozen", ()):
-            v = getattr(m, n, None)
-            seen.update(id(p) for p in (v.parameters() if isinstance(v, torch.nn.Module)
-                                        else [v] if isinstance(v, torch.nn.Parameter) else []))
+    seen = frozen_parameters(module)
 
     def add(p: torch.nn.Parameter, kind: str, base: float, relative: bool = True,
             elementwise: bool = False) -> None:

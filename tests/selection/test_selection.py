@@ -262,3 +262,31 @@ def test_two_gloo_workers_measure_the_same_as_one(tiny_bert_run):
         outs = [torch.utils._pytree.tree_leaves(r.module(**ex)) for r in (one, two)]
     assert outs[0] and len(outs[0]) == len(outs[1])
     assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
+def test_candidate_fit_leaves_nested_frozen_parameters_alone():
+    """The measurement's fit honours ``distill_frozen`` at any depth, as distillation does: a
+    softmax surrogate's normalizer (its 1/s PWL) and the PWL skip slopes stay as built while
+    the exp's coefficients train."""
+    import torch
+
+    from archnet_fx.passes.softmax import SoftmaxPWL
+    from archnet_fx.selection import _fit
+    from archnet_fx.surrogate.base import frozen_parameters
+
+    mod = SoftmaxPWL("softmax", 2, 8, lo=-16.0, knots=8, mode="mul")
+    frozen = frozen_parameters(mod)
+    assert {id(p) for p in mod.recip.parameters()} <= frozen
+    assert id(mod.exp.coef) not in frozen
+    with torch.no_grad():                     # a distorted exp, for the fit to repair
+        mod.exp.coef.mul_(torch.linspace(0.5, 1.5, mod.exp.coef.numel()))
+    before = {n: p.detach().clone() for n, p in mod.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    io = [((x,), torch.softmax(x, -1)) for x in (torch.randn(64, 8, generator=g) * 3
+                                                 for _ in range(2))]
+    start = _fit(mod, io, steps=0, lr=1e-3, seed=0)
+    assert _fit(mod, io, steps=20, lr=1e-3, seed=0) < start
+    after = dict(mod.named_parameters())
+    for n, p in after.items():
+        moved = not torch.equal(p.detach(), before[n])
+        assert moved == (id(p) not in frozen), n

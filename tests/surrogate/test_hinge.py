@@ -1,4 +1,6 @@
 """archnet_fx.surrogate.hinge: the interval form equals the hinge form, values and gradients."""
+import operator
+
 import torch
 import torch.fx
 import pytest
@@ -60,3 +62,17 @@ def test_decreasing_hinges_over_a_wide_range():
         ref = hinge_sum(v, pwl.inner.weight, pwl.inner.bias, pwl.outer.weight,
                         pwl.outer.bias, pwl.slope, fast=False)
     assert ((fast - ref).abs() / ref.abs()).max() < 1e-4
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_zero_slope_leaves_no_multiply_in_the_traced_form(pinned):
+    """A pinned zero slope (exp, GELU, the LayerNorm's 1/√x) emits no ``x · 0`` kernel; a
+    fitted slope keeps its multiply; both traced forms equal the eager function."""
+    pwl = PWL.fit(torch.tanh if not pinned else torch.sigmoid, None, -4.0, 4.0, knots=12,
+                  left_slope=0.0 if pinned else None)
+    assert (float(pwl.slope) == 0.0) == pinned
+    gm = torch.fx.symbolic_trace(pwl)
+    muls = [n for n in gm.graph.nodes if n.target in (operator.mul, torch.mul)]
+    assert len(muls) == (0 if pinned else 1)
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(gm(x), pwl(x), rtol=1e-5, atol=1e-5)
