@@ -704,11 +704,41 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+#: Modules whose code decides what a measurement is: the surrogate families (which candidates
+#: exist, how they are built and fitted), their building blocks, legalization, the cost model
+#: and this module (the recipe).
+_MEASURING_CODE = ("archnet_fx.passes.canonicalize", "archnet_fx.passes.tiling",
+                   "archnet_fx.surrogate.base", "archnet_fx.surrogate.pwl",
+                   "archnet_fx.surrogate.hinge", "archnet_fx.surrogate.products",
+                   "archnet_fx.surrogate.observe", "archnet_fx.surrogate.driver",
+                   "archnet_fx.legalize", "archnet_fx.cost.latency", __name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """Digest of the source of :data:`_MEASURING_CODE` and of every surrogate family: a new
+    candidate or a changed builder never reuses a measurement of the old code."""
+    import hashlib
+    import importlib
+
+    from archnet_fx.pipelines import FAMILIES
+
+    h = hashlib.sha256()
+    for name in sorted(set(_MEASURING_CODE) | {f"archnet_fx.passes.{f}" for f in FAMILIES}):
+        path = getattr(importlib.import_module(name), "__file__", None)
+        h.update(name.encode())
+        if path:
+            with open(path, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
 def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: int, prefer: str,
                user: dict[str, str], host: bool, train: Sequence, held: Sequence,
                options: SelectOptions, seed: int) -> str | None:
     """Model (parameters, buffers and graph code), target, bits, candidates' settings,
-    calibration data and recipe: anything that changes a measurement changes the key."""
+    calibration data, recipe and the code that builds and measures candidates
+    (:func:`_code_digest`): anything that changes a measurement changes the key."""
     if options.cache_dir is None:
         return None
     import hashlib
@@ -718,7 +748,7 @@ def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: in
     parts = [tensor_digest(v for _, v in sorted(teacher.state_dict().items())),
              hashlib.sha256(teacher.code.encode()).hexdigest(), repr(tgt), wbits, abits, prefer,
              sorted(user.items()), host, seed, RECIPE, FIT_BATCHES, options.steps, options.lr,
-             torch.__version__,
+             torch.__version__, _code_digest(),
              tensor_digest(t for b in list(train) + list(held) for t in pytree.tree_leaves(b)),
              [str(pytree.tree_structure(b)) for b in list(train) + list(held)],
              len(train), len(held)]

@@ -178,12 +178,14 @@ class _RowSoftmax(Surrogate):
         self.rowsum = RowSum(n, reduce=reduce)
         # s = Σ e over a row whose max gives e(0) ≈ 1: s ∈ [≈1, N] whatever the data.
         s_lo, s_hi = 0.9, max(float(n), 1.0) * 1.05 + 0.1
+        # left slope pinned to 0 (s never falls below s_lo): no skip multiply on the chip
         if kind == "log_softmax":
-            self.log = PWL.fit(torch.log, None, s_lo, s_hi, knots=2 * knots, spacing="geometric")
+            self.log = PWL.fit(torch.log, None, s_lo, s_hi, knots=2 * knots, spacing="geometric",
+                               left_slope=0.0)
             self.scale = None
         else:
             self.recip = PWL.fit(torch.reciprocal, None, s_lo, s_hi, knots=2 * knots,
-                                 spacing="geometric")
+                                 spacing="geometric", left_slope=0.0)
             if mode not in (None, "mul", "matmul"):
                 raise ValueError(f"mode must be 'mul' or 'matmul', got {mode!r}")
             # x · r with r a per-row scalar [..., 1]: mul, or r[..., :, None] @ x[..., None, :]

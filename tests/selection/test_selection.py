@@ -163,6 +163,29 @@ def test_cache_is_reused_for_a_new_budget_and_not_for_new_data(tiny_bert_run, tm
     assert len(list(tmp_path.glob("selection-*.pt"))) == 3
 
 
+def test_cache_is_not_reused_by_changed_candidate_code(tiny_bert_run, tmp_path, caplog,
+                                                       monkeypatch):
+    """A new candidate or a changed builder (the digest of the families' and the measuring
+    code) measures again; the digest covers every surrogate family's source."""
+    import logging
+
+    from archnet_fx import selection
+    from archnet_fx.pipelines import FAMILIES
+
+    m, ex, batches, ax = tiny_bert_run
+    kw = dict(steps=1, holdout=2, progress=False, verify=False, cache_dir=tmp_path, speedup=2.0)
+    caplog.set_level(logging.INFO, logger="archnet_fx.progress")
+    ax.transform(m, "npu_a", ex, batches, **kw)
+    monkeypatch.setattr(selection, "_code_digest", lambda: "another version of the passes")
+    caplog.clear()
+    ax.transform(m, "npu_a", ex, batches, **kw)
+    assert "from the cache" not in caplog.text
+    assert len(list(tmp_path.glob("selection-*.pt"))) == 2
+    monkeypatch.undo()
+    assert set(f"archnet_fx.passes.{f}" for f in FAMILIES) | set(selection._MEASURING_CODE) >= {
+        "archnet_fx.passes.activations", "archnet_fx.passes.softmax", "archnet_fx.selection"}
+
+
 def test_cache_dir_that_is_a_file_is_refused_before_work(tiny_bert_run, tmp_path):
     m, ex, batches, ax = tiny_bert_run
     f = tmp_path / "afile"
