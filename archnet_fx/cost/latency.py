@@ -890,13 +890,16 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
 
     def consumers(name: str) -> list[str] | None:
         """Compute nodes reading ``name`` (through free nodes); None if the host or the graph
-        output reads it."""
+        output reads it. A shape query reads no data: it and what is computed from it (the
+        host-side length arithmetic of a dynamic sequence) are not readers."""
         out: list[str] = []
         stack = [name]
         while stack:
             cur = stack.pop()
             for u in users[cur]:
                 ur = by_name[u]
+                if ur.kind in ("shape", "assert"):
+                    continue
                 if ur.is_output or loc.get(u) not in _CHIP_SIDE:
                     return None
                 if loc[u] == "free":

@@ -330,3 +330,30 @@ def test_fit_bad_measurements(tmp_path):
         fit_cost_params([("add", "2x2", 8, -1.0)], "npu_a")
     with pytest.raises(InputError, match="no measurements"):
         fit_cost_params([], "npu_a")
+
+
+class _RowSumByLength(nn.Module):
+    """linear → (row sum over a ones vector cut to the row's length) and a product: the
+    dynamic-sequence softmax's pattern, where the length is read off the activation's shape."""
+
+    def __init__(self, by_shape: bool):
+        super().__init__()
+        self.a = nn.Linear(16, 64, bias=False)
+        self.register_buffer("ones", torch.ones(128, 1))
+        self.by_shape = by_shape
+
+    def forward(self, x):
+        y = self.a(x)
+        n = y.shape[-1] if self.by_shape else 64
+        s = torch.matmul(y, self.ones.narrow(0, 0, n))
+        return y * s
+
+
+def test_a_shape_query_does_not_evict_an_activation_from_sram():
+    """Reading a tensor's shape (host-side length arithmetic) reads none of its data: the
+    linear's output stays in SRAM for its two chip consumers, as with a fixed length."""
+    x = (torch.randn(32, 16),)
+    fixed = estimate_latency(seeded(_RowSumByLength(False)), "npu_a", x)
+    dyn = estimate_latency(seeded(_RowSumByLength(True)), "npu_a", x)
+    assert chip_rows(dyn)["a"].bytes == chip_rows(fixed)["a"].bytes == 16 * 64 + 32 * 16
+    assert dyn.chip_s == pytest.approx(fixed.chip_s)
