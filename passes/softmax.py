@@ -10,8 +10,7 @@ matmul with inner dimension 1 on npu_b). Three candidates for ``softmax``, one f
       z = clamp(x − m, min=lo)         # softmax is shift-invariant per row: z ∈ [lo, 0]
       e = Σ_k c_k relu(z − b_k)        # PWL exp, no constant term, b_0 = lo  ⇒  e(lo) = 0
       s = e · 1                        # row sum as a linear with a constant ones weight
-      r = pwl_recip(s)                 # PWL 1/s, geometric breakpoints on [1, N]
-      r = r (2 − s r)                  # one Newton step: relative error ε → ε²
+      r = pwl_recip(s)                 # PWL 1/s: 256 decreasing hinges, geometric on [1, N]
       p = e · r                        # row scale (mul, or matmul [..,1,1] @ [..,1,N])
 
   Subtracting the exact row max makes the exp's domain ``[lo, 0]`` for every row, whatever the
@@ -22,7 +21,7 @@ matmul with inner dimension 1 on npu_b). Three candidates for ``softmax``, one f
   ``[−16, −8]``; anything below it — padding masks of ``finfo.min``, −1e9, −inf, causal
   masks — is clamped to ``lo`` and gets probability exactly 0.
   The exp breakpoints are buffers (coefficients train), so ``e(lo) = 0`` survives training.
-  Trainable: the exp coefficients, the reciprocal PWL.
+  Trainable: the exp coefficients (the normalizer is frozen, see ``distill_frozen``).
 
   For ``log_softmax`` the same ``z`` and ``s`` give ``z_raw − pwl_log(s)`` (no product of two
   activations needed; masked entries stay hugely negative).
@@ -47,9 +46,10 @@ range (``lo = −16``; ``b = 0, g = 1/N``) instead. ``nn.Softmax(dim=None)`` (im
 refused. The row length ``N`` is fixed at build time (static shapes).
 
 The pass fires only where the target lacks the kind: a target with ``softmax`` keeps it.
-Measured (32 knots): max |Δp| ≤ 7.3e-4 and row-sum error ≤ 1.6e-6 on MiniLM's real attention
-logits (128 keys, padding masks), sentence-embedding cosine > 0.99999 with only the 6 softmaxes
-replaced.
+Measured (32 knots, with the earlier 1/s PWL + Newton step): max |Δp| ≤ 7.3e-4 and row-sum
+error ≤ 1.6e-6 on MiniLM's real attention logits (128 keys, padding masks), sentence-embedding
+cosine > 0.99999 with only the 6 softmaxes replaced; the 256-hinge 1/s without the Newton step
+adds at most 4.8e-5 to the row sum (three kernels fewer: 6 µs per softmax on npu_a).
 
 >>> m = SoftmaxPWL("softmax", 2, 8, lo=-16.0, knots=32, mode="matmul")
 >>> x = torch.randn(4, 8) * 3
@@ -85,6 +85,9 @@ LO_MIN, LO_MAX = -16.0, -8.0
 #: per segment, but a row sum adds up to N tail errors; on MiniLM's attention logits α = 1/4
 #: gave 15× lower max prob error than 1/2 at 32 knots (α ∈ [0.22, 0.3] is flat; 0.1: 3× worse).
 KNOT_ALPHA = 0.25
+#: Decreasing hinges of the softmax's 1/s on [0.9, 1.05·N] (max relative error 4.8e-5 at N =
+#: 128, without a Newton step; the 32-knot exp's own error is ~7e-4 of a probability).
+RECIP_KNOTS = 256
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -156,15 +159,15 @@ class ExpPWL(nn.Module):
 
 class _RowSoftmax(Surrogate):
     """Shared skeleton: ``z = x − rowmax(x)``, ``e = kernel(z)``, ``s = Σ e``, then ``e / s``
-    (PWL 1/s + one Newton step, row scale) or, with no ``scale``, ``z − log(s)``; over the last
+    (PWL 1/s, row scale) or, with no ``scale``, ``z − log(s)``; over the last
     axis, or ``dim`` through a transpose. Subclasses set the modules and :meth:`kernel`."""
 
     dim: int | None        # set by subclasses (no class defaults: a class attribute would
     scale: nn.Module | None  # shadow nn.Module's submodule lookup)
-    # The normalizer is a fixed function of s ∈ [1, N] (1/s after a Newton step, or log s):
-    # nothing for distillation to learn, and its PWL's terms cancel (1/s is O(1/N) where each
-    # hinge is O(s)), so per-element moves of 1e-3 of its parameters together tripled a ViT
-    # block's loss in one step. The kernel's coefficients train.
+    # The normalizer is a fixed function of s ∈ [1, N] (1/s or log s): nothing for
+    # distillation to learn, and (for log s, and 1/s in its earlier increasing-hinge form)
+    # its PWL's terms cancel, so per-element moves of 1e-3 of its parameters together tripled
+    # a ViT block's loss in one step. The kernel's coefficients train.
     distill_frozen = ("recip", "log")
 
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
@@ -173,8 +176,9 @@ class _RowSoftmax(Surrogate):
     def _normalizer(self, kind: str, n: int, knots: int, mode: str | None,
                     reduce: str | None = None) -> None:
         """The row sum (:class:`RowSum` form ``reduce``) and what follows it: PWL ``log(s)``
-        (log_softmax), or PWL ``1/s`` and the row scale in ``mode`` (``"mul"``/``None`` or
-        ``"matmul"``), each with ``2·knots`` geometric breakpoints."""
+        (log_softmax, ``2·knots`` geometric breakpoints), or PWL ``1/s`` (:data:`RECIP_KNOTS`
+        decreasing hinges, :meth:`PWL.convex_decreasing`) and the row scale in ``mode``
+        (``"mul"``/``None`` or ``"matmul"``)."""
         self.rowsum = RowSum(n, reduce=reduce)
         # s = Σ e over a row whose max gives e(0) ≈ 1: s ∈ [≈1, N] whatever the data.
         s_lo, s_hi = 0.9, max(float(n), 1.0) * 1.05 + 0.1
@@ -184,8 +188,8 @@ class _RowSoftmax(Surrogate):
                                left_slope=0.0)
             self.scale = None
         else:
-            self.recip = PWL.fit(torch.reciprocal, None, s_lo, s_hi, knots=2 * knots,
-                                 spacing="geometric", left_slope=0.0)
+            # without cancellation in float32, so no Newton step (three small kernels) after
+            self.recip = PWL.convex_decreasing(torch.reciprocal, s_lo, s_hi, RECIP_KNOTS)
             if mode not in (None, "mul", "matmul"):
                 raise ValueError(f"mode must be 'mul' or 'matmul', got {mode!r}")
             # x · r with r a per-row scalar [..., 1]: mul, or r[..., :, None] @ x[..., None, :]
@@ -200,9 +204,7 @@ class _RowSoftmax(Surrogate):
         if self.scale is None:
             out = zr - self.log(s)
         else:
-            r = self.recip(s)
-            r = self.scale(r, 2.0 - self.scale(s, r))  # Newton step for 1/s
-            out = self.scale(e, r)
+            out = self.scale(e, self.recip(s))
         if self.dim is not None:
             out = out.transpose(self.dim, -1)
         return out
@@ -269,7 +271,7 @@ class SoftmaxPow(_RowSoftmax):
     """``p = h(x − rowmax) / Σ h`` with the power kernel ``h`` (:class:`PowKernel`): a
     normalized softmax whose exp is replaced by ``relu(1 + a·z)^(2^k)``.
 
-    Rows sum to 1 (up to the PWL reciprocal and its Newton step, as in :class:`SoftmaxPWL`) and
+    Rows sum to 1 (up to the PWL reciprocal, 5e-5, as in :class:`SoftmaxPWL`) and
     the largest logit always gets the largest weight, unlike ReLU attention's fixed gain. About
     ``k + 7`` elementwise passes over the scores against ``softmax_pwl``'s K-wide hinge
     expansion — cheap on a CPU runtime too. Before any training, on MiniLM's attention logits
@@ -284,10 +286,7 @@ class SoftmaxPow(_RowSoftmax):
         self.dim = dim
         self.rowmax = RowMax(rank, n, ceil=dynamic)
         self.exp = PowKernel(a, squarings, square)
-        # 1/s with knots/2 breakpoints (16 at the default 32; softmax_pwl: 64): after the
-        # Newton step a row-scale error of 2e-4 (64: 3e-6), far below the kernel's own, for a
-        # quarter of the hinge work over the row sums
-        self._normalizer("softmax", n, max(2, knots // 4), mode, reduce)
+        self._normalizer("softmax", n, knots, mode, reduce)
 
     def kernel(self, z: torch.Tensor) -> torch.Tensor:
         return self.exp(z)
@@ -496,15 +495,15 @@ _BASE = frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "clamp", "m
 
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("softmax_pwl", "softmax", "emulation", _BASE, _build_pwl,
-              "exact row max (max_pool), PWL exp on [lo, 0], ones-linear row sum, PWL 1/s + one "
-              "Newton step, row scale; masked logits → 0", needs_mul=True, match=match,
+              "exact row max (max_pool), PWL exp on [lo, 0], ones-linear row sum, PWL 1/s, row "
+              "scale; masked logits → 0", needs_mul=True, match=match,
               filter=needs_transpose),
     Candidate("relu_attention", "softmax", "structural", frozenset({"add", "relu", "mul"}),
               _build_relu_attention, "relu(x + b)·g with trainable b, g (Arch-Net)", match=match),
     Candidate("softmax_pow", "softmax", "emulation",
               frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "max_pool", "clamp"}),
               _build_pow, "row max, relu(1 + a·z)^4 for exp (trainable a), row sum (the "
-              "target's sum or mean reduction, else a ones-linear), PWL 1/s + one Newton step, "
+              "target's sum or mean reduction, else a ones-linear), PWL 1/s, "
               "row scale; cheap on CPU runtimes", needs_mul=True, match=match,
               filter=needs_transpose),
     Candidate("softmax_pwl", "log_softmax", "emulation", _BASE, _build_pwl,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from archnet_fx.legalize import legalize
 from archnet_fx.ir.opkinds import kind_histogram
 from archnet_fx.passes.softmax import (CANDIDATES, MASK_THRESHOLD, ReluAttention, SoftmaxPow,
                                        SoftmaxPWL, exp_floor, pow_kernel_init,
-                                       relu_attention_init)
+                                       RECIP_KNOTS, relu_attention_init)
 from archnet_fx.surrogate.products import RowSum
 from passtest import assert_idempotent, assert_pass, captured_zoo, run_family
 from surrogate_check import assert_body_legal, assert_grads_flow, forms, surrogates
@@ -162,9 +163,18 @@ def test_pow_kernel_row_sum_uses_the_targets_reduction():
     forms = {t: _sur(t, "softmax_pow").rowsum.reduce for t in TARGETS}
     assert forms == {"npu_a": "mean", "npu_b": None, "dsp_c": "sum"}
     assert _sur("npu_a", "softmax_pwl").rowsum.reduce is None   # the default keeps the linear
-    # its 1/s: 16 breakpoints (softmax_pwl: 64); row-scale error after the Newton step 2e-4
-    assert _sur("npu_a", "softmax_pow").recip.outer.weight.shape[1] == 16
-    assert _sur("npu_a", "softmax_pwl").recip.outer.weight.shape[1] == 64
+    # both normalize with the same 1/s: RECIP_KNOTS decreasing hinges, no Newton step; the
+    # float32 hinge form (what the chip and an export evaluate) within 5e-5 of 1/s on [1, s_hi]
+    from archnet_fx.surrogate.hinge import hinge_sum
+
+    for cand in ("softmax_pow", "softmax_pwl"):
+        recip = _sur("npu_a", cand).recip
+        assert recip.outer.weight.shape[1] == RECIP_KNOTS and bool((recip.outer.weight >= 0).all())
+        s = torch.logspace(0, math.log10(float(recip.inner.bias.detach().max())), 4001)
+        with torch.no_grad():
+            r = hinge_sum(s, recip.inner.weight, recip.inner.bias, recip.outer.weight,
+                          recip.outer.bias, None, fast=False)
+        assert float((r.double() * s.double() - 1).abs().max()) <= 5e-5
     x = torch.rand(3, 5, 128)
     ref = x.sum(-1, keepdim=True)
     for reduce in RowSum.REDUCTIONS:
