@@ -1,4 +1,5 @@
 """archnet_fx.surrogate.hinge: the interval form equals the hinge form, values and gradients."""
+import math
 import operator
 
 import torch
@@ -70,9 +71,31 @@ def test_zero_slope_leaves_no_multiply_in_the_traced_form(pinned):
     fitted slope keeps its multiply; both traced forms equal the eager function."""
     pwl = PWL.fit(torch.tanh if not pinned else torch.sigmoid, None, -4.0, 4.0, knots=12,
                   left_slope=0.0 if pinned else None)
-    assert (float(pwl.slope) == 0.0) == pinned
+    assert (float(pwl.slope.detach()) == 0.0) == pinned
     gm = torch.fx.symbolic_trace(pwl)
     muls = [n for n in gm.graph.nodes if n.target in (operator.mul, torch.mul)]
     assert len(muls) == (0 if pinned else 1)
     x = torch.linspace(-6, 6, 101)
     torch.testing.assert_close(gm(x), pwl(x), rtol=1e-5, atol=1e-5)
+
+
+def test_convex_decreasing_pwl_has_no_cancellation_and_equal_ripple():
+    """1/x and 1/√x as non-negative decreasing hinges: the float32 hinge form (the chip's)
+    equals the float64 function to the interpolation error, which is centred (equal ripple);
+    an increasing-hinge fit of the same size cancels to a far larger float32 error."""
+    x = torch.logspace(0, math.log10(128), 20001)
+    for fn, bound in ((torch.reciprocal, 5e-5), (torch.rsqrt, 2e-5)):
+        pwl = PWL.convex_decreasing(fn, 0.9, 135.0, 256)
+        assert bool((pwl.outer.weight >= 0).all()) and float(pwl.slope.detach()) == 0.0
+        with torch.no_grad():
+            rel = hinge_sum(x, pwl.inner.weight, pwl.inner.bias, pwl.outer.weight,
+                            pwl.outer.bias, None, fast=False).double() / fn(x.double()) - 1
+        assert float(rel.abs().max()) <= bound
+        assert float(rel.max()) == pytest.approx(-float(rel.min()), rel=0.2)   # centred
+    inc = PWL.fit(torch.reciprocal, None, 0.9, 135.0, knots=256, spacing="geometric")
+    with torch.no_grad():
+        rel_inc = hinge_sum(x, inc.inner.weight, inc.inner.bias, inc.outer.weight,
+                            inc.outer.bias, inc.slope, fast=False).double() * x.double() - 1
+    assert float(rel_inc.abs().max()) > 20 * 5e-5
+    with pytest.raises(ValueError, match="0 < lo < hi"):
+        PWL.convex_decreasing(torch.reciprocal, 0.0, 1.0, 8)
