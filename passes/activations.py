@@ -264,15 +264,22 @@ def hard_gate_init(fn: Callable[[torch.Tensor], torch.Tensor], samples: torch.Te
     return _GATE_A[i], _GATE_B[j]
 
 
-# hard_gate (structural): x·σ(kx) with its gate made hard, x · clamp(a·x + b, 0, 1).
-def _build_hard_gate(node: torch.fx.Node, ctx: Any) -> Replacement:
+def _gate_setup(node: torch.fx.Node, ctx: Any) -> tuple[str, Reference, nn.Module,
+                                                         tuple[float, float, Any]]:
+    """What a gated form ``x · gate(x)`` needs: the kind, its reference function, the
+    target's product of two activations (refused where it has none) and the fitting range."""
     kind = ctx.kind(node)
     fn = reference(kind, node, ctx.gm)
     shape = ctx.shape(node.args[0])
     mul = make_mul(ctx.target, shapes=(shape, shape), exact=True)
     if isinstance(mul, str):
         raise Refuse(f"the gate multiplies two activations: {mul}")
-    lo, hi, samples = _range(node, ctx)
+    return kind, fn, mul, _range(node, ctx)
+
+
+# hard_gate (structural): x·σ(kx) with its gate made hard, x · clamp(a·x + b, 0, 1).
+def _build_hard_gate(node: torch.fx.Node, ctx: Any) -> Replacement:
+    kind, fn, mul, (lo, hi, samples) = _gate_setup(node, ctx)
     a, b = hard_gate_init(fn, samples, lo, hi)
     return Replacement(HardGate(kind, a, b, mul), (node.args[0],))
 
@@ -346,13 +353,7 @@ def poly_gate_init(fn: Callable[[torch.Tensor], torch.Tensor], samples: torch.Te
 
 # poly_gate (emulation): x · clamp(½ + odd polynomial of clamp(x/L, −1, 1), 0, 1).
 def _build_poly_gate(node: torch.fx.Node, ctx: Any) -> Replacement:
-    kind = ctx.kind(node)
-    fn = reference(kind, node, ctx.gm)
-    shape = ctx.shape(node.args[0])
-    mul = make_mul(ctx.target, shapes=(shape, shape), exact=True)
-    if isinstance(mul, str):
-        raise Refuse(f"the gate multiplies two activations: {mul}")
-    lo, hi, samples = _range(node, ctx)
+    kind, fn, mul, (lo, hi, samples) = _gate_setup(node, ctx)
     scale, coef = poly_gate_init(fn, samples, lo, hi)
     return Replacement(PolyGate(kind, scale, coef, mul), (node.args[0],))
 

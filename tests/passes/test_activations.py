@@ -118,19 +118,26 @@ def test_structural_relu_form_is_the_hard_counterpart():
     assert_grads_flow(res.module, _x())
 
 
+def _gated(kind, target, cand):
+    """(legalize result, example, the one surrogate) of ``kind`` legalized with ``cand``,
+    checked fully on chip and legal."""
+    m, _ = _models(kind)
+    ex = _x()
+    res = ax.legalize(m, target, ex, verify=False, choices={kind: cand})
+    assert res.after.fully_on_chip and list(res.choices.values()) == [cand]
+    (s,) = surrogates(res.module)
+    assert_body_legal(s, target)
+    return res, ex, s
+
+
 @pytest.mark.parametrize("kind", ["gelu", "silu"])
 @pytest.mark.parametrize("target", ["npu_a", "npu_b"])
 def test_hard_gate_is_legal_fitted_and_closer_than_relu(kind, target):
     """hard_gate: x·clamp(a·x + b, 0, 1), legal on both NPUs (npu_b multiplies the two
     activations by matmul), a and b fitted on the calibrated range, within half of ReLU's max
     error (GELU: 0.08 vs 0.17; SiLU: 0.19 vs 0.28 on [−6, 6]) and trainable."""
-    m, _ = _models(kind)
-    ex = _x()
-    res = ax.legalize(m, target, ex, verify=False, choices={kind: "hard_gate"})
-    assert res.after.fully_on_chip and list(res.choices.values()) == ["hard_gate"]
-    (s,) = surrogates(res.module)
+    res, ex, s = _gated(kind, target, "hard_gate")
     assert isinstance(s, HardGate) and s.style == "structural"
-    assert_body_legal(s, target)
     fn = CASES[kind][1]
     x = torch.linspace(-6, 6, 4001)
     with torch.no_grad():
@@ -146,13 +153,8 @@ def test_hard_gate_is_legal_fitted_and_closer_than_relu(kind, target):
 @pytest.mark.parametrize("target", ["npu_a", "npu_b"])
 def test_poly_gate_is_legal_near_exact_and_saturates_exactly(kind, target):
     """poly_gate: legal on both NPUs, near-exact, x / 0 beyond ±L, trainable."""
-    m, _ = _models(kind)
-    ex = _x()
-    res = ax.legalize(m, target, ex, verify=False, choices={kind: "poly_gate"})
-    assert res.after.fully_on_chip and list(res.choices.values()) == ["poly_gate"]
-    (s,) = surrogates(res.module)
+    res, ex, s = _gated(kind, target, "poly_gate")
     assert isinstance(s, PolyGate) and s.style == "emulation"
-    assert_body_legal(s, target)
     fn = CASES[kind][1]
     x = torch.linspace(-12, 12, 4001)
     scale = 1.0 / s.inv_scale
