@@ -136,10 +136,13 @@ def test_identical_sample_free_fits_are_solved_once(monkeypatch):
     PWL.fit(torch.tanh, s, -3, 3, knots=8)
     PWL.fit(torch.tanh, s, -3, 3, knots=8)
     assert solves.calls == 4  # fits to samples are never shared
-    # Softmax surrogates of one row length share their 1/s fit.
-    SoftmaxPWL("softmax", 4, 128, -12.0, 16, "mul")
-    SoftmaxPWL("softmax", 4, 128, -11.0, 16, "mul")
-    assert solves.calls == 4 + 2 + 1  # two exp fits (per data), one 1/s fit
+    # Log-softmax surrogates of one row length share their log(s) fit (a softmax's 1/s is
+    # interpolated, PWL.convex_decreasing: no solve at all).
+    SoftmaxPWL("log_softmax", 4, 128, -12.0, 16, None)
+    SoftmaxPWL("log_softmax", 4, 128, -11.0, 16, None)
+    assert solves.calls == 4 + 2 + 1  # two exp fits (per data), one log fit
+    SoftmaxPWL("softmax", 4, 128, -10.0, 16, "mul")
+    assert solves.calls == 4 + 2 + 1 + 1  # its exp fit only
 
 
 def test_fast_quantiles_match_torch():
