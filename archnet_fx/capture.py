@@ -25,7 +25,6 @@ torch.Size([5, 4])
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
@@ -40,6 +39,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from archnet_fx.ir.copying import deepcopy
 from archnet_fx.errors import (CalibrationError, CaptureError, InputError, OptionError,
                                first_line)
 from archnet_fx.ir.opkinds import MODULE_KINDS, annotate_kinds
@@ -472,7 +472,7 @@ def capture(model: nn.Module, example_inputs: Any, *, method: str = "auto",
     if max_seq_len is not None:
         specs = _seq_specs(specs, max_seq_len)
 
-    work = copy.deepcopy(model)
+    work = deepcopy(model)
     work.eval()
     for m in work.modules():  # hooks on the copy would run inside tracing; the caller's stay
         m._forward_hooks.clear()

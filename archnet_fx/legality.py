@@ -29,7 +29,6 @@ surrogate is legal only if everything inside it is.
 """
 from __future__ import annotations
 
-import copy
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 import torch.fx
 from tabulate import tabulate
 
+from archnet_fx.ir.copying import deepcopy
 from archnet_fx.ir.dataflow import activations, input_dependent, node_kinds, prologue_nodes
 from archnet_fx.ir.opargs import in_channels, out_channels, weighted_op
 from archnet_fx.ir.opkinds import META_KINDS, node_kind, source_location
@@ -256,7 +256,7 @@ def traced_body(mod: torch.nn.Module) -> torch.fx.GraphModule:
                 if len(_GRAPHS) >= _GRAPHS_SIZE:
                     _GRAPHS.pop(next(iter(_GRAPHS)))
                 _GRAPHS[key] = graph
-        body = _GraphModule(mod, copy.deepcopy(graph))
+        body = _GraphModule(mod, deepcopy(graph))
         _BODIES[mod] = body
     return body
 

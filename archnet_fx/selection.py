@@ -61,7 +61,6 @@ the int8 rate, so W4 changes weight bytes, not the estimate of a compute-bound l
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -74,6 +73,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from archnet_fx.ir.copying import deepcopy
 from archnet_fx.capture import as_call, first_sample
 from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
@@ -400,7 +400,7 @@ def _swap_into_teacher(teacher: torch.fx.GraphModule, node: str, args: list[str]
                        mod: torch.nn.Module) -> torch.fx.GraphModule:
     """A copy of ``teacher`` whose node ``node`` is computed by ``mod`` from the teacher nodes
     ``args`` (the graph is copied; the teacher's parameters are shared, not copied)."""
-    graph = copy.deepcopy(teacher.graph)
+    graph = deepcopy(teacher.graph)
     out = torch.fx.GraphModule(teacher, graph, teacher.__class__.__name__)
     out.meta = dict(teacher.meta)
     by_name = {n.name: n for n in out.graph.nodes}
@@ -612,7 +612,7 @@ class _Measurer:
             return [], {}, [f"{n}→{cand}: its module does not compute one node of the "
                             "original from the original's nodes; not measured"]
         value, args = site
-        mod = copy.deepcopy(lc.module.get_submodule(_module_node(lc.module, n, cand).target))
+        mod = deepcopy(lc.module.get_submodule(_module_node(lc.module, n, cand).target))
         local = _fit(mod, self._io(job.kind, value, args), self.options.steps,
                      self.options.lr, self.seed + index)
         state = {k: v.detach().clone() for k, v in mod.state_dict().items()}

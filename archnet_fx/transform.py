@@ -32,7 +32,6 @@ is deterministic for a seed. The student runs where the model's parameters are (
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -44,6 +43,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from archnet_fx.ir.copying import deepcopy
 from archnet_fx.ir.meta import CAPTURE_META_KEY
 from archnet_fx.capture import as_call, calibration_batches, dynamic_seq
 from archnet_fx.train.distill import (DistillOptions, DistillReport, boundary_check, distill,
@@ -360,7 +360,7 @@ def calibrated(student: torch.nn.Module, batch: tuple[tuple, dict]) -> torch.nn.
     dev = next((p.device for p in student.parameters()), torch.device("cpu"))
     args, kwargs = pytree.tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t,
                                    batch)
-    out = copy.deepcopy(student)
+    out = deepcopy(student)
     with torch.no_grad(), calibrating(out):
         out(*args, **kwargs)
     return out
@@ -541,7 +541,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                       seconds["legalize"])
 
         t0 = time.perf_counter()
-        student = copy.deepcopy(leg.module)  # passes share parameters: train a private copy
+        student = deepcopy(leg.module)  # passes share parameters: train a private copy
         fq = PassManager("quantize", pipelines.quantize_passes(
             tgt, w_bits, a_bits, surrogate_weight_bits=surrogate_weight_bits,
             quantize_surrogates=quantize_surrogates)).run(student, copy=False)

@@ -37,6 +37,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from archnet_fx.ir.copying import deepcopy
 from archnet_fx.infra.instruments import atomic_write
 from archnet_fx.quant.intref import IntegerInterpreter
 from archnet_fx.quant.qdq import Dequantize, Quantize
@@ -361,11 +362,9 @@ def layer_sqnr(fq_module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[st
     against the value it emits with all of them on (the deployed integers, dequantized) — the
     quantization noise accumulated up to that layer, layer by layer, as vendor tools report it.
     Runs on a private copy; the caller's module is untouched."""
-    import copy
-
     from archnet_fx.quant.fakequant import FakeQuant, fake_quant_enabled
 
-    m = copy.deepcopy(fq_module).eval()
+    m = deepcopy(fq_module).eval()
     acts = {name: q for name, q in m.named_modules() if isinstance(q, FakeQuant)
             and q.role == "act" and q.enabled and bool(q.initialized)}
     floats: dict[str, list[Any]] = {n: [] for n in acts}

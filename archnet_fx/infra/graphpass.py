@@ -28,7 +28,6 @@ the next pass's "before".
 """
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import time
@@ -41,6 +40,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from archnet_fx.ir.shapes import (propagate_shapes, propagate_shapes_incremental, shape_example,
                                   shapes_from)
+from archnet_fx.ir.copying import deepcopy
 from archnet_fx.ir.meta import KIND_META_KEY
 from archnet_fx.ir.opkinds import META_KINDS, annotate_kinds, kind_histogram
 from archnet_fx.ir.meta import FROM_PASS_KEY, RULE_KEY, SOURCE_META_KEYS
@@ -56,7 +56,7 @@ def copy_graph_module(gm: torch.fx.GraphModule, *, lazy: bool = False) -> torch.
     is about to rewrite the copy would throw the first generation away): its owner calls
     :func:`recompile_now` when done.
     """
-    graph = copy.deepcopy(gm.graph)
+    graph = deepcopy(gm.graph)
     cls = _LazyGraphModule if lazy else torch.fx.GraphModule
     new = cls(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
