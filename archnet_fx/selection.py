@@ -705,13 +705,15 @@ def _rank() -> int:
 
 
 #: Modules whose code decides what a measurement is: the surrogate families (which candidates
-#: exist, how they are built and fitted), their building blocks, legalization, the cost model
+#: exist, how they are built and fitted), their building blocks, legalization, the legality
+#: check and body traces the cost model reads, capture's tracer, node kinds, the cost model
 #: and this module (the recipe).
 _MEASURING_CODE = ("archnet_fx.passes.canonicalize", "archnet_fx.passes.tiling",
                    "archnet_fx.surrogate.base", "archnet_fx.surrogate.pwl",
                    "archnet_fx.surrogate.hinge", "archnet_fx.surrogate.products",
                    "archnet_fx.surrogate.observe", "archnet_fx.surrogate.driver",
-                   "archnet_fx.legalize", "archnet_fx.cost.latency", __name__)
+                   "archnet_fx.legalize", "archnet_fx.legality", "archnet_fx.capture",
+                   "archnet_fx.ir.opkinds", "archnet_fx.cost.latency", __name__)
 
 
 @functools.lru_cache(maxsize=1)

@@ -291,27 +291,39 @@ class PolyGate(Surrogate):
     polynomial in Horner form on the clamped, normalised input: multiplies, adds and clamps
     only, so on a chip that fuses elementwise epilogues the whole surrogate rides on the kernel
     that produced ``x`` (npu_a: GELU's 32-knot PWL costs two kernels and a 32-wide hidden
-    tensor). ``d`` is trainable (the normalised ``t`` keeps its entries O(1) for Adam); ``L``
-    is fixed. Fitted with ``d₁ + d₃ + d₅ + d₇ = ½``, so the gate reaches 1 at ``x = L`` and 0 at
-    ``−L`` (to float rounding) and the tails are ``x`` and 0. GELU, L = 3: max error 5e-3, RMS 1e-3 on
-    [−6, 6] (the 4-parameter hard gate: 0.08).
+    tensor). ``d₃, d₅, d₇`` are trainable (the normalised ``t`` keeps them O(1) for Adam) and
+    ``d₁ = ½ − d₃ − d₅ − d₇``, so however they train the gate is exactly 1 at ``x ≥ L`` and 0 at
+    ``x ≤ −L`` (up to float rounding): the tails are ``x`` and 0. ``L`` is fixed. GELU, L = 3:
+    max error 5e-3, RMS 1e-3 on [−6, 6] (the 4-parameter hard gate: 0.08).
     """
 
     def __init__(self, kind: str, scale: float, coef: torch.Tensor, mul: nn.Module) -> None:
         super().__init__()
         self.replaces, self.style = kind, "emulation"
         self.inv_scale = 1.0 / float(scale)
-        self.coef = nn.Parameter(coef.detach().clone().float().reshape(-1))
+        coef = coef.detach().reshape(-1)
+        if coef.numel() < 3:
+            raise ValueError(f"PolyGate needs d₁ and at least two more coefficients, got "
+                             f"{coef.numel()}")
+        self.coef = nn.Parameter(coef[1:].clone().float())   # d₃, d₅, ...; d₁ is derived
         self.terms = int(self.coef.numel())
         self.mul = mul
+
+    def coefficients(self) -> torch.Tensor:
+        """``[d₁, d₃, d₅, ...]`` with ``d₁ = ½ − Σ`` the others."""
+        return torch.cat([(0.5 - self.coef.sum()).reshape(1), self.coef])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = torch.clamp(x * self.inv_scale, -1.0, 1.0)
         u = self.mul(t, t)
         c = self.coef
-        p = u * c[-1] + c[-2]
+        p = u * c[self.terms - 1] + c[self.terms - 2]
         for k in range(self.terms - 3, -1, -1):
             p = self.mul(p, u) + c[k]
+        d1 = 0.5 - c[0]                     # d₁ = ½ − Σ others (scalar constants, unrolled)
+        for k in range(1, self.terms):
+            d1 = d1 - c[k]
+        p = self.mul(p, u) + d1
         g = torch.clamp(self.mul(p, t) + 0.5, 0.0, 1.0)
         return self.mul(x, g)
 

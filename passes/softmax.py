@@ -10,7 +10,7 @@ matmul with inner dimension 1 on npu_b). Three candidates for ``softmax``, one f
       z = clamp(x − m, min=lo)         # softmax is shift-invariant per row: z ∈ [lo, 0]
       e = Σ_k c_k relu(z − b_k)        # PWL exp, no constant term, b_0 = lo  ⇒  e(lo) = 0
       s = e · 1                        # row sum as a linear with a constant ones weight
-      r = pwl_recip(s)                 # PWL 1/s: 256 decreasing hinges, geometric on [1, N]
+      r = pwl_recip(s)                 # PWL 1/s: 256 decreasing hinges on [0.9, 1.05·N]
       p = e · r                        # row scale (mul, or matmul [..,1,1] @ [..,1,N])
 
   Subtracting the exact row max makes the exp's domain ``[lo, 0]`` for every row, whatever the

@@ -8,7 +8,6 @@ range seen in calibration. Sample-free fits are memoized (:func:`clear_fit_cache
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable
 
 import torch
@@ -25,8 +24,12 @@ class PWL(nn.Module):
     """``f(x) = a + s·x + Σ c_i relu(x − b_i)`` elementwise, as Linear(1,K) → ReLU → Linear(K,1).
 
     Breakpoints ``b`` and coefficients are trainable. The skip term ``s·x`` is a multiply by a
-    constant, left out of the traced (chip) form when ``s`` is exactly 0. Outside the fitted
-    range it continues with the end segments' slopes.
+    constant. A PWL built with ``s = 0`` (pinned fits of exp, GELU, sigmoid; the LayerNorm's
+    1/√x; :meth:`convex_decreasing`) has no skip term at all: ``skip`` is False, ``slope`` a
+    zero buffer, and the traced (chip) form has no multiply-by-zero kernel — a structural
+    choice made at construction, so every trace of the module is the same graph. Outside the
+    fitted range it continues with the end segments' slopes (flat right of ``hi`` for
+    :meth:`convex_decreasing`, whose hinges are ``relu(t_k − x)``).
 
     Distillation leaves ``s`` as fitted (``distill_frozen``): it is the left tail's slope, which
     the hinges cancel to the right, so a small relative move of it shifts the whole function by
@@ -47,30 +50,22 @@ class PWL(nn.Module):
             self.inner.bias.copy_(-breakpoints.float())
             self.outer.weight.copy_(coef.float().reshape(1, k))
             self.outer.bias.fill_(float(bias))
-        self.slope = nn.Parameter(torch.tensor(float(slope)))
+        #: Whether ``s·x`` is part of the function (and of its traced form); fixed at build.
+        self.skip = float(slope) != 0.0
+        if self.skip:
+            self.slope = nn.Parameter(torch.tensor(float(slope)))
+        else:
+            self.register_buffer("slope", torch.tensor(0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.inner) is nn.Linear and type(self.outer) is nn.Linear and not tracing(x):
             # same function without the N×K hidden tensor (archnet_fx.surrogate.hinge); layers that
             # fake quantization wrapped take the hinge form below
             return hinge_sum(x, self.inner.weight, self.inner.bias, self.outer.weight,
-                             self.outer.bias, self.slope, fast=True)
+                             self.outer.bias, self.slope if self.skip else None, fast=True)
         h = torch.relu(self.inner(x.unsqueeze(-1)))
         y = self.outer(h).squeeze(-1)
-        if not self.skip_term():
-            return y  # a pinned zero slope: no multiply-by-zero kernel on the chip
-        return y + x * self.slope
-
-    def skip_term(self) -> bool:
-        """Whether ``s·x`` contributes: False for a slope of exactly 0 (pinned fits of exp,
-        GELU, sigmoid, the LayerNorm's 1/√x, ...; distillation never moves it), whose traced
-        form then has no multiply — a whole elementwise kernel on the chip, and a pass over the
-        tensor in an exported runtime — and no add."""
-        slope = self._parameters["slope"]  # the tensor itself, not a tracer's proxy of it
-        with warnings.catch_warnings():
-            # a static choice on purpose: the traced form is the one for the current value
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return bool(slope.detach() != 0)
+        return y + x * self.slope if self.skip else y
 
     @staticmethod
     def convex_decreasing(fn: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,

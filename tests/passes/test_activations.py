@@ -166,6 +166,11 @@ def test_poly_gate_is_legal_near_exact_and_saturates_exactly(kind, target):
         assert float(y[lo].abs().max()) <= 1e-6 * scale
         hard = HardGate(kind, *hard_gate_init(fn, None, -12.0, 12.0), s.mul)
         assert float((y - fn(x)).abs().max()) < 0.25 * float((hard(x) - fn(x)).abs().max())
+        assert abs(float(s.coefficients().sum()) - 0.5) < 1e-6
+        s.coef.add_(torch.tensor([0.3, -0.2, 0.05]))       # as training might move them
+        y = s(x)                                             # the tails stay x and 0
+        torch.testing.assert_close(y[hi], x[hi], rtol=1e-6, atol=0.0)
+        assert float(y[lo].abs().max()) <= 1e-6 * scale
     assert_grads_flow(res.module, ex)
 
 

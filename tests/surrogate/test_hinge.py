@@ -99,3 +99,22 @@ def test_convex_decreasing_pwl_has_no_cancellation_and_equal_ripple():
     assert float(rel_inc.abs().max()) > 20 * 5e-5
     with pytest.raises(ValueError, match="0 < lo < hi"):
         PWL.convex_decreasing(torch.reciprocal, 0.0, 1.0, 8)
+
+
+def test_skip_term_is_structural_for_the_trace_cache_and_export():
+    """Whether a PWL has its ``s·x`` term is fixed at build (``skip``): two PWLs of the same
+    size with and without it trace to different cached bodies, each equal to its own eager
+    function, and ``torch.export`` (fake parameters: no value may steer the trace) captures
+    both."""
+    from archnet_fx.legality import structure_key, traced_body
+
+    pinned = PWL.fit(torch.sigmoid, None, -4.0, 4.0, knots=12, left_slope=0.0)
+    free = PWL.fit(torch.tanh, None, -4.0, 4.0, knots=12)
+    assert not pinned.skip and free.skip and "slope" in dict(pinned.named_buffers())
+    assert structure_key(pinned) != structure_key(free)
+    x = torch.linspace(-6, 6, 101)
+    with torch.no_grad():
+        for pwl in (pinned, free):
+            torch.testing.assert_close(traced_body(pwl)(x), pwl(x), rtol=1e-5, atol=1e-5)
+            ep = torch.export.export(pwl, (x,))
+            torch.testing.assert_close(ep.module()(x), pwl(x), rtol=1e-5, atol=1e-5)
