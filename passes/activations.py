@@ -309,21 +309,25 @@ class PolyGate(Surrogate):
         self.terms = int(self.coef.numel())
         self.mul = mul
 
+    def _d1(self) -> torch.Tensor:
+        """``d₁ = ½ − d₃ − d₅ − …`` as scalar subtractions (a sum reduction of the constant
+        coefficients would be an op the chip's legality check refuses)."""
+        d1 = 0.5 - self.coef[0]
+        for k in range(1, self.terms):
+            d1 = d1 - self.coef[k]
+        return d1
+
     def coefficients(self) -> torch.Tensor:
-        """``[d₁, d₃, d₅, ...]`` with ``d₁ = ½ − Σ`` the others."""
-        return torch.cat([(0.5 - self.coef.sum()).reshape(1), self.coef])
+        """``[d₁, d₃, d₅, ...]``."""
+        return torch.cat([self._d1().reshape(1), self.coef])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = torch.clamp(x * self.inv_scale, -1.0, 1.0)
         u = self.mul(t, t)
-        c = self.coef
-        p = u * c[self.terms - 1] + c[self.terms - 2]
-        for k in range(self.terms - 3, -1, -1):
+        c = [self._d1()] + [self.coef[k] for k in range(self.terms)]   # d₁, d₃, d₅, ...
+        p = u * c[-1] + c[-2]                                         # Horner in u = t²
+        for k in range(len(c) - 3, -1, -1):
             p = self.mul(p, u) + c[k]
-        d1 = 0.5 - c[0]                     # d₁ = ½ − Σ others (scalar constants, unrolled)
-        for k in range(1, self.terms):
-            d1 = d1 - c[k]
-        p = self.mul(p, u) + d1
         g = torch.clamp(self.mul(p, t) + 0.5, 0.0, 1.0)
         return self.mul(x, g)
 

@@ -182,8 +182,8 @@ class _RowSoftmax(Surrogate):
         self.rowsum = RowSum(n, reduce=reduce)
         # s = Σ e over a row whose max gives e(0) ≈ 1: s ∈ [≈1, N] whatever the data.
         s_lo, s_hi = 0.9, max(float(n), 1.0) * 1.05 + 0.1
-        # left slope pinned to 0 (s never falls below s_lo): no skip multiply on the chip
         if kind == "log_softmax":
+            # left slope pinned to 0 (s never falls below s_lo): no skip multiply on the chip
             self.log = PWL.fit(torch.log, None, s_lo, s_hi, knots=2 * knots, spacing="geometric",
                                left_slope=0.0)
             self.scale = None

@@ -164,6 +164,9 @@ FREE_KINDS = frozenset({"reshape", "permute", "expand", "slice", "concat", "pad"
                         "identity", "dropout", "creation"})
 #: Free on any target, listed or not: no-ops at inference.
 NOOP_KINDS = frozenset({"identity", "dropout"})
+#: Kinds that read a tensor's metadata, never its data: guards and shape queries (bookkeeping
+#: with no tensor of their own, and not readers of their input for SRAM residency).
+METADATA_KINDS = frozenset({"assert", "shape"})
 
 #: Ops per output element of elementwise / normalisation kinds (rough, stated in the docstring).
 OPS_PER_ELEMENT: dict[str, float] = {
@@ -785,7 +788,7 @@ def _where(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target) -> dict[str,
         if r.kind == "placeholder" and not r.alias:
             loc[r.name] = "input"
             continue
-        if r.kind in ("assert", "shape"):
+        if r.kind in METADATA_KINDS:
             loc[r.name] = "free"  # guards and shape arithmetic: bookkeeping, no tensor
             continue
         inherit = (r.alias or r.kind in META_KINDS or r.kind in NOOP_KINDS
@@ -898,7 +901,7 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
             cur = stack.pop()
             for u in users[cur]:
                 ur = by_name[u]
-                if ur.kind in ("shape", "assert"):
+                if ur.kind in METADATA_KINDS:
                     continue
                 if ur.is_output or loc.get(u) not in _CHIP_SIDE:
                     return None

@@ -25,7 +25,7 @@ class PWL(nn.Module):
 
     Breakpoints ``b`` and coefficients are trainable. The skip term ``s·x`` is a multiply by a
     constant. A PWL built with ``s = 0`` (pinned fits of exp, GELU, sigmoid; the LayerNorm's
-    1/√x; :meth:`convex_decreasing`) has no skip term at all: ``skip`` is False, ``slope`` a
+    1/√x; :meth:`convex_decreasing`) has no skip term at all: ``has_skip`` is False, ``slope`` a
     zero buffer, and the traced (chip) form has no multiply-by-zero kernel — a structural
     choice made at construction, so every trace of the module is the same graph. Outside the
     fitted range it continues with the end segments' slopes (flat right of ``hi`` for
@@ -51,8 +51,8 @@ class PWL(nn.Module):
             self.outer.weight.copy_(coef.float().reshape(1, k))
             self.outer.bias.fill_(float(bias))
         #: Whether ``s·x`` is part of the function (and of its traced form); fixed at build.
-        self.skip = float(slope) != 0.0
-        if self.skip:
+        self.has_skip = float(slope) != 0.0
+        if self.has_skip:
             self.slope = nn.Parameter(torch.tensor(float(slope)))
         else:
             self.register_buffer("slope", torch.tensor(0.0))
@@ -62,10 +62,10 @@ class PWL(nn.Module):
             # same function without the N×K hidden tensor (archnet_fx.surrogate.hinge); layers that
             # fake quantization wrapped take the hinge form below
             return hinge_sum(x, self.inner.weight, self.inner.bias, self.outer.weight,
-                             self.outer.bias, self.slope if self.skip else None, fast=True)
+                             self.outer.bias, self.slope if self.has_skip else None, fast=True)
         h = torch.relu(self.inner(x.unsqueeze(-1)))
         y = self.outer(h).squeeze(-1)
-        return y + x * self.slope if self.skip else y
+        return y + x * self.slope if self.has_skip else y
 
     @staticmethod
     def convex_decreasing(fn: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float,

@@ -102,7 +102,7 @@ def test_convex_decreasing_pwl_has_no_cancellation_and_equal_ripple():
 
 
 def test_skip_term_is_structural_for_the_trace_cache_and_export():
-    """Whether a PWL has its ``s·x`` term is fixed at build (``skip``): two PWLs of the same
+    """Whether a PWL has its ``s·x`` term is fixed at build (``has_skip``): two PWLs of the same
     size with and without it trace to different cached bodies, each equal to its own eager
     function, and ``torch.export`` (fake parameters: no value may steer the trace) captures
     both."""
@@ -110,7 +110,7 @@ def test_skip_term_is_structural_for_the_trace_cache_and_export():
 
     pinned = PWL.fit(torch.sigmoid, None, -4.0, 4.0, knots=12, left_slope=0.0)
     free = PWL.fit(torch.tanh, None, -4.0, 4.0, knots=12)
-    assert not pinned.skip and free.skip and "slope" in dict(pinned.named_buffers())
+    assert not pinned.has_skip and free.has_skip and "slope" in dict(pinned.named_buffers())
     assert structure_key(pinned) != structure_key(free)
     x = torch.linspace(-6, 6, 101)
     with torch.no_grad():
