@@ -25,6 +25,9 @@ embedding products rewritten as row gathers (exact; ``onehot_gather=True``), one
   softmax ``softmax_pow`` (``relu(1 + a·z)^4`` for exp; a few elementwise passes);
 * ``act_gate`` — as ``act_pow`` with the hard-gate GELU ``x·clamp(a·x + b, 0, 1)``
   (``hard_gate``: four elementwise ops, max error 0.08 against the ReLU form's 0.17);
+* ``cpu_poly`` — npu_a, the softmaxes pinned to ``softmax_poly`` (exp as a cubic to the 16th:
+  nearly exact, no K-wide hidden tensor), everything else measured and selected at
+  ``transform``'s default floor: the fast-on-a-CPU-too point;
 * ``native`` — the ablation target ``benchmarks/targets/npu_a_native.toml`` (npu_a plus native
   LayerNorm/Softmax/GELU/embedding): nothing to legalize, the linears quantized exactly as for
   npu_a; what the Q/DQ linears alone give (not a legal npu_a model).
@@ -129,6 +132,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("cpu_fast", "npu_a, GELU and softmax pinned to their CPU-cheap forms (hard_gate, "
            "softmax_pow), the rest measured and selected at transform's default floor",
            choices={"gelu": "hard_gate", "softmax": "softmax_pow"}, select="measured"),
+    Config("cpu_poly", "npu_a, softmax pinned to its near-exact CPU-cheap form (softmax_poly: "
+           "exp as a cubic to the 16th), the rest measured and selected at transform's default "
+           "floor", choices={"softmax": "softmax_poly"}, select="measured"),
     Config("emulation", "npu_a, emulation surrogates (PWL LayerNorm / GELU / softmax-exp)"),
     Config("structural", "npu_a, prefer=structural (affine LN, ReLU-form GELU, ReLU attention)",
            prefer="structural"),
