@@ -56,8 +56,19 @@ and held-out data and recipe, holding every option and fitted module; a new budg
 model and data reads it and re-solves (:meth:`Selection.choose` re-solves in milliseconds
 without assembling).
 
-Per-layer bit widths are not selected: on npu_a (int8 activations only) a W4A8 layer computes at
-the int8 rate, so W4 changes weight bytes, not the estimate of a compute-bound layer.
+**Per-layer weight bits** (mixed precision), where the target lists more than one weight
+width: every top-level conv/linear of the original with a weight parameter is a node of kind
+``weight_bits`` whose candidates are the widths (``"w4"``, ``"w8"``; the default is
+``weight_bits``). Latency: the layer's row in the cost model plus the change of its kernel
+(the layer and the epilogue fused into it) with every layer at that width — additive like the
+candidates'. A W4A8 layer runs at the int8 rate on npu_a, so W4 saves weight bytes only: it
+makes a layer faster only where the layer is memory-bound (MiniLM at 128 tokens: only the
+pooler, which reads 384×384 weights for one token; at a few tokens, every layer). A width that is narrower than the default and not faster is dominated (more error,
+no gain) and not measured — a note says at how many layers. Fidelity: the held-out output nMSE
+with that one layer's weight quantized at the width (the target's granularity and symmetry,
+MSE-calibrated), minus the layer's best width's; the assembled network's check quantizes the
+chosen non-default layers' weights the same way. ``transform`` quantizes each layer at its
+chosen width (:attr:`Selection.layer_bits`).
 """
 from __future__ import annotations
 
@@ -78,6 +89,7 @@ from archnet_fx.capture import as_call, first_sample
 from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.infra.workers import all_ranks, run_jobs
+from archnet_fx.ir.opkinds import node_kind
 from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.surrogate.base import LOSSLESS, frozen_parameters
 from archnet_fx.targets import Target, load_target
@@ -91,6 +103,8 @@ REST_KEY = "<rest>"
 FIT_BATCHES = 4
 #: Held-out batches a candidate's fidelity cost is measured on.
 MEASURE_HELD = 4
+#: Kind of the per-layer weight-width options (candidates ``"w4"``, ``"w8"``, …).
+BITS_KIND = "weight_bits"
 
 __all__ = ["SelectionError", "SelectOptions", "Option", "Selection", "assemble", "select",
            "solve"]
@@ -183,6 +197,25 @@ class Selection:
     notes: list[str] = field(default_factory=list)
     legalized: Any = field(default=None, repr=False)   # L0's LegalizeResult
     module: Any = field(default=None, repr=False)      # the assembled float network
+    #: layers whose chosen weight width differs from ``weight_bits`` (node name -> bits);
+    #: ``chosen`` holds the surrogate candidates only
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
+    def picked(self, o: Option) -> bool:
+        """Whether option ``o`` is the one chosen at its node (a weight layer not in
+        ``layer_bits`` keeps its default width)."""
+        if o.kind == BITS_KIND:
+            return (f"w{self.layer_bits[o.node]}" == o.candidate if o.node in self.layer_bits
+                    else o.default)
+        return self.chosen.get(o.node) == o.candidate
+
+    def changed(self) -> dict[str, int]:
+        """How many nodes took each non-default choice: ``{"kind:candidate": count}``, widths
+        as ``"weight_bits:w4"``."""
+        from collections import Counter
+
+        return dict(Counter(f"{o.kind}:{o.candidate}" for o in self.options
+                            if self.picked(o) and not o.default))
 
     def _head(self) -> str:
         return (f"selection: predicted {self.predicted_s * 1e6:.0f} µs (additive model), "
@@ -208,7 +241,7 @@ class Selection:
             groups.setdefault((o.kind, o.candidate), []).append(o)
         rows = []
         for (kind, cand), opts in groups.items():
-            picked = [o for o in opts if self.chosen.get(o.node) == o.candidate]
+            picked = [o for o in opts if self.picked(o)]
             costs = [o.cost for o in opts]
             rows.append((kind, cand + (" (default)" if any(o.default for o in opts) else ""),
                          opts[0].style, f"{len(picked)}/{len(opts)}",
@@ -226,7 +259,7 @@ class Selection:
 
         rows = [(o.node, o.kind, o.candidate + (" (default)" if o.default else ""), o.style,
                  f"{o.latency_s * 1e6:.1f}", f"{o.cost:.2e}", f"{o.local_nmse:.2e}",
-                 "←" if self.chosen.get(o.node) == o.candidate else "")
+                 "←" if self.picked(o) else "")
                 for o in self.options]
         head = self._head()
         legend = ("µs: the candidate's modules in the cost model (batch 1); cost: held-out "
@@ -246,7 +279,8 @@ class Selection:
         (milliseconds; nothing is measured or assembled): ``(chosen, predicted latency s,
         summed fidelity cost)``. Raises :class:`SelectionError` when infeasible. Pass the
         result's budget to :func:`archnet_fx.transform` with the same ``cache_dir`` to get
-        the network."""
+        the network. Weight layers (mixed precision) are in ``chosen`` too, as ``"w4"``,
+        ``"w8"``, …"""
         opts = SelectOptions(speedup=speedup, latency_budget=latency_budget,
                              min_fidelity=min_fidelity)
         budget = _budget(opts, self.original_s)
@@ -471,6 +505,135 @@ def _latency_by_module(gm: torch.fx.GraphModule, tgt: Target, one: Any, wbits: i
     return rep.total_s, per
 
 
+def weight_layers(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Top-level conv/linear nodes of ``gm`` whose weight is one of its parameters (not inside a
+    surrogate): node name -> the weight's qualified name."""
+    out: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function") or node_kind(n, gm) not in ("linear",
+                                                                                    "conv"):
+            continue
+        if n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            w = getattr(mod, "weight", None)
+            if (getattr(mod, "archnet_surrogate", False) or not isinstance(w, torch.nn.Parameter)
+                    or w.dim() < 2 or w.numel() < 2):
+                continue
+            out[n.name] = f"{n.target}.weight"
+            continue
+        wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        if "transpose" in str(n.target) or not isinstance(wn, torch.fx.Node) \
+                or wn.op != "get_attr":
+            continue
+        try:
+            w = gm.get_parameter(wn.target)
+        except AttributeError:
+            continue
+        if w.dim() >= 2 and w.numel() >= 2:
+            out[n.name] = str(wn.target)
+    return out
+
+
+def quantized_weight(tgt: Target, w: torch.Tensor, bits: int, act_bits: int) -> torch.Tensor:
+    """``w`` fake-quantized at ``bits`` as the quantization pass does it (the target's
+    granularity and symmetry, MSE-calibrated step): a new tensor."""
+    from archnet_fx.quant.fakequant import FakeQuantPass, calibrating
+
+    fq = FakeQuantPass(tgt, bits, act_bits).weight_fq(w, bits)
+    with torch.no_grad():
+        with calibrating(fq):
+            fq(w)
+        return fq(w).detach().clone()
+
+
+class _WithWeights(torch.nn.Module):
+    """``gm`` run with some of its parameters replaced (``torch.func.functional_call``; ``gm``
+    itself is not touched)."""
+
+    def __init__(self, gm: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.gm, self.weights = gm, weights
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.gm, self.weights, args, kwargs, strict=False)
+
+
+def with_layer_bits(gm: torch.nn.Module, tgt: Target, layer_bits: dict[str, int],
+                    act_bits: int) -> torch.nn.Module:
+    """``gm`` (a GraphModule) with the weights of the layers in ``layer_bits`` fake-quantized at
+    their width (``gm`` itself when there are none)."""
+    if not layer_bits:
+        return gm
+    names = weight_layers(gm)
+    weights = {names[n]: quantized_weight(tgt, gm.get_parameter(names[n]), b, act_bits)
+               for n, b in layer_bits.items() if n in names}
+    return _WithWeights(gm, weights)
+
+
+def _bits_latency(gm: torch.fx.GraphModule, tgt: Target, one: Any, layers: Sequence[str],
+                  wbits: int, abits: int) -> dict[tuple[str, int], float]:
+    """(layer, bits) -> the layer's time in the cost model: its own row at ``wbits`` plus the
+    change of its whole kernel (the layer and the epilogue fused into it) with every layer at
+    ``bits``. A fused kernel's time is split over its members, so the row alone would move a
+    little even where the kernel's time does not; charging the kernel's change keeps a width
+    that makes the kernel no faster exactly as fast, and leaves the fused members' rows (a
+    surrogate's, say) to their own options."""
+    from archnet_fx.cost.latency import estimate_latency
+
+    row: dict[str, float] = {}
+    kernel: dict[tuple[str, int], float] = {}
+    for b in tgt.quant.weight_bits:
+        rep = estimate_latency(gm, tgt, one, weight_bits=wbits, act_bits=abits,
+                               layer_bits={n: b for n in layers})
+        for n in layers:
+            kernel[n, b] = 0.0
+        for r in rep.rows:
+            lead = r.fused_into or r.name
+            if (lead, b) in kernel:
+                kernel[lead, b] += r.time_s
+            if b == wbits and r.name in layers:
+                row[r.name] = r.time_s
+    return {(n, b): row.get(n, 0.0) + kernel[n, b] - kernel[n, wbits] for n, b in kernel}
+
+
+def _bits_jobs(layers: Sequence[str], lat: dict[tuple[str, int], float], tgt: Target,
+               wbits: int) -> tuple[list[Option], list["_Job"], list[str]]:
+    """The free default option of every layer, the jobs measuring its other widths, and a note
+    on the dominated ones (narrower and not faster: more error for nothing)."""
+    defaults = [Option(n, BITS_KIND, f"w{wbits}", "quant", lat[n, wbits], 0.0, default=True)
+                for n in layers]
+    jobs, dominated = [], {}
+    for b in tgt.quant.weight_bits:
+        if b == wbits:
+            continue
+        for n in layers:
+            if b < wbits and lat[n, b] >= lat[n, wbits] * (1 - 1e-6):
+                dominated[b] = dominated.get(b, 0) + 1
+            else:
+                jobs.append(_Job(BITS_KIND, f"w{b}", n))
+    measured = {j.node for j in jobs}
+    jobs = [_Job(BITS_KIND, f"w{wbits}", n, default=True) for n in layers if n in measured] \
+        + jobs
+    notes = [f"weight_bits: W{b} is not faster than W{wbits} at {k} of {len(layers)} layer(s) "
+             f"on {tgt.name} (W{b} saves weight bytes only, and those layers are "
+             "compute-bound): not measured there" for b, k in sorted(dominated.items())]
+    return defaults, jobs, notes
+
+
+def _relative_bits_costs(opts: list[Option]) -> list[Option]:
+    """Bits options carry their raw held-out nMSE until here; each layer's widths are charged
+    their nMSE minus the layer's best width's (so the best costs 0, and the default too when
+    only narrower widths were measured)."""
+    best: dict[str, float] = {}
+    for o in opts:
+        if o.kind == BITS_KIND:
+            best[o.node] = min(best.get(o.node, math.inf), o.cost)
+    for o in opts:
+        if o.kind == BITS_KIND:
+            o.cost = max(o.cost - best[o.node], 0.0)
+    return opts
+
+
 @dataclass
 class _Job:
     """Measuring one lossy candidate at one node, or every node of one lossless candidate."""
@@ -531,6 +694,18 @@ class _Measurer:
         # surrogate node -> replaced node), or the note of a candidate not offered
         self.pairs: dict[tuple[str, str, bool], Any] = {}
         self.recorded: tuple[str, dict] = ("", {})
+        self.layers: dict[str, str] = {}                       # weight layer -> its parameter
+        self.bits_lat: dict[tuple[str, int], float] = {}       # (layer, bits) -> seconds
+
+    def _bits(self, job: "_Job") -> tuple[list[Option], dict, list[str]]:
+        """One layer at one weight width: its raw held-out nMSE (made relative later,
+        :func:`_relative_bits_costs`)."""
+        n, b = job.node, int(job.candidate[1:])
+        name = self.layers[n]
+        w = quantized_weight(self.tgt, self.teacher.get_parameter(name), b, self.bits[1])
+        nmse, _ = self.fid(_WithWeights(self.teacher, {name: w}))
+        return [Option(n, BITS_KIND, job.candidate, "quant", self.bits_lat[n, b],
+                       max(nmse, 0.0), default=job.default)], {}, []
 
     def _site(self, lc: Any, inv: dict[str, str], n: str, cand: str
               ) -> tuple[str, list[str]] | None:
@@ -591,6 +766,8 @@ class _Measurer:
         return self.pairs[key]
 
     def __call__(self, job: _Job, index: int) -> tuple[list[Option], dict, list[str]]:
+        if job.kind == BITS_KIND:
+            return self._bits(job)
         pair = self._pair(job.kind, job.candidate, job.default)
         if isinstance(pair, str):
             return [], {}, [pair]
@@ -650,6 +827,15 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
     measurer = _Measurer(teacher, tgt, leg, l0, per0, selectable, styles, fid, call, one,
                          options, weight_bits, act_bits, seed)
     notes: list[str] = []
+    if len(tgt.quant.weight_bits) > 1:       # mixed precision: one option per layer and width
+        kept = weight_layers(l0.module)
+        measurer.layers = {n: p for n, p in weight_layers(teacher).items() if n in kept}
+        measurer.bits_lat = _bits_latency(l0.module, tgt, one, list(measurer.layers),
+                                          weight_bits, act_bits)
+        more, bits_jobs, notes = _bits_jobs(list(measurer.layers), measurer.bits_lat, tgt,
+                                            weight_bits)
+        out += more
+        jobs += bits_jobs
     fitted: dict[tuple[str, str], dict] = {}
     from tqdm.auto import tqdm
 
@@ -677,7 +863,7 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
             out.append(o)
         fitted.update(fit)
         notes += [x for x in note if x not in notes]
-    return out, fitted, default_s, original_s, _grouped(notes)
+    return _relative_bits_costs(out), fitted, default_s, original_s, _grouped(notes)
 
 
 def _grouped(notes: list[str]) -> list[str]:
@@ -854,6 +1040,7 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
     max_cost = (2 * (1 - options.min_fidelity) if budget is None and
                 options.min_fidelity is not None else None)
     final = functools.partial(leg, check=verify)
+    bits_nodes = {o.node for o in out if o.kind == BITS_KIND}
     best = None
     while True:
         try:
@@ -871,27 +1058,31 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                          "taken")
             log.warning("selection: %s", notes[-1])
             max_cost = None
-        result = assemble(l0, selectable, chosen, fitted, final)
-        cos = fid(result.module)[1]
+        widths = {n: int(c[1:]) for n, c in chosen.items() if n in bits_nodes}
+        result = assemble(l0, selectable, {n: c for n, c in chosen.items()
+                                           if n not in bits_nodes}, fitted, final)
+        layer_bits = {n: b for n, b in widths.items() if b != weight_bits}
+        cos = fid(with_layer_bits(result.module, tgt, layer_bits, act_bits))[1]
         if best is None or budget is not None or cos > best[-1]:
-            best = (chosen, predicted, objective, solver_s, result, cos)
+            best = (chosen, predicted, objective, solver_s, result, layer_bits, cos)
         if (options.min_fidelity is None or budget is not None or max_cost is None
                 or cos >= options.min_fidelity or resolves >= options.max_resolves
                 or objective <= 0):          # nothing left to tighten
             break
         resolves += 1
         max_cost = objective / 2
-    chosen, predicted, objective, solver_s, result, cos = best
+    chosen, predicted, objective, solver_s, result, layer_bits, cos = best
     assembled = result.module
     assembled_s = estimate_latency(assembled, tgt, one, weight_bits=weight_bits,
-                                   act_bits=act_bits).total_s
+                                   act_bits=act_bits, layer_bits=layer_bits).total_s
     if options.min_fidelity is not None and cos < options.min_fidelity:
         notes.append(f"min_fidelity {options.min_fidelity} not reached after {resolves} "
                      f"re-solves: assembled float cosine {cos:.4f}")
-    sel = Selection(out, dict(chosen), original_s, default_s, base_s, predicted, assembled_s,
+    sel = Selection(out, {n: c for n, c in chosen.items() if n not in bits_nodes}, original_s, default_s, base_s, predicted, assembled_s,
                     budget, objective, base_nmse, cos, solver_s, measure_s, resolves, notes)
     sel.legalized = result
     sel.module = assembled
+    sel.layer_bits = layer_bits
     PROGRESS.info("selection: %d option(s) at %d node(s); predicted %.0f µs, assembled %s µs "
                   "(original %.0f µs), float cosine %s (%.1f s)", len(out), len(selectable),
                   predicted * 1e6, f"{assembled_s * 1e6:.0f}" if assembled_s else "?",

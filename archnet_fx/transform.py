@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -109,8 +110,10 @@ class TransformReport:
                     f"unsupported" + (f" ({bad})" if bad else "") + (f", {host} host fallback"
                                                                      if host else ""))
         cal = self.calibration
+        mixed = Counter((self.selection.layer_bits or {}).values()) if self.selection else {}
         parts = [
-            f"archnet_fx.transform → {self.target}, W{self.weight_bits}A{self.act_bits}, "
+            f"archnet_fx.transform → {self.target}, W{self.weight_bits}A{self.act_bits}"
+            + "".join(f" ({n} layer(s) W{b})" for b, n in sorted(mixed.items())) + ", "
             f"{self.mode} distillation; calibration: {cal.get('train_batches')} batches "
             f"({cal.get('train_samples')} samples) for training, {cal.get('holdout_batches')} "
             f"held out ({cal.get('holdout_samples')} samples)",
@@ -544,7 +547,9 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
         student = deepcopy(leg.module)  # passes share parameters: train a private copy
         fq = PassManager("quantize", pipelines.quantize_passes(
             tgt, w_bits, a_bits, surrogate_weight_bits=surrogate_weight_bits,
-            quantize_surrogates=quantize_surrogates)).run(student, copy=False)
+            quantize_surrogates=quantize_surrogates,
+            layer_bits=selection.layer_bits if selection is not None else None)).run(
+                student, copy=False)
         student = fq.module
         if device is not None:
             student.to(device)

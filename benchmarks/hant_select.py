@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,8 +80,7 @@ def main() -> None:
         except ArchnetError as e:
             rows.append((kw, "infeasible", "", "", "", "", str(e)[:60]))
             continue
-        counts = Counter(f"{o.kind}:{o.candidate}" for o in sel.options
-                         if sel.chosen.get(o.node) == o.candidate and not o.default)
+        counts = sel.changed()
         point = {"setting": {k: v for k, v in kw.items()}, "predicted_us": sel.predicted_s * 1e6,
                  "assembled_us": sel.assembled_s * 1e6,
                  "speedup_vs_original": sel.original_s / sel.assembled_s,

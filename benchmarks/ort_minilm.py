@@ -250,9 +250,7 @@ def archnet_onnx(model, calib: list[dict], cfg: Config, steps: int, stem: Path, 
     sel = res.report.selection
     info = {"config": cfg.name, "target": tgt.name, "prefer": cfg.prefer, "select": cfg.select,
             "selection": None if sel is None else {
-                "chosen_changed": dict(collections.Counter(
-                    f"{o.kind}:{o.candidate}" for o in sel.options
-                    if sel.chosen.get(o.node) == o.candidate and not o.default)),
+                "chosen_changed": sel.changed(),
                 "original_us": sel.original_s * 1e6, "predicted_us": sel.predicted_s * 1e6,
                 "assembled_us": (sel.assembled_s or 0) * 1e6,
                 "float_cosine": sel.assembled_cosine, "measure_s": sel.measure_s},

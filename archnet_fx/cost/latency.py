@@ -372,10 +372,11 @@ class CostInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, act_bits: int, weight_bits: int,
                  records: list[_Rec] | None = None, prefix: str = "",
                  outer_inputs: Sequence[str | None] = (),
-                 outer_dependent: Sequence[bool] = (), verdicts: Mapping[str, Any] | None = None
-                 ) -> None:
+                 outer_dependent: Sequence[bool] = (), verdicts: Mapping[str, Any] | None = None,
+                 layer_bits: Mapping[str, int] | None = None) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.act_bits, self.weight_bits = act_bits, weight_bits
+        self.layer_bits = dict(layer_bits or {})   # top-level node name -> its weight bits
         self.records: list[_Rec] = [] if records is None else records
         self.by_name: dict[str, _Rec] = {}
         self.prefix = prefix
@@ -450,7 +451,7 @@ class CostInterpreter(torch.fx.Interpreter):
     def _operand_bytes(self, rec: _Rec, n: torch.fx.Node, ins: list[torch.fx.Node],
                        in_recs: list[_Rec | None], mod: torch.nn.Module | None, kind: str,
                        out: Any) -> None:
-        wb = self.weight_bits / 8.0
+        wb = self.layer_bits.get(rec.name, self.weight_bits) / 8.0
         lookup = kind in ("embedding", "gather")
         o = _first_tensor(out)
         for a, r in zip(ins, in_recs):
@@ -724,18 +725,22 @@ def _blocks_map(blocks: Any) -> dict[str, str] | None:
 
 def estimate_latency(model_or_gm: torch.nn.Module, target: str | Target,
                      example_inputs: Any = None, *, weight_bits: int | None = None,
-                     act_bits: int | None = None, blocks: Any = None) -> LatencyReport:
+                     act_bits: int | None = None, blocks: Any = None,
+                     layer_bits: Mapping[str, int] | None = None) -> LatencyReport:
     """Estimated latency of a model on ``target`` (see the module docstring for every rule).
 
     ``model_or_gm`` is an ``nn.Module`` (captured with ``example_inputs``: a tensor, a tuple or
     a dict of keyword tensors) or a captured/legalized GraphModule (its example inputs are used
     when none are given). ``weight_bits``/``act_bits`` default to the target's and must be
-    among those it allows.
+    among those it allows. ``layer_bits`` (node name → bits, each among the target's) sets
+    the weight bits of single top-level layers (mixed precision); the rest take
+    ``weight_bits``.
     """
     from archnet_fx.train.partition import layer_key
 
     tgt = load_target(target)
     wbits, abits = tgt.quant.check_bits(weight_bits, act_bits)
+    layer_bits = {str(k): tgt.quant.check_bits(v, abits)[0] for k, v in (layer_bits or {}).items()}
     if isinstance(model_or_gm, torch.fx.GraphModule) and EXAMPLE_META_KEY in model_or_gm.meta:
         gm = model_or_gm
     elif isinstance(model_or_gm, torch.nn.Module):
@@ -754,7 +759,7 @@ def estimate_latency(model_or_gm: torch.nn.Module, target: str | Target,
         args, kwargs = gm.meta[EXAMPLE_META_KEY]
 
     verdicts = {v.node: v for v in check(gm, tgt).verdicts}
-    interp = CostInterpreter(gm, abits, wbits, verdicts=verdicts)
+    interp = CostInterpreter(gm, abits, wbits, verdicts=verdicts, layer_bits=layer_bits)
     with torch.no_grad():
         interp.run(*bind_placeholders(gm, args, kwargs)[1])
     recs = interp.records
@@ -775,7 +780,7 @@ def estimate_latency(model_or_gm: torch.nn.Module, target: str | Target,
             last = b
         node_block[n.name] = b or last
 
-    return _assemble(recs, by_name, tgt, wbits, abits, node_block)
+    return _assemble(recs, by_name, tgt, wbits, abits, node_block, layer_bits)
 
 
 def _where(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target) -> dict[str, str]:
@@ -876,7 +881,8 @@ _HOST_SIDE = ("input", "prologue", "prologuefree")
 
 
 def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: int, abits: int,
-              node_block: Mapping[str, str]) -> LatencyReport:
+              node_block: Mapping[str, str], layer_bits: Mapping[str, int] | None = None
+              ) -> LatencyReport:
     cost, host = tgt.cost, tgt.cost.host
     bw = cost.memory_bytes_per_s
     loc = _where(recs, by_name, tgt)
@@ -889,7 +895,8 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
         return node_block.get(name.split("/", 1)[0], "")
 
     def bits_of(r: _Rec) -> int:
-        return max(wbits, abits) if (r.kind in MAC_KINDS and r.consts) else abits
+        return (max((layer_bits or {}).get(r.name, wbits), abits)
+                if (r.kind in MAC_KINDS and r.consts) else abits)
 
     def consumers(name: str) -> list[str] | None:
         """Compute nodes reading ``name`` (through free nodes); None if the host or the graph

@@ -58,7 +58,8 @@ import contextlib
 import copy
 import logging
 import math
-from typing import Any, Iterator
+from collections import Counter
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.fx
@@ -458,9 +459,13 @@ class FakeQuantPass(GraphPass):
 
     def __init__(self, target: Target, weight_bits: int, act_bits: int, *,
                  surrogate_weight_bits: int | None = None,
-                 quantize_surrogates: str | bool = "structural") -> None:
+                 quantize_surrogates: str | bool = "structural",
+                 layer_bits: Mapping[str, int] | None = None) -> None:
         self.target = target
         self.weight_bits, self.act_bits = weight_bits, act_bits
+        #: per-layer weight bits (top-level node name -> bits; mixed precision, e.g. chosen by
+        #: the selection); every other layer takes ``weight_bits``
+        self.layer_bits = dict(layer_bits or {})
         self.surrogate_weight_bits = surrogate_weight_bits or weight_bits
         self.quantize_surrogates = surrogate_mode(quantize_surrogates)
         q = target.quant
@@ -564,14 +569,15 @@ class FakeQuantPass(GraphPass):
             record.rule_hits["act"] += 1
             return n
 
-        def quantized_weight(wn: Any, axis: int = 0, per_channel: bool | None = None) -> Any:
+        def quantized_weight(wn: Any, axis: int = 0, per_channel: bool | None = None,
+                             bits: int | None = None) -> Any:
             if not isinstance(wn, torch.fx.Node) or wn.op != "get_attr":
                 return wn
             w = gm.get_parameter(wn.target) if _is_param(gm, wn.target) else _attr(gm, wn.target)
             if not isinstance(w, torch.Tensor) or not w.is_floating_point():
                 return wn
             name = fresh(f"fq_w_{wn.target}")
-            gm.add_submodule(name, self.weight_fq(w, axis=axis, per_channel=per_channel))
+            gm.add_submodule(name, self.weight_fq(w, bits, axis=axis, per_channel=per_channel))
             with graph.inserting_after(wn):
                 n = stamp(graph.call_module(name, (wn,)), "weight", wn)
             record.rule_hits["weight_functional"] += 1
@@ -587,7 +593,7 @@ class FakeQuantPass(GraphPass):
                 if isinstance(mod, (FakeQuant, QuantLayer)):
                     continue
                 if kind in ("linear", "conv"):
-                    q = self.wrap_layer(mod)
+                    q = self.wrap_layer(mod, self.layer_bits.get(node.name))
                     if q is not None:
                         _set_submodule(gm, node.target, q)
                         record.rule_hits["weight_module"] += 1
@@ -615,11 +621,12 @@ class FakeQuantPass(GraphPass):
                 elif "input" in kwargs:
                     kwargs["input"] = quantized_act(kwargs["input"])
                 transposed = "transpose" in str(node.target)
+                bits = self.layer_bits.get(node.name)
                 if len(args) > 1:
-                    args[1] = quantized_weight(args[1], axis=1 if transposed else 0)
+                    args[1] = quantized_weight(args[1], axis=1 if transposed else 0, bits=bits)
                 elif "weight" in kwargs:
                     kwargs["weight"] = quantized_weight(kwargs["weight"],
-                                                        axis=1 if transposed else 0)
+                                                        axis=1 if transposed else 0, bits=bits)
                 node.args, node.kwargs = tuple(args), kwargs
             elif kind == "matmul":
                 new_args = []
@@ -641,6 +648,8 @@ class FakeQuantPass(GraphPass):
             f"{'; power-of-two steps' if q.power_of_two_scales else ''}"
             + (f"; surrogate layers W{self.surrogate_weight_bits}"
                if self.surrogate_weight_bits != self.weight_bits else "")
+            + "".join(f"; {n} layer(s) W{b}" for b, n in sorted(Counter(
+                b for b in self.layer_bits.values() if b != self.weight_bits).items()))
             + {"all": "; surrogate bodies quantized",
                "structural": "; structural/exact surrogate bodies quantized, emulation bodies "
                              "in float",
@@ -710,8 +719,10 @@ def _set_submodule(gm: torch.fx.GraphModule, target: str, mod: nn.Module) -> Non
 def insert_fake_quant(gm: torch.fx.GraphModule, target: str | Target = "npu_a",
                       weight_bits: int | None = None, act_bits: int | None = None, *,
                       surrogate_weight_bits: int | None = None,
-                      quantize_surrogates: str | bool = "structural") -> PassResult:
-    """Run :class:`FakeQuantPass` on ``gm`` (never edited); bits default to the target's.
+                      quantize_surrogates: str | bool = "structural",
+                      layer_bits: Mapping[str, int] | None = None) -> PassResult:
+    """Run :class:`FakeQuantPass` on ``gm`` (never edited); bits default to the target's;
+    ``layer_bits`` (node name → weight bits) overrides single layers.
 
     Raises :class:`~archnet_fx.errors.BitWidthError` for widths the target cannot do.
     """
@@ -719,5 +730,6 @@ def insert_fake_quant(gm: torch.fx.GraphModule, target: str | Target = "npu_a",
     w, a = tgt.quant.check_bits(weight_bits, act_bits)
     if surrogate_weight_bits is not None:
         surrogate_weight_bits, _ = tgt.quant.check_bits(surrogate_weight_bits, a)
+    layer_bits = {n: tgt.quant.check_bits(b, a)[0] for n, b in (layer_bits or {}).items()}
     return FakeQuantPass(tgt, w, a, surrogate_weight_bits=surrogate_weight_bits,
-                         quantize_surrogates=quantize_surrogates)(gm)
+                         quantize_surrogates=quantize_surrogates, layer_bits=layer_bits)(gm)
