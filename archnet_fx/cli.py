@@ -423,7 +423,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
             one = first_sample(batches[0])
             bits = dict(weight_bits=res.report.weight_bits, act_bits=res.report.act_bits)
             before = estimate_latency(lm.model, tgt, one, **bits)
-            after = estimate_latency(res.module, tgt, one, **bits)
+            sel = res.report.selection
+            after = estimate_latency(res.module, tgt, one, **bits,
+                                     layer_bits=sel.layer_bits if sel is not None else None)
             times["total"] = time.perf_counter() - t_all
             written = write_reports(
                 args.out_dir, name=lm.name, command="archnet-fx " + " ".join(args.argv),

@@ -803,7 +803,7 @@ class _Measurer:
 def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
              selectable: dict[str, str], kind_of: dict[str, str], fid: _Fidelity, call: list,
              one: Any, options: SelectOptions, weight_bits: int, act_bits: int, prefer: str,
-             seed: int, workers: int | str = 1, progress: bool = False
+             seed: int, workers: int | str = 1, progress: bool = False, mixed_bits: bool = True
              ) -> tuple[list[Option], dict[tuple[str, str], dict], float, float, list[str]]:
     """Every candidate at every selectable node: (options, fitted state dicts, L0's latency,
     the original's latency, notes). See the module docstring; with ``workers`` > 1 or inside
@@ -827,7 +827,7 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
     measurer = _Measurer(teacher, tgt, leg, l0, per0, selectable, styles, fid, call, one,
                          options, weight_bits, act_bits, seed)
     notes: list[str] = []
-    if len(tgt.quant.weight_bits) > 1:       # mixed precision: one option per layer and width
+    if mixed_bits and len(tgt.quant.weight_bits) > 1:   # one option per layer and width
         kept = weight_layers(l0.module)
         measurer.layers = {n: p for n, p in weight_layers(teacher).items() if n in kept}
         measurer.bits_lat = _bits_latency(l0.module, tgt, one, list(measurer.layers),
@@ -923,7 +923,7 @@ def _code_digest() -> str:
 
 def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: int, prefer: str,
                user: dict[str, str], host: bool, train: Sequence, held: Sequence,
-               options: SelectOptions, seed: int) -> str | None:
+               options: SelectOptions, seed: int, mixed_bits: bool = True) -> str | None:
     """Model (parameters, buffers and graph code), target, bits, candidates' settings,
     calibration data, recipe and the code that builds and measures candidates
     (:func:`_code_digest`): anything that changes a measurement changes the key."""
@@ -935,7 +935,7 @@ def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: in
 
     parts = [tensor_digest(v for _, v in sorted(teacher.state_dict().items())),
              hashlib.sha256(teacher.code.encode()).hexdigest(), repr(tgt), wbits, abits, prefer,
-             sorted(user.items()), host, seed, RECIPE, FIT_BATCHES, options.steps, options.lr,
+             sorted(user.items()), host, seed, mixed_bits, RECIPE, FIT_BATCHES, options.steps, options.lr,
              torch.__version__, _code_digest(),
              tensor_digest(t for b in list(train) + list(held) for t in pytree.tree_leaves(b)),
              [str(pytree.tree_structure(b)) for b in list(train) + list(held)],
@@ -975,11 +975,12 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
            options: SelectOptions, weight_bits: int, act_bits: int,
            choices: dict[str, str] | None = None, prefer: str = "emulation",
            allow_host_fallback: bool = False, seed: int = 0, verify: bool = False,
-           progress: bool = False) -> Selection:
+           progress: bool = False, mixed_bits: bool = True) -> Selection:
     """Measure every candidate of every replaced node and choose (see the module docstring).
     Nodes the user pinned in ``choices`` (by node name or kind) are not selected. ``verify``:
     the default and the assembled legalizations check every pass numerically; ``progress``: a
-    tqdm bar over the measuring jobs (one process only)."""
+    tqdm bar over the measuring jobs (one process only); ``mixed_bits``: choose each weight
+    layer's width too (``transform`` does when no ``weight_bits`` is given)."""
     from archnet_fx import pipelines
     from archnet_fx.cost.latency import estimate_latency
     from archnet_fx.infra.manager import PassManager
@@ -1007,7 +1008,7 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                   if n not in user and kind_of.get(n, "") not in user
                   and _module_node(l0.module, n, c) is not None}
     key = _cache_key(teacher, tgt, weight_bits, act_bits, prefer, user, allow_host_fallback,
-                     train, held, options, seed)
+                     train, held, options, seed, mixed_bits)
     entry = _cache_load(options.cache_dir, key)
     hit = entry is not None and entry["selectable"] == selectable
     if all_ranks(hit, options.workers):     # in a process group: only if every rank has it
@@ -1024,7 +1025,7 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
         fid_m = fid if len(held) <= MEASURE_HELD else _Fidelity(canon, held[:MEASURE_HELD])
         out, fitted, default_s, original_s, notes = _measure(
             canon, tgt, l0, leg, selectable, kind_of, fid_m, call, one, options,
-            weight_bits, act_bits, prefer, seed, options.workers, progress)
+            weight_bits, act_bits, prefer, seed, options.workers, progress, mixed_bits)
         if _rank() == 0:
             _cache_save(options.cache_dir, key, {
                 "selectable": selectable, "options": [dataclasses.asdict(o) for o in out],

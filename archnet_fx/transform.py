@@ -411,6 +411,12 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
       estimate is faster (see :func:`archnet_fx.legalize`).
 
     ``choices`` pins nodes or kinds under any of the three.
+
+    **Weight widths.** ``weight_bits=None`` (default) under ``"measured"``: each conv/linear's
+    width is chosen by the same integer program among the target's widths, the target's
+    default width as the reference (npu_a: W4 where it makes a layer faster — memory-bound
+    layers only, a W4A8 MAC runs at the int8 rate — and the budget or fidelity floor allows it;
+    the report names the W4 layers). An explicit ``weight_bits`` fixes every layer's width.
     ``max_seq_len`` (default ``"auto"``: the calibration data's length for models with token-id
     inputs; an int; None for the example's fixed length): the result runs at any sequence
     length from 2 up to it (see :func:`archnet_fx.capture`); calibration batches keep the
@@ -520,7 +526,7 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
                 teacher, tgt, example_inputs, train, held, options=sel_opts, weight_bits=w_bits,
                 act_bits=a_bits, choices=choices, prefer=prefer,
                 allow_host_fallback=allow_host_fallback, seed=seed, verify=verify,
-                progress=opts.progress)
+                progress=opts.progress, mixed_bits=weight_bits is None)
             return selection.legalized
         try:
             leg = legalize_or_select(teacher)

@@ -374,7 +374,7 @@ def test_transformer_encoder_batch_is_dynamic_for_real(tmp_path):
 def test_layer_sqnr_against_the_float_model(tmp_path):
     torch.manual_seed(0)
     model, ex = zoo.get_model("cnn", batch_size=4)
-    res = ax.transform(model, "npu_a", ex, [ex], steps=1, progress=False)
+    res = ax.transform(model, "npu_a", ex, [ex], weight_bits=8, steps=1, progress=False)
     hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in res.module.modules()]
     r8 = ax.export_onnx(res, tmp_path / "a.onnx")
     assert len(r8.layer_sqnr) == r8.exactness.q_nodes
