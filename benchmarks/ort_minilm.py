@@ -11,7 +11,8 @@ CPU with ``--threads`` (2) intra-op threads, all graph optimizations. For each m
 Models: (a) the fp32 original exported with the TorchScript exporter; (b) ORT
 ``quantize_dynamic`` int8; (c) ORT ``quantize_static`` QDQ int8, per-channel weights, calibrated
 on the same sentences; (d) ``archnet_fx.transform(..., target, weight_bits=8, act_bits=8,
-steps=…, prefer=…, choices=…)`` exported with ``archnet_fx.export_onnx`` and its one-hot
+steps=…, prefer=…, choices=…)`` (measured configs: ``weight_bits=None``, each layer's width
+chosen as by ``transform``'s default) exported with ``archnet_fx.export_onnx`` and its one-hot
 embedding products rewritten as row gathers (exact; ``onehot_gather=True``), one row per
 ``--configs`` entry (:data:`CONFIGS`):
 
@@ -242,7 +243,10 @@ def archnet_onnx(model, calib: list[dict], cfg: Config, steps: int, stem: Path, 
 
     tgt = cfg.load_target()
     t0 = time.perf_counter()
-    res = transform(model, tgt, calib[0], calib, weight_bits=8, act_bits=8, steps=steps,
+    # measured configs choose each layer's width as transform's default does (npu_a: W8, or W4
+    # where a layer is memory-bound and the budget takes it); the others are W8 everywhere
+    res = transform(model, tgt, calib[0], calib,
+                    weight_bits=None if cfg.select == "measured" else 8, act_bits=8, steps=steps,
                     holdout=0.1 if cfg.select == "measured" else 0, progress=False,
                     prefer=cfg.prefer, choices=cfg.choices or None, select=cfg.select,
                     cache_dir=SELECT_CACHE if cfg.select == "measured" else None,
