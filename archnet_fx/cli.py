@@ -631,7 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-calib", action="store_true",
                    help="calibrate on random samples shaped like the example (a warning: the "
                    "result fits noise)")
-    sp.add_argument("--weight-bits", type=int, help="weight bits (default: the target's)")
+    sp.add_argument("--weight-bits", type=int,
+                    help="weight bits of every layer (default: chosen per layer among the "
+                    "target's widths by the measured selection, the target's default width "
+                    "as the reference)")
     sp.add_argument("--act-bits", type=int, help="activation bits (default: the target's)")
     sp.add_argument("--steps", type=_positive, default=50, help="distillation steps per block")
     sp.add_argument("--batch", type=_positive, default=8,

@@ -89,7 +89,7 @@ from archnet_fx.capture import as_call, first_sample
 from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.infra.workers import all_ranks, run_jobs
-from archnet_fx.ir.opkinds import node_kind
+from archnet_fx.ir.opkinds import node_kind, target_name
 from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.surrogate.base import LOSSLESS, frozen_parameters
 from archnet_fx.targets import Target, load_target
@@ -226,6 +226,7 @@ class Selection:
                 + (f"budget {self.budget_s * 1e6:.0f} µs; " if self.budget_s else "")
                 + f"summed fidelity cost {self.objective:.3g}"
                 + (f", assembled float cosine {self.assembled_cosine:.4f}"
+                   + (" (W4 layers' weights quantized)" if self.layer_bits else "")
                    if self.assembled_cosine is not None else "")
                 + f"; measured in {self.measure_s:.1f} s, solved in {self.solver_s * 1e3:.0f} ms"
                 + (f" ({self.resolves} re-solves)" if self.resolves else ""))
@@ -507,12 +508,16 @@ def _latency_by_module(gm: torch.fx.GraphModule, tgt: Target, one: Any, wbits: i
 
 def weight_layers(gm: torch.fx.GraphModule) -> dict[str, str]:
     """Top-level conv/linear nodes of ``gm`` whose weight is one of its parameters (not inside a
-    surrogate): node name -> the weight's qualified name."""
+    surrogate) and used by that node alone: node name -> the weight's qualified name. A weight
+    shared by several nodes (a module called twice, a tied LM head) is left out: its nodes
+    could not take different widths, and quantizing it for one would change the others."""
     out: dict[str, str] = {}
     for n in gm.graph.nodes:
         if n.op not in ("call_module", "call_function") or node_kind(n, gm) not in ("linear",
                                                                                     "conv"):
             continue
+        if n.op == "call_function" and target_name(n) == "addmm":
+            continue          # addmm(bias, input, weightᵀ): the weight is a transposed view
         if n.op == "call_module":
             mod = gm.get_submodule(n.target)
             w = getattr(mod, "weight", None)
@@ -531,7 +536,24 @@ def weight_layers(gm: torch.fx.GraphModule) -> dict[str, str]:
             continue
         if w.dim() >= 2 and w.numel() >= 2:
             out[n.name] = str(wn.target)
-    return out
+    # one entry per weight tensor: drop every node whose weight another node also reads
+    owners: dict[int, list[str]] = {}
+    for n, name in out.items():
+        owners.setdefault(id(gm.get_parameter(name)), []).append(n)
+    uses: dict[int, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            try:
+                p = gm.get_parameter(n.target)
+            except AttributeError:
+                continue
+            uses[id(p)] = uses.get(id(p), 0) + len(n.users)
+        elif n.op == "call_module":
+            for p in gm.get_submodule(n.target).parameters(recurse=True):
+                uses[id(p)] = uses.get(id(p), 0) + 1
+    return {n: name for n, name in out.items()
+            if len(owners[id(gm.get_parameter(name))]) == 1
+            and uses.get(id(gm.get_parameter(name)), 0) <= 1}
 
 
 def quantized_weight(tgt: Target, w: torch.Tensor, bits: int, act_bits: int) -> torch.Tensor:
@@ -899,7 +921,8 @@ _MEASURING_CODE = ("archnet_fx.passes.canonicalize", "archnet_fx.passes.tiling",
                    "archnet_fx.surrogate.hinge", "archnet_fx.surrogate.products",
                    "archnet_fx.surrogate.observe", "archnet_fx.surrogate.driver",
                    "archnet_fx.legalize", "archnet_fx.legality", "archnet_fx.capture",
-                   "archnet_fx.ir.opkinds", "archnet_fx.cost.latency", __name__)
+                   "archnet_fx.ir.opkinds", "archnet_fx.cost.latency",
+                   "archnet_fx.quant.fakequant", __name__)
 
 
 @functools.lru_cache(maxsize=1)

@@ -100,6 +100,13 @@ class TransformReport:
     def fidelity_of(self, stage: str = "distilled") -> list[dict[str, Any]]:
         return [r for r in self.fidelity if r["stage"] == stage]
 
+    @property
+    def bits_label(self) -> str:
+        """``"W8A8"``, or with widths chosen per layer ``"W8A8 (3 layer(s) W4)"``."""
+        mixed = Counter((self.selection.layer_bits or {}).values()) if self.selection else {}
+        return (f"W{self.weight_bits}A{self.act_bits}"
+                + "".join(f" ({n} layer(s) W{b})" for b, n in sorted(mixed.items())))
+
     def table(self) -> str:
         from tabulate import tabulate
 
@@ -110,10 +117,8 @@ class TransformReport:
                     f"unsupported" + (f" ({bad})" if bad else "") + (f", {host} host fallback"
                                                                      if host else ""))
         cal = self.calibration
-        mixed = Counter((self.selection.layer_bits or {}).values()) if self.selection else {}
         parts = [
-            f"archnet_fx.transform → {self.target}, W{self.weight_bits}A{self.act_bits}"
-            + "".join(f" ({n} layer(s) W{b})" for b, n in sorted(mixed.items())) + ", "
+            f"archnet_fx.transform → {self.target}, {self.bits_label}, "
             f"{self.mode} distillation; calibration: {cal.get('train_batches')} batches "
             f"({cal.get('train_samples')} samples) for training, {cal.get('holdout_batches')} "
             f"held out ({cal.get('holdout_samples')} samples)",
@@ -164,7 +169,7 @@ class TransformReport:
             "seconds": dict(self.seconds), "notes": list(self.notes),
             "selection": None if self.selection is None else {
                 k: getattr(self.selection, k) for k in (
-                    "chosen", "original_s", "default_s", "base_s", "predicted_s",
+                    "chosen", "layer_bits", "original_s", "default_s", "base_s", "predicted_s",
                     "assembled_s", "budget_s", "objective", "base_nmse", "assembled_cosine",
                     "solver_s", "measure_s", "resolves", "notes")} | {
                 "options": [dataclasses.asdict(o) for o in self.selection.options]}}
@@ -265,7 +270,7 @@ def _split_holdout(batches: list, holdout: int | float) -> tuple[list, list]:
 SETTINGS_NAME = "transform_settings.json"
 
 
-def _settings(model: Any, target: str, w_bits: int, a_bits: int, opts: DistillOptions,
+def _settings(model: Any, target: str, w_bits: int | str, a_bits: int, opts: DistillOptions,
               holdout: Any, choices: Any, granularity: Any, cut_nodes: Any, prefer: str,
               *rest: Any) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint (cheap to compute:
@@ -484,7 +489,9 @@ def transform(model: torch.nn.Module, target: str | Target = "npu_a", example_in
     batches = calibration_batches(calib_data, example_inputs, warn_example="transform")
     if checkpoint_dir is not None:   # digests of the model and data only when resuming
         settings = _check_resume(checkpoint_dir, _settings(
-            model, tgt.name, w_bits, a_bits, opts, holdout, choices, granularity, cut_nodes,
+            # weight_bits=None: widths chosen per layer (a different network from all-W8)
+            model, tgt.name, w_bits if weight_bits is not None else f"per layer, ref. {w_bits}",
+            a_bits, opts, holdout, choices, granularity, cut_nodes,
             prefer, allow_host_fallback, quantize_surrogates, surrogate_weight_bits, select,
             max_seq_len, speedup, latency_budget, min_fidelity), batches)
     notes: list[str] = []

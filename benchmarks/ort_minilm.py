@@ -717,7 +717,8 @@ def main(argv=None) -> int:
                                          "steps, chip graph (one-hot matmul)",
                                          "path": paths["chip"], "cfg": cfg, "form": "chip",
                                          "info": key}
-            models[key] = {"label": f"(d) archnet_fx W8A8 {cfg.name}, {steps if steps is not None else 'default'} steps{tags}",
+            bits = "A8 W8/W4" if cfg.select == "measured" else "W8A8"
+            models[key] = {"label": f"(d) archnet_fx {bits} {cfg.name}, {steps if steps is not None else 'default'} steps{tags}",
                            "path": paths["cpu"], "cfg": cfg, "form": "gather", "info": key}
 
         load_before = loadavg()

@@ -102,6 +102,23 @@ RECIP_KNOTS = 256
 # --------------------------------------------------------------------------- building blocks
 
 
+class _FloorState(nn.Module):
+    """Keeps the exp's floor ``lo`` (a Python float the traced graph bakes in as a constant) in
+    the state dict too, as the buffer ``lo_``: the coefficients a state holds mean nothing
+    without the ``lo`` they were fitted at (PolyExp's ``t = z/|lo|``; the PWL exp's first
+    breakpoint), so loading a fitted state — the selection's warm start, a checkpoint — into a
+    module built from other calibration batches takes its ``lo`` along. The buffer is not used
+    by ``forward`` (nothing in the chip's graph reads it)."""
+
+    def _set_lo(self, lo: float) -> None:
+        self.lo = float(lo)
+        self.register_buffer("lo_", torch.tensor(self.lo, dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.lo = float(self.lo_)
+
+
 class RowMax(nn.Module):
     """Max over the last axis, keeping it (size 1), as a ``max_pool`` whose kernel spans the row.
 
@@ -219,7 +236,7 @@ class _RowSoftmax(Surrogate):
         return out
 
 
-class SoftmaxPWL(_RowSoftmax):
+class SoftmaxPWL(_FloorState, _RowSoftmax):
     """Near-exact softmax / log_softmax over the last axis (see the module docstring)."""
 
     def __init__(self, kind: str, rank: int, n: int, lo: float, knots: int, mode: str | None,
@@ -228,7 +245,7 @@ class SoftmaxPWL(_RowSoftmax):
         super().__init__()
         self.replaces, self.style = kind, "emulation"
         self.dim = dim  # None: the last axis; else the axis swapped with the last one
-        self.lo = float(lo)
+        self._set_lo(lo)
         self.rowmax = RowMax(rank, n, ceil=dynamic)
         z = None
         if samples is not None and samples.numel():   # rows of the example's length
@@ -276,7 +293,7 @@ class PowKernel(nn.Module):
         return h
 
 
-class PolyExp(nn.Module):
+class PolyExp(_FloorState):
     """``e(z) = relu(P(z)^(2^k) − P(lo)^(2^k))`` on ``z`` clamped to ``[lo, 0]``: exp as a cubic
     raised to the ``2^k``-th power by ``k`` squarings, so ``P`` only has to follow ``e^{z/2^k}``
     (a gentle curve on ``[lo/2^k, 0]``, where a cubic is accurate to ~1e-6 relative); the
@@ -294,9 +311,9 @@ class PolyExp(nn.Module):
 
     def __init__(self, lo: float, theta: torch.Tensor, squarings: int, mul: nn.Module) -> None:
         super().__init__()
-        self.lo = float(lo)
-        if not self.lo < 0:
-            raise ValueError(f"PolyExp needs lo < 0, got {lo}")
+        if not (math.isfinite(float(lo)) and float(lo) < 0):
+            raise ValueError(f"PolyExp needs a finite lo < 0, got {lo}")
+        self._set_lo(lo)
         self.theta = nn.Parameter(theta.detach().reshape(-1).clone().float())
         self.terms = int(self.theta.numel())
         if self.terms < 2:
@@ -334,6 +351,8 @@ def poly_exp_init(lo: float, samples: torch.Tensor | None, degree: int = POLY_EX
     uniform grid on ``[lo, 0]`` plus the calibrated ``z``, each point weighted by
     ``m·e^{z(m−1)/m}`` — the derivative of ``P^m`` there, so the fit minimises the error of
     the exp itself, not of its root."""
+    if not (math.isfinite(lo) and lo < 0):
+        raise ValueError(f"poly_exp_init needs a finite lo < 0, got {lo}")
     zs = [torch.linspace(lo, 0.0, 4097, dtype=torch.float64)]
     if samples is not None and samples.numel():
         s = samples.double().flatten()
@@ -359,7 +378,7 @@ class SoftmaxPow(_RowSoftmax):
     handful of elementwise passes over the scores (power kernel: ``k + 7``; cubic: ~16) against
     ``softmax_pwl``'s K-wide hinge expansion — cheap on a CPU runtime too. Before any training,
     on MiniLM's attention logits the power kernel's row cosine to softmax is 0.9975 (``k = 2``;
-    ReLU attention: 0.83); the cubic's exp is within 1.7e-5 of ``e^z``.
+    ReLU attention: 0.83); the cubic's exp is within 1.7e-5 of ``e^z − e^lo``.
     """
 
     def __init__(self, rank: int, n: int, exp: nn.Module, knots: int, mode: str | None,
@@ -611,7 +630,7 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("softmax_poly", "softmax", "emulation",
               frozenset({"linear", "relu", "reshape", "add", "sub", "mul", "max_pool", "clamp"}),
               _build_poly, "row max, exp as relu(P(z)^16 − P(lo)^16) with a trainable cubic P "
-              "(within 2e-5 of e^z), row sum (the target's reduction), PWL 1/s, row scale; "
+              "(within 2e-5 of e^z − e^lo), row sum (the target's reduction), PWL 1/s, row scale; "
               "masked logits → 0; nearly exact and cheap on CPU runtimes", needs_mul=True,
               match=match, filter=needs_transpose),
     Candidate("softmax_pwl", "log_softmax", "emulation", _BASE, _build_pwl,

@@ -137,6 +137,7 @@ from archnet_fx.ir.meta import EXAMPLE_META_KEY
 from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.capture import capture, normalize_inputs
 from archnet_fx.errors import InputError
+from archnet_fx.quant.fakequant import checked_layer_bits
 from archnet_fx.legality import check, traced_body
 from archnet_fx.ir.opkinds import META_KINDS, node_kind, target_name
 from archnet_fx.targets import Target, load_target
@@ -522,6 +523,14 @@ class LatencyReport:
     mac_kernels: int = 0          # conv/linear/matmul nodes (wherever they run)
     mac_compute_s: float = 0.0    # their ops at the chip's peak
     per_op_overhead_s: float = 0.0
+    layer_bits: dict[str, int] = field(default_factory=dict)   # per-layer weight widths
+
+    @property
+    def bits_label(self) -> str:
+        """``"W8A8"``, or with per-layer widths ``"W8A8 (3 layer(s) W4)"``."""
+        mixed = Counter(b for b in self.layer_bits.values() if b != self.weight_bits)
+        return (f"W{self.weight_bits}A{self.act_bits}"
+                + "".join(f" ({n} layer(s) W{b})" for b, n in sorted(mixed.items())))
 
     @property
     def rewrite_bound_s(self) -> float:
@@ -623,7 +632,7 @@ class LatencyReport:
     # -- output
     def summary(self) -> dict[str, Any]:
         return dict(target=self.target, weight_bits=self.weight_bits, act_bits=self.act_bits,
-                    total_us=self.total_s * 1e6, chip_us=self.chip_s * 1e6,
+                    layer_bits=dict(self.layer_bits), total_us=self.total_s * 1e6, chip_us=self.chip_s * 1e6,
                     fallback_us=self.fallback_s * 1e6, prologue_us=self.prologue_s * 1e6,
                     io_us=self.io_s * 1e6, fallback_regions=self.n_regions,
                     fallback_share=self.fallback_share, kernels=self.n_kernels,
@@ -642,7 +651,7 @@ class LatencyReport:
         from tabulate import tabulate
 
         s = self.summary()
-        head = (f"target {self.target} (W{self.weight_bits}A{self.act_bits}): "
+        head = (f"target {self.target} ({self.bits_label}): "
                 f"{s['total_us']:.1f} us total — chip {s['chip_us']:.1f} us in {s['kernels']} "
                 f"kernels, host fallback {s['fallback_us']:.1f} us in {s['fallback_regions']} "
                 f"region(s) ({100 * s['fallback_share']:.1f} %), prologue "
@@ -740,7 +749,6 @@ def estimate_latency(model_or_gm: torch.nn.Module, target: str | Target,
 
     tgt = load_target(target)
     wbits, abits = tgt.quant.check_bits(weight_bits, act_bits)
-    layer_bits = {str(k): tgt.quant.check_bits(v, abits)[0] for k, v in (layer_bits or {}).items()}
     if isinstance(model_or_gm, torch.fx.GraphModule) and EXAMPLE_META_KEY in model_or_gm.meta:
         gm = model_or_gm
     elif isinstance(model_or_gm, torch.nn.Module):
@@ -758,6 +766,7 @@ def estimate_latency(model_or_gm: torch.nn.Module, target: str | Target,
     else:
         args, kwargs = gm.meta[EXAMPLE_META_KEY]
 
+    layer_bits = checked_layer_bits(gm, tgt, layer_bits, abits)   # (archnet_fx.quant)
     verdicts = {v.node: v for v in check(gm, tgt).verdicts}
     interp = CostInterpreter(gm, abits, wbits, verdicts=verdicts, layer_bits=layer_bits)
     with torch.no_grad():
@@ -1099,7 +1108,8 @@ def _assemble(recs: list[_Rec], by_name: dict[str, _Rec], tgt: Target, wbits: in
     rep = LatencyReport(tgt.name, wbits, abits, ordered, regions, total_ops, min_bytes, comp_s,
                         min_bytes / bw, mac_kernels=len(macs),
                         mac_compute_s=sum(r.ops / _peak(tgt, bits_of(r)) for r in macs),
-                        per_op_overhead_s=cost.per_op_overhead_s)
+                        per_op_overhead_s=cost.per_op_overhead_s,
+                        layer_bits=dict(layer_bits or {}))
     log.info("latency on %s: %.1f us (%d regions)", tgt.name, rep.total_s * 1e6, len(regions))
     return rep
 

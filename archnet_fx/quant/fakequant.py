@@ -66,7 +66,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from archnet_fx.errors import OptionError
+from archnet_fx.errors import BitWidthError, OptionError
 from archnet_fx.ir.dataflow import activations, is_float
 from archnet_fx.ir.meta import KIND_META_KEY
 from archnet_fx.ir.opkinds import node_kind, target_name
@@ -716,6 +716,37 @@ def _set_submodule(gm: torch.fx.GraphModule, target: str, mod: nn.Module) -> Non
     parent._modules[parts[-1]] = mod
 
 
+#: Node kinds whose weight width ``layer_bits`` may set.
+LAYER_KINDS = ("linear", "conv")
+
+
+def checked_layer_bits(gm: torch.fx.GraphModule, tgt: Target, layer_bits: Any, act_bits: int
+                       ) -> dict[str, int]:
+    """``layer_bits`` (node name -> weight bits) checked against ``gm``'s conv/linear
+    nodes and the target's widths: :class:`~archnet_fx.errors.OptionError` for a name that is
+    not such a node, :class:`~archnet_fx.errors.BitWidthError` naming the layer for a width
+    the target lacks."""
+    if layer_bits is None:
+        return {}
+    if not isinstance(layer_bits, Mapping):
+        raise OptionError(f"layer_bits must map node names to weight bits, got "
+                          f"{type(layer_bits).__name__}")
+    kinds = {n.name: node_kind(n, gm) for n in gm.graph.nodes}
+    bad = [k for k in layer_bits if kinds.get(k) not in LAYER_KINDS]
+    if bad:
+        layers = [n for n, k in kinds.items() if k in ("linear", "conv")]
+        raise OptionError(f"layer_bits names {', '.join(map(repr, bad[:5]))}, not conv/linear "
+                          f"nodes of this graph (its layers: {', '.join(layers[:8])}"
+                          f"{', …' if len(layers) > 8 else ''})")
+    out = {}
+    for k, v in layer_bits.items():
+        try:
+            out[k] = tgt.quant.check_bits(v, act_bits)[0]
+        except BitWidthError as e:
+            raise BitWidthError(f"layer_bits[{k!r}]: {e}") from None
+    return out
+
+
 def insert_fake_quant(gm: torch.fx.GraphModule, target: str | Target = "npu_a",
                       weight_bits: int | None = None, act_bits: int | None = None, *,
                       surrogate_weight_bits: int | None = None,
@@ -730,6 +761,6 @@ def insert_fake_quant(gm: torch.fx.GraphModule, target: str | Target = "npu_a",
     w, a = tgt.quant.check_bits(weight_bits, act_bits)
     if surrogate_weight_bits is not None:
         surrogate_weight_bits, _ = tgt.quant.check_bits(surrogate_weight_bits, a)
-    layer_bits = {n: tgt.quant.check_bits(b, a)[0] for n, b in (layer_bits or {}).items()}
+    layer_bits = checked_layer_bits(gm, tgt, layer_bits, a)
     return FakeQuantPass(tgt, w, a, surrogate_weight_bits=surrogate_weight_bits,
                          quantize_surrogates=quantize_surrogates, layer_bits=layer_bits)(gm)

@@ -88,8 +88,7 @@ def plot_block_loss(report: Any, path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xticks(list(xs), [b.name for b in blocks], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("block loss (normalised MSE)")
-    ax.set_title(f"distillation per block, {report.target} W{report.weight_bits}"
-                 f"A{report.act_bits}")
+    ax.set_title(f"distillation per block, {report.target} {report.bits_label}")
     ax.legend(fontsize=8)
     try:
         return _png(fig, path)
@@ -117,7 +116,7 @@ def plot_latency_by_kind(before: Any, after: Any, path: Path, top: int = 12) -> 
     ax.set_yticks(list(ys), kinds, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("estimated time (µs)")
-    ax.set_title(f"latency by op kind on {after.target}, W{after.weight_bits}A{after.act_bits}")
+    ax.set_title(f"latency by op kind on {after.target}, {after.bits_label}")
     ax.legend(fontsize=8)
     try:
         return _png(fig, path)
@@ -196,10 +195,10 @@ def _markdown(name: str, command: str, calibration: str, rep: Any, export: Any, 
             ("total_us", "total µs"), ("chip_us", "on the chip µs"),
             ("fallback_us", "host fallback µs"), ("io_us", "link I/O µs"))]
         + [("kernels", a["kernels"], b["kernels"])],
-        headers=["", f"original (W{a['weight_bits']}A{a['act_bits']})",
-                 f"transformed (W{b['weight_bits']}A{b['act_bits']})"], tablefmt="github")
+        headers=["", f"original ({before.bits_label})", f"transformed ({after.bits_label})"],
+        tablefmt="github")
     parts = [
-        f"# {name} → {rep.target}, W{rep.weight_bits}A{rep.act_bits}",
+        f"# {name} → {rep.target}, {rep.bits_label}",
         f"Command: `{command}`",
         f"Calibration data: {calibration}",
         "## Transform\n\n```text\n" + rep.table() + "\n```",

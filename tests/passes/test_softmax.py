@@ -201,7 +201,8 @@ def test_pow_kernel_init_fits_the_scale():
 @pytest.mark.parametrize("target", TARGETS)
 def test_poly_exp_softmax_is_legal_and_nearly_exact(target):
     """softmax_poly: legal everywhere, within 2e-4 of softmax (several times closer than the
-    32-knot PWL's), masked keys exactly 0 — also after its coefficients move, and at −inf."""
+    32-knot PWL's), masked keys 0 (< 1e-6 here; the kernel alone is exactly 0 at and below
+    lo, test_poly_exp_fit) — also after its coefficients move, and at −inf."""
     res = _tiny(target, "softmax_poly")
     assert res.choices["softmax"] == "softmax_poly"
     assert ax.check(res.module, target).fully_on_chip
@@ -444,3 +445,22 @@ def test_family_does_not_fire_without_softmax():
     before, res, _ = run_family("softmax", nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
                                 (torch.randn(2, 8),), "npu_a")
     assert_pass(res, before, fired={}, hist={"linear": 1, "relu": 1}, atol=0.0, rtol=0.0)
+
+
+def test_a_fitted_state_carries_its_floor():
+    """The coefficients mean nothing without the lo they were fitted at (t = z/|lo|; the PWL's
+    first breakpoint): loading a state into a module built from other batches takes lo along."""
+    from archnet_fx.surrogate.products import Mul
+
+    a, b = (PolyExp(lo, poly_exp_init(lo, None), POLY_EXP_SQUARINGS, Mul()) for lo in (-10, -12.5))
+    b.load_state_dict(a.state_dict())
+    z = torch.linspace(-20.0, 0.0, 1001)
+    with torch.no_grad():
+        assert b.lo == -10.0 and torch.equal(a(z), b(z))
+    p, q = (SoftmaxPWL("softmax", 2, 8, lo, 32, "mul") for lo in (-10.0, -14.0))
+    q.load_state_dict(p.state_dict())
+    x = _logits(3).reshape(-1, 16)[:, :8]
+    with torch.no_grad():
+        assert q.lo == -10.0 and torch.equal(p(x), q(x))
+    with pytest.raises(ValueError, match="finite lo"):
+        PolyExp(-math.inf, poly_exp_init(-8.0, None), 4, Mul())

@@ -14,7 +14,7 @@ import archnet_fx as ax
 from archnet_fx.cost.latency import estimate_latency
 from archnet_fx.errors import BitWidthError
 from archnet_fx.quant.fakequant import FakeQuant, insert_fake_quant
-from archnet_fx.selection import BITS_KIND, weight_layers
+from archnet_fx.selection import BITS_KIND, _cache_key, weight_layers, with_layer_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,8 +54,6 @@ def test_cost_model_charges_each_layer_its_width():
     # every layer at W4 is what weight_bits=4 gives
     all4 = estimate_latency(gm, "npu_a", layer_bits={n: 4 for n in ("l1", "l2", "l3")})
     assert all4.total_s == pytest.approx(estimate_latency(gm, "npu_a", weight_bits=4).total_s)
-    with pytest.raises(BitWidthError, match="weight_bits=3"):
-        estimate_latency(gm, "npu_a", layer_bits={"l1": 3})
 
 
 def test_compute_bound_layers_gain_nothing_from_w4():
@@ -98,6 +96,15 @@ def test_selection_takes_w4_where_the_budget_needs_it(tmp_path):
     default = _transform(min_fidelity=0.99).report.selection
     assert default.layer_bits and default.assembled_cosine >= 0.99
     assert default.assembled_s < strict.assembled_s
+    tgt = ax.load_target("npu_a")
+    (held,) = _batches(12)[-1:]                       # transform's held-out batch (10 %)
+    with torch.no_grad():
+        want = Wide().eval()(*held).reshape(1, -1)
+        plain = default.module(*held).reshape(1, -1)
+        w4 = with_layer_bits(default.module, tgt, default.layer_bits, 8)(*held).reshape(1, -1)
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(w4, want)) == pytest.approx(default.assembled_cosine, abs=1e-6)
+    assert float(cos(plain, want)) > float(cos(w4, want))      # the check saw the W4 error
 
     # a budget that the LayerNorm alone cannot meet: some layers go to W4
     res = _transform(speedup=1.5)
@@ -124,3 +131,47 @@ def test_w4_not_measured_where_it_is_not_faster():
     sel = res.report.selection
     assert not [o for o in sel.options if o.kind == BITS_KIND and o.candidate == "w4"]
     assert any("W4 is not faster than W8 at 3 of 3 layer(s)" in n for n in sel.notes)
+
+
+def test_an_explicit_weight_bits_fixes_every_layer():
+    res = ax.transform(Wide().eval(), "npu_a", example_inputs=_batches(1)[0],
+                       calib_data=_batches(12), steps=1, weight_bits=8, speedup=1.2)
+    sel = res.report.selection
+    assert not [o for o in sel.options if o.kind == BITS_KIND] and sel.layer_bits == {}
+    assert {m.bits for m in res.module.modules()
+            if isinstance(m, FakeQuant) and m.role == "weight"} == {8}
+
+
+def test_mixed_widths_and_fixed_widths_never_share_a_cache_entry(tmp_path):
+    from archnet_fx.selection import SelectOptions
+
+    opts = SelectOptions(cache_dir=tmp_path)
+    args = (_gm(), ax.load_target("npu_a"), 8, 8, "emulation", {}, False, _batches(2),
+            _batches(1), opts, 0)
+    assert _cache_key(*args, True) != _cache_key(*args, False)
+
+
+def test_layer_bits_errors_name_the_layer():
+    from archnet_fx.errors import OptionError
+
+    with pytest.raises(OptionError, match="'ln'.*not conv/linear"):
+        estimate_latency(_gm(), "npu_a", layer_bits={"ln": 4})
+    with pytest.raises(OptionError, match="'nope'"):
+        insert_fake_quant(_gm(), "npu_a", layer_bits={"nope": 4})
+    with pytest.raises(BitWidthError, match=r"layer_bits\['l1'\]"):
+        estimate_latency(_gm(), "npu_a", layer_bits={"l1": 3})
+    with pytest.raises(OptionError, match="must map"):
+        estimate_latency(_gm(), "npu_a", layer_bits=[("l1", 4)])
+
+
+def test_shared_weights_get_no_width_of_their_own():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))       # a called twice: one weight, two nodes
+
+    gm = ax.capture(Tied().eval(), (torch.randn(1, 4, 64),))
+    assert set(weight_layers(gm)) == {"b"}
