@@ -993,6 +993,20 @@ def _cache_save(cache_dir: Any, key: str | None, entry: dict) -> None:
     atomic_write(_cache_file(cache_dir, key), lambda fh: torch.save(entry, fh), binary=True)
 
 
+def _sharing_observations(fn: Any) -> Any:
+    """Run ``fn`` inside :func:`~archnet_fx.surrogate.observe.reuse_observations`: the selection
+    legalizes the teacher a dozen times on the same batches, and each legalization would
+    otherwise run the whole model over them again to observe the replaced nodes' inputs."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from archnet_fx.surrogate.observe import reuse_observations
+
+        with reuse_observations():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_sharing_observations
 def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
            train: Sequence[tuple[tuple, dict]], held: Sequence[tuple[tuple, dict]], *,
            options: SelectOptions, weight_bits: int, act_bits: int,

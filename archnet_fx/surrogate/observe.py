@@ -3,15 +3,22 @@
 :func:`observe` interprets the graph (a ``torch.fx.Interpreter``) on calibration batches and
 keeps, per watched node, a bounded subsample of each input (:class:`NodeSamples`: values,
 range, quantiles). Emulation candidates fit their breakpoints to these ranges.
+
+Inside :func:`reuse_observations` (the hardware-aware selection legalizes one model on the same
+batches a dozen times), an observation of the same graph, parameters, watched nodes and batch
+tensors is made once and handed out again.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.surrogate.pwl import quantiles, subsample
@@ -85,14 +92,44 @@ class _Observer(torch.fx.Interpreter):
         return super().run_node(n)
 
 
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("archnet_fx_observations",
+                                                                    default=None)
+
+
+@contextlib.contextmanager
+def reuse_observations() -> Iterator[None]:
+    """Within the block, :func:`observe` returns its earlier result for the same graph (its
+    nodes), parameter values, watched nodes, sample size and batches (their contents) instead
+    of running the graph again; the results are dropped on leaving. Callers must not modify the
+    samples they get (none does: the fits read them)."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _memo_key(gm: torch.fx.GraphModule, batches: list, watch: set[str], rows: int) -> tuple:
+    from archnet_fx.infra.instruments import tensor_digest
+
+    return (str(gm.graph), tensor_digest(v for _, v in sorted(gm.state_dict().items())),
+            frozenset(watch), rows, tensor_digest(t for b in batches for t in pytree.tree_leaves(b)),
+            repr([pytree.tree_structure(b) for b in batches]))
+
+
 def observe(gm: torch.fx.GraphModule, batches: Iterable[tuple[tuple, dict]], watch: set[str],
             rows: int = 2048, max_batches: int = 16) -> Ranges:
     """Run ``gm`` on (args, kwargs) batches and keep samples of the watched nodes' inputs."""
+    batches = [b for _, b in zip(range(max_batches), batches)]
+    memo = _MEMO.get()
+    key = _memo_key(gm, batches, watch, rows) if memo is not None else None
+    if key is not None and key in memo:
+        return memo[key]
     store: Ranges = {}
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for i, (args, kwargs) in enumerate(batches):
-            if i >= max_batches:
-                break
+        for args, kwargs in batches:
             _Observer(gm, watch, rows, store, gen).run(*bind_placeholders(gm, args, kwargs)[1])
+    if key is not None:
+        memo[key] = store
     return store

@@ -175,3 +175,4 @@ def test_shared_weights_get_no_width_of_their_own():
 
     gm = ax.capture(Tied().eval(), (torch.randn(1, 4, 64),))
     assert set(weight_layers(gm)) == {"b"}
+
