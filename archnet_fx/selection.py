@@ -63,8 +63,9 @@ width: every top-level conv/linear of the original with a weight parameter is a 
 (the layer and the epilogue fused into it) with every layer at that width — additive like the
 candidates'. A W4A8 layer runs at the int8 rate on npu_a, so W4 saves weight bytes only: it
 makes a layer faster only where the layer is memory-bound (MiniLM at 128 tokens: only the
-pooler, which reads 384×384 weights for one token; at a few tokens, every layer). A width that is narrower than the default and not faster is dominated (more error,
-no gain) and not measured — a note says at how many layers. Fidelity: the held-out output nMSE
+pooler, which reads 384×384 weights for one token; at a few tokens, every layer). A width that
+is narrower than the default and not faster is dominated (more error, no gain) and not
+measured — a note says at how many layers. Fidelity: the held-out output nMSE
 with that one layer's weight quantized at the width (the target's granularity and symmetry,
 MSE-calibrated), minus the layer's best width's; the assembled network's check quantizes the
 chosen non-default layers' weights the same way. ``transform`` quantizes each layer at its
@@ -77,6 +78,7 @@ import functools
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -90,6 +92,7 @@ from archnet_fx.errors import OptionError, UnsupportedOpError, first_line
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.infra.workers import all_ranks, run_jobs
 from archnet_fx.ir.opkinds import node_kind, target_name
+from archnet_fx.quant.fakequant import LAYER_KINDS
 from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.surrogate.base import LOSSLESS, frozen_parameters
 from archnet_fx.targets import Target, load_target
@@ -212,8 +215,6 @@ class Selection:
     def changed(self) -> dict[str, int]:
         """How many nodes took each non-default choice: ``{"kind:candidate": count}``, widths
         as ``"weight_bits:w4"``."""
-        from collections import Counter
-
         return dict(Counter(f"{o.kind}:{o.candidate}" for o in self.options
                             if self.picked(o) and not o.default))
 
@@ -491,7 +492,8 @@ def _fit(mod: torch.nn.Module, io: list[tuple[tuple, Any]], steps: int, lr: floa
 
 
 def _latency_by_module(gm: torch.fx.GraphModule, tgt: Target, one: Any, wbits: int,
-                       abits: int) -> tuple[float, dict[str, float]]:
+                       abits: int) -> tuple[float, dict[str, float], Any]:
+    """(total, time per surrogate module plus :data:`REST_KEY`, the latency report)."""
     from archnet_fx.cost.latency import estimate_latency
 
     rep = estimate_latency(gm, tgt, one, weight_bits=wbits, act_bits=abits)
@@ -503,7 +505,7 @@ def _latency_by_module(gm: torch.fx.GraphModule, tgt: Target, one: Any, wbits: i
             per[head] = per.get(head, 0.0) + r.time_s
     # everything outside the modules: the host link, the prologue, region hand-offs
     per[REST_KEY] = rep.total_s - sum(per.values())
-    return rep.total_s, per
+    return rep.total_s, per, rep
 
 
 def weight_layers(gm: torch.fx.GraphModule) -> dict[str, str]:
@@ -513,8 +515,7 @@ def weight_layers(gm: torch.fx.GraphModule) -> dict[str, str]:
     could not take different widths, and quantizing it for one would change the others."""
     out: dict[str, str] = {}
     for n in gm.graph.nodes:
-        if n.op not in ("call_module", "call_function") or node_kind(n, gm) not in ("linear",
-                                                                                    "conv"):
+        if n.op not in ("call_module", "call_function") or node_kind(n, gm) not in LAYER_KINDS:
             continue
         if n.op == "call_function" and target_name(n) == "addmm":
             continue          # addmm(bias, input, weightᵀ): the weight is a transposed view
@@ -536,24 +537,18 @@ def weight_layers(gm: torch.fx.GraphModule) -> dict[str, str]:
             continue
         if w.dim() >= 2 and w.numel() >= 2:
             out[n.name] = str(wn.target)
-    # one entry per weight tensor: drop every node whose weight another node also reads
-    owners: dict[int, list[str]] = {}
-    for n, name in out.items():
-        owners.setdefault(id(gm.get_parameter(name)), []).append(n)
-    uses: dict[int, int] = {}
+    # drop every layer whose weight another node also reads: count each parameter's readers
+    # (a get_attr's users, a module's calls — a surrogate holding the tensor counts too)
+    readers: Counter[int] = Counter()
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             try:
-                p = gm.get_parameter(n.target)
+                readers[id(gm.get_parameter(n.target))] += len(n.users)
             except AttributeError:
                 continue
-            uses[id(p)] = uses.get(id(p), 0) + len(n.users)
         elif n.op == "call_module":
-            for p in gm.get_submodule(n.target).parameters(recurse=True):
-                uses[id(p)] = uses.get(id(p), 0) + 1
-    return {n: name for n, name in out.items()
-            if len(owners[id(gm.get_parameter(name))]) == 1
-            and uses.get(id(gm.get_parameter(name)), 0) <= 1}
+            readers.update(id(p) for p in gm.get_submodule(n.target).parameters())
+    return {n: name for n, name in out.items() if readers[id(gm.get_parameter(name))] <= 1}
 
 
 def quantized_weight(tgt: Target, w: torch.Tensor, bits: int, act_bits: int) -> torch.Tensor:
@@ -593,20 +588,21 @@ def with_layer_bits(gm: torch.nn.Module, tgt: Target, layer_bits: dict[str, int]
 
 
 def _bits_latency(gm: torch.fx.GraphModule, tgt: Target, one: Any, layers: Sequence[str],
-                  wbits: int, abits: int) -> dict[tuple[str, int], float]:
+                  wbits: int, abits: int, at_wbits: Any) -> dict[tuple[str, int], float]:
     """(layer, bits) -> the layer's time in the cost model: its own row at ``wbits`` plus the
     change of its whole kernel (the layer and the epilogue fused into it) with every layer at
     ``bits``. A fused kernel's time is split over its members, so the row alone would move a
     little even where the kernel's time does not; charging the kernel's change keeps a width
     that makes the kernel no faster exactly as fast, and leaves the fused members' rows (a
-    surrogate's, say) to their own options."""
+    surrogate's, say) to their own options. ``at_wbits``: ``gm``'s estimate at ``wbits`` (the
+    default legalization's, already made)."""
     from archnet_fx.cost.latency import estimate_latency
 
     row: dict[str, float] = {}
     kernel: dict[tuple[str, int], float] = {}
     for b in tgt.quant.weight_bits:
-        rep = estimate_latency(gm, tgt, one, weight_bits=wbits, act_bits=abits,
-                               layer_bits={n: b for n in layers})
+        rep = at_wbits if b == wbits else estimate_latency(
+            gm, tgt, one, weight_bits=wbits, act_bits=abits, layer_bits={n: b for n in layers})
         for n in layers:
             kernel[n, b] = 0.0
         for r in rep.rows:
@@ -640,6 +636,15 @@ def _bits_jobs(layers: Sequence[str], lat: dict[tuple[str, int], float], tgt: Ta
              f"on {tgt.name} (W{b} saves weight bytes only, and those layers are "
              "compute-bound): not measured there" for b, k in sorted(dominated.items())]
     return defaults, jobs, notes
+
+
+def _split_widths(chosen: dict[str, str], bits_nodes: set[str], wbits: int
+                  ) -> tuple[dict[str, str], dict[str, int]]:
+    """The integer program's answer as (surrogate candidates per node, weight layers whose
+    chosen width is not ``wbits`` -> that width)."""
+    cands = {n: c for n, c in chosen.items() if n not in bits_nodes}
+    widths = {n: int(c[1:]) for n, c in chosen.items() if n in bits_nodes}
+    return cands, {n: b for n, b in widths.items() if b != wbits}
 
 
 def _relative_bits_costs(opts: list[Option]) -> list[Option]:
@@ -833,7 +838,7 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
     from archnet_fx.cost.latency import estimate_latency
     from archnet_fx.legalize import default_candidates
 
-    default_s, per0 = _latency_by_module(l0.module, tgt, one, weight_bits, act_bits)
+    default_s, per0, rep0 = _latency_by_module(l0.module, tgt, one, weight_bits, act_bits)
     original_s = estimate_latency(teacher, tgt, one, weight_bits=weight_bits,
                                   act_bits=act_bits).total_s
     styles: dict[str, str] = {}
@@ -853,7 +858,7 @@ def _measure(teacher: torch.fx.GraphModule, tgt: Target, l0: Any, leg: Any,
         kept = weight_layers(l0.module)
         measurer.layers = {n: p for n, p in weight_layers(teacher).items() if n in kept}
         measurer.bits_lat = _bits_latency(l0.module, tgt, one, list(measurer.layers),
-                                          weight_bits, act_bits)
+                                          weight_bits, act_bits, rep0)
         more, bits_jobs, notes = _bits_jobs(list(measurer.layers), measurer.bits_lat, tgt,
                                             weight_bits)
         out += more
@@ -958,7 +963,8 @@ def _cache_key(teacher: torch.fx.GraphModule, tgt: Target, wbits: int, abits: in
 
     parts = [tensor_digest(v for _, v in sorted(teacher.state_dict().items())),
              hashlib.sha256(teacher.code.encode()).hexdigest(), repr(tgt), wbits, abits, prefer,
-             sorted(user.items()), host, seed, mixed_bits, RECIPE, FIT_BATCHES, options.steps, options.lr,
+             sorted(user.items()), host, seed, mixed_bits, RECIPE, FIT_BATCHES, options.steps,
+             options.lr,
              torch.__version__, _code_digest(),
              tensor_digest(t for b in list(train) + list(held) for t in pytree.tree_leaves(b)),
              [str(pytree.tree_structure(b)) for b in list(train) + list(held)],
@@ -1096,27 +1102,25 @@ def select(teacher: torch.fx.GraphModule, target: str | Target, example: Any,
                          "taken")
             log.warning("selection: %s", notes[-1])
             max_cost = None
-        widths = {n: int(c[1:]) for n, c in chosen.items() if n in bits_nodes}
-        result = assemble(l0, selectable, {n: c for n, c in chosen.items()
-                                           if n not in bits_nodes}, fitted, final)
-        layer_bits = {n: b for n, b in widths.items() if b != weight_bits}
+        cands, layer_bits = _split_widths(chosen, bits_nodes, weight_bits)
+        result = assemble(l0, selectable, cands, fitted, final)
         cos = fid(with_layer_bits(result.module, tgt, layer_bits, act_bits))[1]
         if best is None or budget is not None or cos > best[-1]:
-            best = (chosen, predicted, objective, solver_s, result, layer_bits, cos)
+            best = (cands, predicted, objective, solver_s, result, layer_bits, cos)
         if (options.min_fidelity is None or budget is not None or max_cost is None
                 or cos >= options.min_fidelity or resolves >= options.max_resolves
                 or objective <= 0):          # nothing left to tighten
             break
         resolves += 1
         max_cost = objective / 2
-    chosen, predicted, objective, solver_s, result, layer_bits, cos = best
+    cands, predicted, objective, solver_s, result, layer_bits, cos = best
     assembled = result.module
     assembled_s = estimate_latency(assembled, tgt, one, weight_bits=weight_bits,
                                    act_bits=act_bits, layer_bits=layer_bits).total_s
     if options.min_fidelity is not None and cos < options.min_fidelity:
         notes.append(f"min_fidelity {options.min_fidelity} not reached after {resolves} "
                      f"re-solves: assembled float cosine {cos:.4f}")
-    sel = Selection(out, {n: c for n, c in chosen.items() if n not in bits_nodes}, original_s, default_s, base_s, predicted, assembled_s,
+    sel = Selection(out, cands, original_s, default_s, base_s, predicted, assembled_s,
                     budget, objective, base_nmse, cos, solver_s, measure_s, resolves, notes)
     sel.legalized = result
     sel.module = assembled

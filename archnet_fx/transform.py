@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -60,7 +59,8 @@ from archnet_fx.infra.instruments import tensor_digest
 from archnet_fx.infra.manager import PassManager
 from archnet_fx.infra.progress import PROGRESS
 from archnet_fx.pipelines import as_graph_module
-from archnet_fx.quant.fakequant import calibrating, fake_quant_enabled, surrogate_mode
+from archnet_fx.quant.fakequant import (calibrating, fake_quant_enabled, surrogate_mode,
+                                       widths_label)
 from archnet_fx.surrogate.base import DEFAULT_STYLE
 from archnet_fx.surrogate.driver import LegalizeOptions
 from archnet_fx.targets import Target, load_target
@@ -103,9 +103,8 @@ class TransformReport:
     @property
     def bits_label(self) -> str:
         """``"W8A8"``, or with widths chosen per layer ``"W8A8 (3 layer(s) W4)"``."""
-        mixed = Counter((self.selection.layer_bits or {}).values()) if self.selection else {}
-        return (f"W{self.weight_bits}A{self.act_bits}"
-                + "".join(f" ({n} layer(s) W{b})" for b, n in sorted(mixed.items())))
+        return widths_label(self.weight_bits, self.act_bits,
+                            self.selection.layer_bits if self.selection else None)
 
     def table(self) -> str:
         from tabulate import tabulate

@@ -718,7 +718,8 @@ def main(argv=None) -> int:
                                          "path": paths["chip"], "cfg": cfg, "form": "chip",
                                          "info": key}
             bits = "A8 W8/W4" if cfg.select == "measured" else "W8A8"
-            models[key] = {"label": f"(d) archnet_fx {bits} {cfg.name}, {steps if steps is not None else 'default'} steps{tags}",
+            n_steps = steps if steps is not None else "default"
+            models[key] = {"label": f"(d) archnet_fx {bits} {cfg.name}, {n_steps} steps{tags}",
                            "path": paths["cpu"], "cfg": cfg, "form": "gather", "info": key}
 
         load_before = loadavg()

@@ -137,7 +137,7 @@ from archnet_fx.ir.meta import EXAMPLE_META_KEY
 from archnet_fx.ir.shapes import bind_placeholders
 from archnet_fx.capture import capture, normalize_inputs
 from archnet_fx.errors import InputError
-from archnet_fx.quant.fakequant import checked_layer_bits
+from archnet_fx.quant.fakequant import checked_layer_bits, widths_label
 from archnet_fx.legality import check, traced_body
 from archnet_fx.ir.opkinds import META_KINDS, node_kind, target_name
 from archnet_fx.targets import Target, load_target
@@ -528,9 +528,7 @@ class LatencyReport:
     @property
     def bits_label(self) -> str:
         """``"W8A8"``, or with per-layer widths ``"W8A8 (3 layer(s) W4)"``."""
-        mixed = Counter(b for b in self.layer_bits.values() if b != self.weight_bits)
-        return (f"W{self.weight_bits}A{self.act_bits}"
-                + "".join(f" ({n} layer(s) W{b})" for b, n in sorted(mixed.items())))
+        return widths_label(self.weight_bits, self.act_bits, self.layer_bits)
 
     @property
     def rewrite_bound_s(self) -> float:
@@ -632,7 +630,8 @@ class LatencyReport:
     # -- output
     def summary(self) -> dict[str, Any]:
         return dict(target=self.target, weight_bits=self.weight_bits, act_bits=self.act_bits,
-                    layer_bits=dict(self.layer_bits), total_us=self.total_s * 1e6, chip_us=self.chip_s * 1e6,
+                    layer_bits=dict(self.layer_bits), total_us=self.total_s * 1e6,
+                    chip_us=self.chip_s * 1e6,
                     fallback_us=self.fallback_s * 1e6, prologue_us=self.prologue_s * 1e6,
                     io_us=self.io_s * 1e6, fallback_regions=self.n_regions,
                     fallback_share=self.fallback_share, kernels=self.n_kernels,

@@ -642,14 +642,13 @@ class FakeQuantPass(GraphPass):
                 n.meta[KIND_META_KEY] = node_kind(n, gm)
         q = self.target.quant
         record.notes.append(
-            f"W{self.weight_bits}A{self.act_bits} on {self.target.name}: weights "
+            f"{widths_label(self.weight_bits, self.act_bits, self.layer_bits)} on "
+            f"{self.target.name}: weights "
             f"{q.weight_granularity}, {'symmetric' if q.weight_symmetric else 'asymmetric'}; "
             f"activations {'symmetric' if q.act_symmetric else 'asymmetric'}"
             f"{'; power-of-two steps' if q.power_of_two_scales else ''}"
             + (f"; surrogate layers W{self.surrogate_weight_bits}"
                if self.surrogate_weight_bits != self.weight_bits else "")
-            + "".join(f"; {n} layer(s) W{b}" for b, n in sorted(Counter(
-                b for b in self.layer_bits.values() if b != self.weight_bits).items()))
             + {"all": "; surrogate bodies quantized",
                "structural": "; structural/exact surrogate bodies quantized, emulation bodies "
                              "in float",
@@ -720,6 +719,14 @@ def _set_submodule(gm: torch.fx.GraphModule, target: str, mod: nn.Module) -> Non
 LAYER_KINDS = ("linear", "conv")
 
 
+def widths_label(weight_bits: int, act_bits: int, layer_bits: Mapping[str, int] | None) -> str:
+    """``"W8A8"``, or with layers at other widths ``"W8A8 (3 layer(s) W4)"``: the label of a
+    network, its report and its latency estimate."""
+    mixed = Counter(b for b in (layer_bits or {}).values() if b != weight_bits)
+    return (f"W{weight_bits}A{act_bits}"
+            + "".join(f" ({n} layer(s) W{b})" for b, n in sorted(mixed.items())))
+
+
 def checked_layer_bits(gm: torch.fx.GraphModule, tgt: Target, layer_bits: Any, act_bits: int
                        ) -> dict[str, int]:
     """``layer_bits`` (node name -> weight bits) checked against ``gm``'s conv/linear
@@ -734,7 +741,7 @@ def checked_layer_bits(gm: torch.fx.GraphModule, tgt: Target, layer_bits: Any, a
     kinds = {n.name: node_kind(n, gm) for n in gm.graph.nodes}
     bad = [k for k in layer_bits if kinds.get(k) not in LAYER_KINDS]
     if bad:
-        layers = [n for n, k in kinds.items() if k in ("linear", "conv")]
+        layers = [n for n, k in kinds.items() if k in LAYER_KINDS]
         raise OptionError(f"layer_bits names {', '.join(map(repr, bad[:5]))}, not conv/linear "
                           f"nodes of this graph (its layers: {', '.join(layers[:8])}"
                           f"{', …' if len(layers) > 8 else ''})")

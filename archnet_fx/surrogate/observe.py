@@ -112,8 +112,9 @@ def reuse_observations() -> Iterator[None]:
 def _memo_key(gm: torch.fx.GraphModule, batches: list, watch: set[str], rows: int) -> tuple:
     from archnet_fx.infra.instruments import tensor_digest
 
-    return (str(gm.graph), tensor_digest(v for _, v in sorted(gm.state_dict().items())),
-            frozenset(watch), rows, tensor_digest(t for b in batches for t in pytree.tree_leaves(b)),
+    params = tensor_digest(v for _, v in sorted(gm.state_dict().items()))
+    data = tensor_digest(t for b in batches for t in pytree.tree_leaves(b))
+    return (str(gm.graph), params, frozenset(watch), rows, data,
             repr([pytree.tree_structure(b) for b in batches]))
 
 
